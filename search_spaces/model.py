@@ -1,0 +1,118 @@
+"""Architecture -> Flax (linen) model. BatchNorm runs in batch-stat mode when `train=True`.
+
+The model is a linen module whose only configuration is the (hashable) Architecture and the
+convolution implementation, so jit caches key on the architecture itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from search_spaces.architecture import Architecture, Layer
+from search_spaces.errors import SpaceError
+from search_spaces.ops import IMPLS, KERNELS
+
+ACT_FNS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "hswish": jax.nn.hard_swish,
+    "sigmoid": jax.nn.sigmoid,
+    "hsigmoid": jax.nn.hard_sigmoid,
+}
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-5
+
+
+class ConvBN(nn.Module):
+    """Convolution (no bias) + BatchNorm + optional activation."""
+
+    features: int
+    kind: str  # conv | pwconv | dwconv
+    kernel: int = 1
+    stride: int = 1
+    act: str = ""
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        cin = x.shape[-1]
+        shape = (self.kernel, self.kernel, 1, cin) if self.kind == "dwconv" else (
+            self.kernel, self.kernel, cin, self.features)
+        w = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal",
+                                                                  in_axis=-2, out_axis=-1), shape)
+        x = KERNELS[self.impl][self.kind](x, w.astype(x.dtype), self.stride)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name="bn")(x)
+        return ACT_FNS[self.act](x) if self.act else x
+
+
+class SqueezeExcite(nn.Module):
+    reduced: int
+    gate: str
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = jnp.mean(x, axis=(1, 2))
+        s = jax.nn.relu(nn.Dense(self.reduced, name="reduce")(s))
+        s = ACT_FNS[self.gate](nn.Dense(x.shape[-1], name="expand")(s))
+        return x * s[:, None, None, :]
+
+
+class Block(nn.Module):
+    """One layer: `ds`, `mb` or `skip`, as declared in `Layer`."""
+
+    layer: Layer
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        ly, impl = self.layer, self.impl
+        if ly.block == "skip":
+            if ly.residual:
+                return x
+            return ConvBN(ly.out_channels, "pwconv", 1, ly.stride, impl=impl, name="shortcut")(x, train)
+        if ly.block == "ds":
+            x = ConvBN(ly.in_channels, "dwconv", ly.kernel, ly.stride, ly.act, impl, name="dw")(x, train)
+            return ConvBN(ly.out_channels, "pwconv", act=ly.act, impl=impl, name="pw")(x, train)
+        y = x
+        if ly.expanded_channels != ly.in_channels:
+            y = ConvBN(ly.expanded_channels, "pwconv", act=ly.act, impl=impl, name="expand")(y, train)
+        y = ConvBN(ly.expanded_channels, "dwconv", ly.kernel, ly.stride, ly.act, impl, name="dw")(y, train)
+        if ly.se:
+            y = SqueezeExcite(ly.se_channels, "hsigmoid" if ly.act == "hswish" else "sigmoid", name="se")(y)
+        y = ConvBN(ly.out_channels, "pwconv", impl=impl, name="project")(y, train)
+        return x + y if ly.residual else y
+
+
+class Net(nn.Module):
+    """The whole network. `__call__(x, train)` returns logits, or (logits, features) with `features=True`."""
+
+    arch: Architecture
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False):
+        a = self.arch
+        x = ConvBN(a.stem.channels, "conv", a.stem.kernel, a.stem.stride, a.stem.act, impl=self.impl,
+                   name="stem")(x, train)
+        for i, layer in enumerate(a.layers):
+            x = Block(layer, self.impl, name=f"layer{i}")(x, train)
+        x = ConvBN(a.head.channels, "pwconv", act=a.head.act, impl=self.impl, name="head")(x, train)
+        feats = jnp.mean(x, axis=(1, 2))
+        h = nn.Dropout(a.head.dropout, deterministic=not train)(feats) if a.head.dropout else feats
+        logits = nn.Dense(a.num_classes, name="classifier")(h)
+        return (logits, feats) if features else logits
+
+
+def build_model(arch: Architecture, impl: str = "fast") -> Net:
+    """The Flax module for `arch`; `impl` is 'fast' (default) or 'reference' (lax.conv everywhere)."""
+    if impl not in IMPLS:
+        raise SpaceError(f"unknown convolution implementation '{impl}'; allowed: {', '.join(IMPLS)}")
+    return Net(arch, impl)
+
+
+def input_shape(arch: Architecture, batch: int = 1) -> tuple[int, int, int, int]:
+    return (batch, arch.resolution, arch.resolution, arch.in_channels)

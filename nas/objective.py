@@ -1,0 +1,118 @@
+"""The search objective: accuracy times soft cost penalties, subject to hard constraints.
+
+Costs are looked up by name: `params`, `macs`, `activation_bytes`, `weight_bytes_fp32`,
+`weight_bytes_int8`, and `latency_ms@PROFILE` (predicted latency on a named hardware profile).
+Soft penalty (MnasNet, Tan et al. 2019): score = acc * (cost / target) ** w with w = alpha when
+cost <= target and beta otherwise. Hard constraints are checked from the cost model *before*
+training, so an infeasible candidate is never trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from evaluators.cost import analytic_cost
+from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
+from search_spaces.registry import Registry
+
+CostFn = Callable[[Architecture], float]
+COSTS: Registry[CostFn] = Registry("cost")
+COSTS.register("params", lambda a: float(analytic_cost(a).params))
+COSTS.register("macs", lambda a: float(analytic_cost(a).macs))
+COSTS.register("activation_bytes", lambda a: float(analytic_cost(a).activation_bytes))
+COSTS.register("weight_bytes_fp32", lambda a: float(analytic_cost(a).weight_bytes["fp32"]))
+COSTS.register("weight_bytes_int8", lambda a: float(analytic_cost(a).weight_bytes["int8"]))
+LATENCY_PREFIX = "latency_ms@"
+
+
+def check_cost_name(name: str, where: str) -> None:
+    """Raise a one-line error unless `name` is a known cost (or latency_ms@<known profile>)."""
+    if name.startswith(LATENCY_PREFIX):
+        from evaluators.hardware import PROFILES  # the hardware cost model (profiles registry)
+
+        PROFILES.get(name[len(LATENCY_PREFIX):])
+        return
+    if name not in COSTS:
+        raise NasError(f"{where}: unknown cost '{name}'; allowed: {', '.join(COSTS.names())}, {LATENCY_PREFIX}PROFILE")
+
+
+def cost_value(name: str, arch: Architecture) -> float:
+    """The value of one named cost for `arch`."""
+    if name.startswith(LATENCY_PREFIX):
+        from evaluators.hardware import predict_latency_ms
+
+        return float(predict_latency_ms(arch, name[len(LATENCY_PREFIX):]))
+    return COSTS.get(name)(arch)
+
+
+@dataclass(frozen=True)
+class SoftPenalty:
+    """acc * (cost/target)^w, w = alpha under target, beta over (MnasNet's soft constraint)."""
+
+    cost: str
+    target: float
+    alpha: float = -0.07
+    beta: float = -0.07
+
+    def factor(self, costs: Mapping[str, float]) -> float:
+        ratio = costs[self.cost] / self.target
+        return ratio ** (self.alpha if ratio <= 1 else self.beta)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A hard upper bound on one cost."""
+
+    cost: str
+    maximum: float
+
+    def violation(self, costs: Mapping[str, float]) -> str | None:
+        value = costs[self.cost]
+        return None if value <= self.maximum else f"{self.cost} {value:g} > {self.maximum:g}"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Score = accuracy x product of soft penalties; feasible = every constraint holds."""
+
+    penalties: tuple[SoftPenalty, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
+    record: tuple[str, ...] = ("params", "macs")
+
+    @classmethod
+    def from_config(cls, cfg, where: str = "objective") -> "Objective":
+        """Build from an `ObjectiveConfig` (nas.config), checking every cost name."""
+        penalties = ()
+        if cfg.cost is not None:
+            check_cost_name(cfg.cost, f"{where}.cost")
+            penalties = (SoftPenalty(cfg.cost, float(cfg.target), float(cfg.alpha), float(cfg.beta)),)
+        constraints = []
+        for name, maximum in cfg.constraints.items():
+            check_cost_name(name, f"{where}.constraints.{name}")
+            constraints.append(Constraint(name, float(maximum)))
+        record = ["params", "macs"] + [f"{LATENCY_PREFIX}{p}" for p in cfg.profiles]
+        for p in cfg.profiles:
+            check_cost_name(f"{LATENCY_PREFIX}{p}", f"{where}.profiles")
+        return cls(tuple(penalties), tuple(constraints), tuple(dict.fromkeys(record)))
+
+    def cost_names(self) -> tuple[str, ...]:
+        names = list(self.record) + [p.cost for p in self.penalties] + [c.cost for c in self.constraints]
+        return tuple(dict.fromkeys(names))
+
+    def costs(self, arch: Architecture) -> dict[str, float]:
+        """Every cost this objective needs or records, for `arch`."""
+        return {name: cost_value(name, arch) for name in self.cost_names()}
+
+    def violations(self, costs: Mapping[str, float]) -> list[str]:
+        return [v for c in self.constraints if (v := c.violation(costs))]
+
+    def feasible(self, arch: Architecture) -> bool:
+        return not self.violations(self.costs(arch))
+
+    def score(self, accuracy: float, costs: Mapping[str, float]) -> float:
+        s = float(accuracy)
+        for p in self.penalties:
+            s *= p.factor(costs)
+        return s

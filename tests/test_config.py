@@ -1,0 +1,56 @@
+"""Experiment configs: validation at the edge, --set overrides, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from nas.config import apply_overrides, config_from_dict, load_config
+from search_spaces.errors import NasError
+
+BASE = {"name": "t", "space": "mobile_small", "dataset": "digits", "objective": {"cost": "params", "target": 1000}}
+
+
+def test_quickstart_config_is_valid():
+    cfg = load_config("experiments/quickstart.yaml")
+    assert cfg.num_trials >= 12 and cfg.dataset.name == "digits" and cfg.space == "mobile_small"
+
+
+def test_set_overrides_dotted_keys_with_yaml_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(p, ["num_trials=4", "train.epochs=1", "objective.constraints.params=5e4", "dataset.name=mnist5k",
+                          "export.formats=[flax]"])
+    assert cfg.num_trials == 4 and cfg.train["epochs"] == 1 and cfg.objective.constraints["params"] == 5e4
+    assert cfg.dataset.name == "mnist5k" and cfg.export.formats == ("flax",)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("num_trails=3", "num_trails: unknown key; allowed:"),
+    ("search.algoritm=x", "search.algoritm: unknown key"),
+    ("num_trials=0", "num_trials: must be >= 1"),
+    ("num_trials=abc", "num_trials: expected an integer"),
+    ("distill.temperature=0", "distill.temperature: must be > 0"),
+    ("distill.alpha=1.5", "distill.alpha: must be in [0, 1]"),
+    ("search.scheduler=hyperband", "unknown scheduler 'hyperband'; allowed: asha"),
+    ("objective.target=null", "objective.target: required"),
+    ("top_k=50", "top_k: 50 exceeds num_trials"),
+])
+def test_bad_values_name_the_file_and_key(tmp_path, override, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(NasError) as e:
+        load_config(p, [override])
+    assert str(p) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(NasError, match="expected key=value"):
+        apply_overrides({}, ["nokey"], "x")
+    with pytest.raises(NasError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_required_keys():
+    with pytest.raises(NasError, match="missing required key"):
+        config_from_dict({"name": "x"})

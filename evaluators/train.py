@@ -1,0 +1,616 @@
+"""Train and evaluate one architecture: pure steps under `jax.jit`, one compiled loop per epoch.
+
+The training step is pure, `train_step(state, batch) -> (state, loss)`, with a `TrainState`
+that also carries BatchNorm statistics and the dropout key. A loss function is plugged into
+that one step: cross-entropy, or Hinton distillation against stored teacher logits. An epoch
+runs as one compiled `lax.scan` over pre-shuffled, fixed-shape batches of the training set,
+which sits on the device for the whole run (the last partial batch is dropped, so nothing
+recompiles). The programs are compiled ahead of time, so `compile_s` is measured exactly, and
+kept in a small per-process cache keyed by (architecture, config, data shapes).
+
+Parameters are initialised from `jax.eval_shape` plus NumPy draws from the distributions the
+model declares (conv kernels: He normal on fan-out; dense kernels: LeCun truncated normal;
+biases 0, BatchNorm scale 1): a jitted `model.init` costs seconds per new architecture here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, fields
+from numbers import Real
+from typing import Any, Callable, Mapping
+
+import flax.serialization
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from evaluators.datasets import Dataset, epoch_indices, pad_batches
+from evaluators.losses import check_kd, cross_entropy, distillation
+from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
+from search_spaces.model import build_model, input_shape
+from search_spaces.ops import IMPLS
+from search_spaces.registry import Registry
+
+Variables = dict[str, Any]
+Schedule = Callable[[Any], Any]
+EVAL_BATCH = 256
+
+
+class TrainingDiverged(NasError):
+    """The loss became NaN or infinite; `epoch` and `step` (1-based) say where."""
+
+    def __init__(self, message: str, epoch: int = 0, step: int = 0):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+# ==================================================================== optimizers and schedules
+SCHEDULES: Registry[Callable[["TrainConfig", int], Schedule]] = Registry("schedule")
+OPTIMIZERS: Registry[Callable[[Schedule, "TrainConfig"], optax.GradientTransformation]] = Registry("optimizer")
+
+
+@SCHEDULES.register("constant")
+def _constant(cfg: "TrainConfig", steps_per_epoch: int) -> Schedule:
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(cfg: "TrainConfig", steps_per_epoch: int) -> Schedule:
+    return optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.epochs * steps_per_epoch))
+
+
+@SCHEDULES.register("warmup_cosine")
+def _warmup_cosine(cfg: "TrainConfig", steps_per_epoch: int) -> Schedule:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if warmup == 0:
+        return optax.cosine_decay_schedule(cfg.learning_rate, total)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, end_value=0.0)
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay applies to conv and dense kernels only, not to biases or BatchNorm."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _with_decay(cfg: "TrainConfig", tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    if not cfg.weight_decay:
+        return tx
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask), tx)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(lr: Schedule, cfg: "TrainConfig") -> optax.GradientTransformation:
+    return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=_decay_mask)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(lr: Schedule, cfg: "TrainConfig") -> optax.GradientTransformation:
+    return _with_decay(cfg, optax.adam(lr))  # weight_decay as a coupled L2 term
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(lr: Schedule, cfg: "TrainConfig") -> optax.GradientTransformation:
+    return _with_decay(cfg, optax.sgd(lr, momentum=0.9, nesterov=True))
+
+
+@OPTIMIZERS.register("rmsprop")
+def _rmsprop(lr: Schedule, cfg: "TrainConfig") -> optax.GradientTransformation:
+    return _with_decay(cfg, optax.rmsprop(lr))
+
+
+# ==================================================================== configs
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one candidate is trained. Build from user data with `TrainConfig.from_dict`."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"
+    warmup_epochs: float = 0
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    seed: int = 0
+    conv_impl: str = "fast"
+
+    def __post_init__(self) -> None:
+        _validate_train(self.__dict__, "train")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "train") -> "TrainConfig":
+        """Validate a mapping (e.g. the `train:` section of a YAML file) into a config.
+
+        Unknown keys and bad values raise `NasError` naming `{source}.{key}` and what is allowed.
+        """
+        values = _coerce(d, cls, source, float_keys=("learning_rate", "warmup_epochs", "weight_decay",
+                                                     "label_smoothing"))
+        _validate_train({**_defaults(cls), **values}, source)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (round-trips through `from_dict`)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Hinton distillation: loss = alpha*T^2*KL(teacher || student at temperature T) + (1-alpha)*CE."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_kd(self.temperature, self.alpha)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "kd") -> "KDConfig":
+        """Validate a mapping into a KDConfig; errors name `{source}.{key}`."""
+        values = _coerce(d, cls, source, float_keys=("temperature", "alpha"))
+        merged = {**_defaults(cls), **values}
+        check_kd(merged["temperature"], merged["alpha"], source)
+        return cls(**values)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+def _coerce(d: Mapping[str, Any] | None, cls: type, source: str, float_keys: tuple[str, ...]) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
+    allowed = [f.name for f in fields(cls)]
+    out = {}
+    for k, v in d.items():
+        if k not in allowed:
+            raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(allowed)}")
+        if k in float_keys and isinstance(v, str):
+            try:  # YAML 1.1 reads '3e-3' (no dot) as a string
+                v = float(v)
+            except ValueError:
+                raise NasError(f"{source}.{k}: {v!r} is not a number") from None
+        out[k] = v
+    return out
+
+
+def _validate_train(v: Mapping[str, Any], source: str) -> None:
+    def bad(key: str, allowed: str) -> NasError:
+        return NasError(f"{source}.{key}: invalid value {v[key]!r}; allowed {allowed}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    def is_num(x: Any) -> bool:
+        return isinstance(x, Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+
+    for key in ("epochs", "batch_size"):
+        if not is_int(v[key]) or v[key] < 1:
+            raise bad(key, "an integer >= 1")
+    if not is_int(v["seed"]) or v["seed"] < 0:
+        raise bad("seed", "an integer >= 0")
+    if not is_num(v["learning_rate"]) or v["learning_rate"] <= 0:
+        raise bad("learning_rate", "a number > 0")
+    if not is_num(v["weight_decay"]) or v["weight_decay"] < 0:
+        raise bad("weight_decay", "a number >= 0")
+    if not is_num(v["label_smoothing"]) or not 0 <= v["label_smoothing"] < 1:
+        raise bad("label_smoothing", "a number in [0, 1)")
+    for key, reg in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if not isinstance(v[key], str) or v[key] not in reg:
+            raise bad(key, f"one of {', '.join(reg.names())}")
+    if not isinstance(v["conv_impl"], str) or v["conv_impl"] not in IMPLS:
+        raise bad("conv_impl", f"one of {', '.join(IMPLS)}")
+    if not is_num(v["warmup_epochs"]) or v["warmup_epochs"] < 0:
+        raise bad("warmup_epochs", "a number >= 0")
+    if v["warmup_epochs"] and v["schedule"] != "warmup_cosine":
+        raise NasError(f"{source}.warmup_epochs: {v['warmup_epochs']!r} needs schedule 'warmup_cosine' "
+                       f"(schedule is '{v['schedule']}')")
+    if v["warmup_epochs"] >= v["epochs"]:
+        raise bad("warmup_epochs", f"a number below epochs ({v['epochs']})")
+
+
+# ==================================================================== state and initialisation
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus BatchNorm running statistics and the base dropout key."""
+
+    batch_stats: Any
+    key: jax.Array
+
+
+def initialize(arch: Architecture, *, seed: int = 0, conv_impl: str = "fast") -> Variables:
+    """Fresh {'params', 'batch_stats'} as NumPy arrays, deterministic in `seed`.
+
+    Shapes come from `jax.eval_shape(model.init)`; values are NumPy draws from the model's
+    declared initialisers (falls back to a jitted `model.init` for a leaf it does not know).
+    """
+    model = build_model(arch, conv_impl)
+    x = jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)
+    shapes = jax.eval_shape(lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False), x)
+    flat = flax.traverse_util.flatten_dict(_plain(shapes))
+    out = {}
+    for path, spec in sorted(flat.items()):
+        value = _init_leaf(path, tuple(spec.shape), seed)
+        if value is None:  # a leaf this module does not know: use the model's own initialisers
+            real = jax.jit(lambda inp: model.init(jax.random.PRNGKey(seed), inp, train=False))(jnp.zeros(x.shape))
+            return jax.tree.map(np.asarray, _plain(real))
+        out[path] = value.astype(spec.dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def _init_leaf(path: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray | None:
+    collection, name = path[0], path[-1]
+    rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
+    if collection == "batch_stats":
+        return {"mean": np.zeros(shape), "var": np.ones(shape)}.get(name)
+    if name == "bias":
+        return np.zeros(shape)
+    if name == "scale":
+        return np.ones(shape)
+    if name == "kernel" and len(shape) == 4:  # conv HWIO: variance_scaling(2, fan_out, normal)
+        fan_out = shape[0] * shape[1] * shape[3]
+        return rng.normal(0.0, math.sqrt(2.0 / fan_out), shape)
+    if name == "kernel" and len(shape) == 2:  # dense: lecun_normal = truncated normal on fan_in
+        std = math.sqrt(1.0 / shape[0]) / 0.87962566103423978
+        z = rng.standard_normal(shape)
+        while np.any(np.abs(z) > 2):
+            bad = np.abs(z) > 2
+            z[bad] = rng.standard_normal(int(bad.sum()))
+        return z * std
+    return None
+
+
+def _plain(tree: Any) -> Any:
+    """FrozenDict/dict tree -> nested plain dicts."""
+    if isinstance(tree, Mapping):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def _check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> Variables:
+    """Keep 'params'/'batch_stats' and check their tree and shapes against `expected`."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise NasError(f"{what}: expected a mapping with 'params' and 'batch_stats'")
+    got = {k: _plain(variables[k]) for k in ("params", "batch_stats") if k in variables}
+    want = flax.traverse_util.flatten_dict(expected)
+    have = flax.traverse_util.flatten_dict(got)
+    for path in sorted(set(want) | set(have)):
+        if path not in have:
+            raise NasError(f"{what}: missing {'/'.join(path)} for this architecture")
+        if path not in want:
+            raise NasError(f"{what}: unexpected {'/'.join(path)} for this architecture")
+        if tuple(np.shape(have[path])) != tuple(want[path].shape):
+            raise NasError(f"{what}: {'/'.join(path)} has shape {tuple(np.shape(have[path]))}, "
+                           f"this architecture needs {tuple(want[path].shape)}")
+    return got
+
+
+# ==================================================================== the step and the loss
+LossFn = Callable[[jnp.ndarray, Mapping[str, jnp.ndarray], Mapping[str, jnp.ndarray]], jnp.ndarray]
+
+
+def make_loss(cfg: TrainConfig, distill: bool = False) -> LossFn:
+    """`loss(logits, batch, hparams)`: CE on batch['y'], or (`distill`) Hinton KD against batch['teacher']
+    with hparams['temperature'] and hparams['alpha'] (runtime scalars: one compile serves every KDConfig)."""
+    ls = cfg.label_smoothing
+    if not distill:
+        return lambda logits, batch, hp: cross_entropy(logits, batch["y"], ls)
+    return lambda logits, batch, hp: distillation(logits, batch["teacher"], batch["y"], hp["temperature"],
+                                                  hp["alpha"], ls)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], hparams: Mapping[str, jnp.ndarray],
+               loss_fn: LossFn) -> tuple[TrainState, jnp.ndarray]:
+    """One optimizer step on one batch ({'x', 'y', ...}); pure, returns (new state, loss)."""
+    dropout_key = jax.random.fold_in(state.key, state.step)
+
+    def objective(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["x"],
+                                         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        return loss_fn(logits, batch, hparams), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
+
+
+def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.ndarray,
+                hparams: Mapping[str, jnp.ndarray], loss_fn: LossFn) -> tuple[TrainState, jnp.ndarray]:
+    """All steps of an epoch as one `lax.scan`; `idx` is (steps, batch) rows of `data`. Returns per-step losses."""
+
+    def body(st, rows):
+        return train_step(st, {k: jnp.take(v, rows, axis=0) for k, v in data.items()}, hparams, loss_fn)
+
+    return jax.lax.scan(body, state, idx)
+
+
+def eval_split(model: Any, variables: Variables, x: jnp.ndarray, y: jnp.ndarray,
+               mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(mean CE loss, accuracy) over pre-batched (k, b, ...) inputs; `mask` marks real rows."""
+
+    def body(carry, inp):
+        xb, yb, mb = inp
+        logits = model.apply(variables, xb, train=False)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
+        return (carry[0] + jnp.sum(nll * mb), carry[1] + jnp.sum(correct * mb)), None
+
+    (loss, correct), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (x, y, mask))
+    n = jnp.sum(mask)
+    return loss / n, correct / n
+
+
+def _hparams(kd: KDConfig | None) -> dict[str, float]:
+    """Loss hyperparameters passed to the compiled epoch as data."""
+    return {} if kd is None else {"temperature": float(kd.temperature), "alpha": float(kd.alpha)}
+
+
+@dataclass(frozen=True)
+class _Programs:
+    """Ahead-of-time compiled programs for one (architecture, config, data shapes)."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    opt_init: Any
+    epoch: Any
+    evaluate: Any
+    compile_s: float
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
+              val_batches: tuple[int, int], teacher_classes: int | None,
+              compiler_options: tuple[tuple[str, Any], ...] = ()) -> _Programs:
+    t0 = time.perf_counter()
+    opts = dict(compiler_options) or None
+    model = build_model(arch, cfg.conv_impl)
+    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps), cfg)
+    shapes = _plain(jax.eval_shape(
+        lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False),
+        jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
+    state = jax.eval_shape(lambda p, b: TrainState.create(apply_fn=model.apply, params=p, tx=tx, batch_stats=b,
+                                                          key=jax.random.PRNGKey(0)),
+                           shapes["params"], shapes["batch_stats"])
+    hwc = input_shape(arch, 1)[1:]
+    data = {"x": jax.ShapeDtypeStruct((n_train, *hwc), jnp.float32),
+            "y": jax.ShapeDtypeStruct((n_train,), jnp.int32)}
+    if teacher_classes is not None:
+        data["teacher"] = jax.ShapeDtypeStruct((n_train, teacher_classes), jnp.float32)
+    loss_fn = make_loss(cfg, distill=teacher_classes is not None)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    hparams = {k: scalar for k in (("temperature", "alpha") if teacher_classes is not None else ())}
+    opt_init = jax.jit(tx.init).lower(state.params).compile()
+    epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn), donate_argnums=0).lower(
+        state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
+    k, b = val_batches
+    evaluate = jax.jit(functools.partial(eval_split, model)).lower(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        jax.ShapeDtypeStruct((k, b, *hwc), jnp.float32), jax.ShapeDtypeStruct((k, b), jnp.int32),
+        jax.ShapeDtypeStruct((k, b), jnp.float32)).compile(opts)
+    return _Programs(model, tx, opt_init, epoch, evaluate, time.perf_counter() - t0)
+
+
+# ==================================================================== train
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` returns; `variables` are NumPy arrays, `history` one dict per epoch."""
+
+    variables: Variables
+    history: list[dict[str, float]]
+    val_accuracy: float
+    val_loss: float
+    train_s: float
+    compile_s: float
+    init_s: float
+    steps: int = 0
+
+
+def _val_plan(n: int, batch_size: int) -> tuple[int, int]:
+    """(batches, batch size) covering n rows with the least padding, batches of at most `batch_size`."""
+    k = max(1, -(-n // batch_size))
+    return k, -(-n // k)
+
+
+def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          init_variables: Mapping[str, Any] | None = None, teacher_logits: np.ndarray | None = None,
+          kd: KDConfig | None = None, eval_batch_size: int = EVAL_BATCH,
+          compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
+    """Train `arch` on `data.x_train` per `cfg`, evaluating on the validation split after every epoch.
+
+    Args:
+      arch: the architecture; its input shape and class count must match `data`.
+      data: the dataset (see `evaluators.datasets.load_dataset`).
+      cfg: the training config.
+      on_epoch: called as `on_epoch(epoch, {"train_loss", "val_loss", "val_accuracy", "epoch_s"})`
+        after every epoch (1-based), e.g. to report to a tuner.
+      init_variables: {'params', 'batch_stats'} to start from (fine-tuning) instead of a fresh init.
+      teacher_logits: (n_train, num_classes) logits aligned with `data.x_train` rows; with them the
+        loss is `kd_loss` (with `kd`, default `KDConfig()`) instead of cross-entropy.
+      kd: distillation settings; requires `teacher_logits`.
+      eval_batch_size: largest batch used for validation.
+      compiler_options: XLA options for the training and validation programs, e.g.
+        {"xla_backend_optimization_level": 1} (compiles faster, may run slower).
+
+    Returns:
+      A `TrainResult` with the final variables (NumPy), per-epoch history and timings: `init_s`
+      (parameters, optimizer state, data to device), `compile_s` (0 when this architecture,
+      config and data shapes were compiled earlier in the process) and `train_s` (all epochs).
+
+    Raises:
+      NasError: mismatched data/architecture/teacher/initial variables.
+      TrainingDiverged: the training loss (or validation loss) became NaN or infinite.
+
+    Example:
+      >>> res = train(arch, load_dataset("digits"), TrainConfig(epochs=2))
+      >>> res.val_accuracy
+    """
+    t_init = time.perf_counter()
+    if tuple(data.input_shape) != tuple(input_shape(arch, 1)[1:]) or data.num_classes != arch.num_classes:
+        h, w, c = input_shape(arch, 1)[1:]
+        dh, dw, dc = data.input_shape
+        raise NasError(f"architecture '{arch.key}' expects {h}x{w}x{c} inputs and {arch.num_classes} classes; "
+                       f"dataset '{data.name}' has {dh}x{dw}x{dc} and {data.num_classes} classes "
+                       f"(use space.with_input(resolution=..., in_channels=..., num_classes=...))")
+    n_train = len(data.y_train)
+    if cfg.batch_size > n_train:
+        raise NasError(f"train.batch_size: {cfg.batch_size} exceeds the {n_train} training rows of '{data.name}'")
+    if len(data.y_val) == 0:
+        raise NasError(f"dataset '{data.name}' has an empty validation split")
+    if kd is not None and teacher_logits is None:
+        raise NasError("kd: distillation needs teacher_logits (one row of logits per training image)")
+    if teacher_logits is not None:
+        kd = kd or KDConfig()
+        teacher_logits = np.asarray(teacher_logits, np.float32)
+        if teacher_logits.shape != (n_train, data.num_classes):
+            raise NasError(f"teacher_logits: shape {teacher_logits.shape}; expected ({n_train}, {data.num_classes}) "
+                           f"aligned with the training rows of '{data.name}'")
+        if not np.all(np.isfinite(teacher_logits)):
+            raise NasError("teacher_logits: contains NaN or infinite values")
+    steps = n_train // cfg.batch_size
+
+    if init_variables is None:
+        variables = initialize(arch, seed=cfg.seed, conv_impl=cfg.conv_impl)
+    else:
+        expected = _plain(jax.eval_shape(
+            lambda inp: build_model(arch, cfg.conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
+            jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
+        variables = _check_variables(init_variables, expected, "init_variables")
+    init_s = time.perf_counter() - t_init
+
+    val_plan = _val_plan(len(data.y_val), eval_batch_size)
+    misses = _programs.cache_info().misses
+    progs = _programs(arch, dataclasses.replace(cfg, seed=0), steps, n_train, val_plan,
+                      None if teacher_logits is None else data.num_classes,
+                      tuple(sorted((compiler_options or {}).items())))
+    compile_s = progs.compile_s if _programs.cache_info().misses > misses else 0.0  # 0 on a cache hit
+
+    t0 = time.perf_counter()
+    params = jax.device_put(variables["params"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), apply_fn=progs.model.apply, params=params, tx=progs.tx,
+                       opt_state=progs.opt_init(params), batch_stats=jax.device_put(variables["batch_stats"]),
+                       key=jax.random.PRNGKey(cfg.seed))
+    dev = {"x": jax.device_put(data.x_train), "y": jax.device_put(data.y_train)}
+    if teacher_logits is not None:
+        dev["teacher"] = jax.device_put(teacher_logits)
+    k, b = val_plan
+    xv, nv = pad_batches(np.asarray(data.x_val), b)
+    yv, _ = pad_batches(np.asarray(data.y_val), b)
+    mask = (np.arange(k * b) < nv).astype(np.float32)
+    val = (jax.device_put(xv.reshape(k, b, *xv.shape[1:])), jax.device_put(yv.reshape(k, b)),
+           jax.device_put(mask.reshape(k, b)))
+    hparams = {k: jnp.float32(v) for k, v in _hparams(kd).items()}
+    order_rng = np.random.default_rng([cfg.seed, 1])
+    init_s += time.perf_counter() - t0
+
+    history: list[dict[str, float]] = []
+    t_train = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        idx = jax.device_put(epoch_indices(n_train, cfg.batch_size, order_rng))
+        state, losses = progs.epoch(state, dev, idx, hparams)
+        losses = np.asarray(losses)
+        if not np.all(np.isfinite(losses)):
+            i = int(np.argmax(~np.isfinite(losses)))
+            raise TrainingDiverged(
+                f"training diverged: loss is {losses[i]} at epoch {epoch}, step {i + 1} of {steps} "
+                f"(learning_rate {cfg.learning_rate:g}); try a lower learning rate", epoch, i + 1)
+        val_loss, val_acc = (float(v) for v in progs.evaluate(
+            {"params": state.params, "batch_stats": state.batch_stats}, *val))
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(f"training diverged: validation loss is {val_loss} after epoch {epoch}",
+                                   epoch, steps)
+        metrics = {"train_loss": float(losses.mean()), "val_loss": val_loss, "val_accuracy": val_acc,
+                   "epoch_s": time.perf_counter() - t_epoch}
+        history.append({"epoch": epoch, **metrics})
+        if on_epoch is not None:
+            on_epoch(epoch, dict(metrics))
+    train_s = time.perf_counter() - t_train
+    final = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    return TrainResult(variables=_plain(final), history=history, val_accuracy=history[-1]["val_accuracy"],
+                       val_loss=history[-1]["val_loss"], train_s=train_s, compile_s=compile_s, init_s=init_s,
+                       steps=steps * cfg.epochs)
+
+
+# ==================================================================== inference
+@functools.partial(jax.jit, static_argnames=("arch", "impl"))
+def _forward(variables: Variables, x: jnp.ndarray, *, arch: Architecture, impl: str) -> jnp.ndarray:
+    return build_model(arch, impl).apply(variables, x, train=False)
+
+
+def predict_logits(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, *,
+                   batch_size: int = EVAL_BATCH, conv_impl: str = "fast") -> np.ndarray:
+    """Logits for every row of `x` (normalised NHWC), in fixed-shape batches (the last one padded)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or x.shape[1:] != tuple(input_shape(arch, 1)[1:]):
+        raise NasError(f"predict: inputs of shape {x.shape}; architecture '{arch.key}' expects "
+                       f"(N, {', '.join(map(str, input_shape(arch, 1)[1:]))})")
+    if batch_size < 1:
+        raise NasError(f"batch_size: {batch_size}; allowed an integer >= 1")
+    v = jax.device_put({k: _plain(variables[k]) for k in ("params", "batch_stats") if k in variables})
+    xp, n = pad_batches(x, batch_size)
+    out = [np.asarray(_forward(v, xp[i:i + batch_size], arch=arch, impl=conv_impl))
+           for i in range(0, len(xp), batch_size)]
+    return np.concatenate(out)[:n]
+
+
+def evaluate(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, y: np.ndarray, *,
+             batch_size: int = EVAL_BATCH, conv_impl: str = "fast") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of `variables` on (x, y)."""
+    y = np.asarray(y)
+    if len(y) != len(x) or len(y) == 0:
+        raise NasError(f"evaluate: x has {len(x)} rows and y has {len(y)}; need the same, non-zero count")
+    logits = predict_logits(arch, variables, x, batch_size=batch_size, conv_impl=conv_impl).astype(np.float64)
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = float(-logp[np.arange(len(y)), y].mean())
+    acc = float((logits.argmax(axis=1) == y).mean())
+    return acc, loss
+
+
+# ==================================================================== persistence
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
+    """Write variables as Flax msgpack, atomically (temporary file in the same folder + os.replace)."""
+    path = os.fspath(path)
+    data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, _plain(jax.device_get(dict(variables)))))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".msgpack", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_variables(path: str | os.PathLike) -> Variables:
+    """Read variables written by `save_variables` (nested dicts of NumPy arrays)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NasError(f"{path}: variables file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        restored = flax.serialization.msgpack_restore(raw)
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        raise NasError(f"{path}: not a Flax msgpack variables file ({type(e).__name__})") from None
+    if not isinstance(restored, dict):
+        raise NasError(f"{path}: not a Flax msgpack variables file (top level is {type(restored).__name__})")
+    return restored

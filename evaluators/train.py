@@ -552,7 +552,10 @@ def _forward(variables: Variables, x: jnp.ndarray, *, arch: Architecture, impl: 
 
 def predict_logits(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, *,
                    batch_size: int = EVAL_BATCH, conv_impl: str = "fast") -> np.ndarray:
-    """Logits for every row of `x` (normalised NHWC), in fixed-shape batches (the last one padded)."""
+    """Logits for every row of `x` (normalised NHWC), in fixed-shape batches (the last one padded).
+
+    Fewer rows than `batch_size` run as one batch padded to the next power of two.
+    """
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or x.shape[1:] != tuple(input_shape(arch, 1)[1:]):
         raise NasError(f"predict: inputs of shape {x.shape}; architecture '{arch.key}' expects "
@@ -560,6 +563,8 @@ def predict_logits(arch: Architecture, variables: Mapping[str, Any], x: np.ndarr
     if batch_size < 1:
         raise NasError(f"batch_size: {batch_size}; allowed an integer >= 1")
     v = jax.device_put({k: _plain(variables[k]) for k in ("params", "batch_stats") if k in variables})
+    if 0 < len(x) < batch_size:  # small inputs: the next power of two, so few shapes ever compile
+        batch_size = 1 << (len(x) - 1).bit_length()
     xp, n = pad_batches(x, batch_size)
     out = [np.asarray(_forward(v, xp[i:i + batch_size], arch=arch, impl=conv_impl))
            for i in range(0, len(xp), batch_size)]

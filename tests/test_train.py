@@ -176,6 +176,8 @@ def test_predict_logits_pads_without_changing_results(run, arch, digits):
     assert got.shape == (37, 10)
     want = np.asarray(jax.jit(build_model(arch).apply, static_argnames="train")(result.variables, x, train=False))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    one = predict_logits(arch, result.variables, x[:3], batch_size=16)  # padded to a batch of 4
+    np.testing.assert_allclose(one, want[:3], rtol=1e-5, atol=1e-5)
     acc, loss = evaluate(arch, result.variables, digits.x_val, digits.y_val, batch_size=16)
     assert acc == pytest.approx(result.val_accuracy, abs=1e-6)
     assert loss == pytest.approx(result.val_loss, rel=1e-4)

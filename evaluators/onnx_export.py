@@ -1,0 +1,142 @@
+"""Architecture (or one layer) -> ONNX, and ONNX Runtime sessions to run it.
+
+The export goes through `jax2onnx` on the *reference* implementation (plain `lax.conv`
+everywhere, `build_model(arch, 'reference')`): the shifted-multiply-add depthwise variant
+used for training exports too, but ONNX Runtime runs it many times slower (PLATFORM-NOTES).
+
+jax2onnx 0.17 workaround: its layout pass pushes the NHWC<->NCHW transposes it puts around
+every convolution through BatchNorm and the elementwise activations after it, but leaves the
+old NHWC shapes in `graph.value_info` (and in `graph.output` when `outputs_as_nchw` lets it
+drop the final transpose). ONNX Runtime trusts those declarations and refuses to
+load the model ("[ShapeInferenceError] Incompatible dimensions" at a Mul of hard-swish or at a
+residual Add). The graph itself is right, so `_fix_shapes` drops the stale intermediate
+declarations and re-runs strict ONNX shape inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+
+from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
+from search_spaces.model import build_model, input_shape
+
+OPSET = 23
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+Variables = Any
+
+
+def _fix_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop jax2onnx's stale intermediate and output shapes and infer them again (strict)."""
+    del model.graph.value_info[:]
+    for out in model.graph.output:  # stale too when the final transpose was removed
+        out.type.tensor_type.ClearField("shape")
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:  # onnx raises InferenceError / ValidationError
+        raise NasError(f"ONNX export: shape inference failed on the exported graph: {e}".splitlines()[0]) from None
+
+
+def function_to_onnx(fn: Callable[[jnp.ndarray], jnp.ndarray], in_shape: Sequence[int], *,
+                     batch: int | None = None, nchw_in: bool = False, nchw_out: bool = False,
+                     name: str = "model", input_name: str = INPUT_NAME,
+                     output_name: str = "output") -> onnx.ModelProto:
+    """Export a one-input, one-output JAX function of an NHWC image (without batch dim).
+
+    `batch=None` gives a dynamic batch dimension named 'B'. `nchw_in`/`nchw_out` make the
+    ONNX input/output NCHW (used for single-layer latency models, so the layout transposes
+    cancel inside the graph as they do between layers of a whole network).
+    """
+    from jax2onnx import to_onnx as j2o  # heavy import (plugins): only when exporting
+
+    spec = ("B" if batch is None else int(batch),) + tuple(int(s) for s in in_shape)
+    logging.getLogger("jax2onnx").setLevel(logging.ERROR)
+    model = j2o(fn, [spec], model_name=name, opset=OPSET,
+                inputs_as_nchw=[0] if nchw_in else None, outputs_as_nchw=[0] if nchw_out else None,
+                input_names=[input_name], output_names=[output_name])
+    return _fix_shapes(model)
+
+
+def to_onnx(arch: Architecture, variables: Variables, *, batch: int | None = None) -> onnx.ModelProto:
+    """The whole network in inference mode as an ONNX model: NHWC float32 input -> logits.
+
+    Args:
+      arch: the architecture.
+      variables: its Flax variables (`params` and `batch_stats`), e.g. from training or
+        `random_variables(arch)`.
+      batch: a fixed batch size, or None (default) for a dynamic batch dimension 'B'.
+
+    Returns:
+      An `onnx.ModelProto` (opset 23) with input 'input' and output 'logits'.
+
+    Example:
+      >>> model = to_onnx(arch, variables)
+      >>> sess = ort_session(model)
+      >>> logits = run(sess, np.zeros((4, 28, 28, 1), np.float32))
+    """
+    net = build_model(arch, "reference")
+
+    def forward(x):
+        return net.apply(variables, x, train=False)
+
+    return function_to_onnx(forward, input_shape(arch)[1:], batch=batch, name=f"{arch.space}_{arch.key}",
+                            output_name=OUTPUT_NAME)
+
+
+def random_variables(module: Any, in_shape: Sequence[int], seed: int = 0) -> Variables:
+    """Random variables for a linen module without compiling its init: He-normal kernels and
+    non-trivial BatchNorm statistics and affine terms (fresh BatchNorm - mean 0, var 1, scale 1,
+    bias 0 - would hide export bugs in its lowering; these make outputs O(1))."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *in_shape), jnp.float32)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            fan_in = max(1, math.prod(s.shape[:-1]))
+            return rng.normal(0, math.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
+        if name.endswith("['var']") or name.endswith("['scale']"):
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        return rng.normal(0, 0.2, s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def arch_variables(arch: Architecture, seed: int = 0) -> Variables:
+    """`random_variables` for a whole network."""
+    return random_variables(build_model(arch, "reference"), input_shape(arch)[1:], seed)
+
+
+def ort_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session, single-threaded by default.
+
+    One intra-op thread: deployment targets run one stream per core, and on a shared
+    machine extra threads make timings depend on other processes' load.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def run(session: Any, x: np.ndarray) -> np.ndarray:
+    """Run a one-input, one-output session."""
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]

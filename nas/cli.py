@@ -96,6 +96,93 @@ def _cost(args):
         print(f"  {l.index:3d} {l.name:<40} params {l.params:>10,d}  MACs {l.macs:>13,d}  out {l.output_shape}")
 
 
+# ----------------------------------------------------------------------- pipeline
+def _search_args(p):
+    p.add_argument("config", help="experiment YAML (see experiments/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted for nested keys), e.g. --set train.epochs=1")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--address", default=None, help="connect to a Ray cluster (auto, host:port, ray://host:10001)")
+
+
+def _run_dir_args(p):
+    p.add_argument("run_dir", help="the run directory written by `nas search`")
+
+
+def _export_args(p):
+    _run_dir_args(p)
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--winner", type=int, default=None, help="export only winner K (rank)")
+    p.add_argument("--all", action="store_true", help="export every winner (the default)")
+    p.add_argument("--format", default="flax", help="comma-separated formats")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+
+
+@command("search", "run a search experiment on Ray Tune")(_search_args)
+def _search(args):
+    from nas.config import load_config
+    from nas.search import run_search
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
+    _print_winners(run_dir)
+
+
+@command("distill", "fine-tune the winners of a run with knowledge distillation")(_run_dir_args)
+def _distill(args):
+    from nas.distill import run_distill
+
+    run_distill(args.run_dir)
+
+
+@command("export", "export the winners of a run")(_export_args)
+def _export(args):
+    from nas.export import export_run
+
+    export_run(args.run_dir, out=args.out, winner=args.winner, formats=tuple(args.format.split(",")),
+               force=args.force)
+
+
+@command("run", "search, distill and export, in order")(_search_args)
+def _run(args):
+    from nas.config import load_config
+    from nas.distill import run_distill
+    from nas.export import export_run
+    from nas.search import run_search
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
+    if cfg.distill.enabled:
+        print("distillation:", flush=True)
+        run_distill(run_dir)
+    if cfg.export.enabled:
+        print("export:", flush=True)
+        export_run(run_dir, formats=cfg.export.formats, force=True)
+    _print_winners(run_dir)
+
+
+def _print_winners(run_dir) -> None:
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    winners = json.loads((run_dir / "winners.json").read_text())
+    distill = {}
+    if (run_dir / "distill.json").exists():
+        distill = {r["rank"]: r for r in json.loads((run_dir / "distill.json").read_text())["winners"]}
+    print(f"\nwinners ({run_dir / 'winners.json'}):")
+    print(f"  {'rank':>4}  {'key':<20} {'params':>9} {'MACs':>11} {'val acc':>8} {'score':>7}"
+          + ("  test acc before -> after KD" if distill else ""))
+    for w in winners:
+        line = (f"  {w['rank']:>4}  {w['key']:<20} {w['params']:>9,d} {w['macs']:>11,d} "
+                f"{w['val_accuracy']:>8.4f} {w['score']:>7.4f}")
+        if w["rank"] in distill:
+            d = distill[w["rank"]]
+            line += f"  {d['test_accuracy_before']:.4f} -> {d['test_accuracy_after']:.4f}"
+        print(line)
+    print(f"outputs: {run_dir} (trials.csv, winners.json, winners/, distill.json, export/)")
+
+
 # ----------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nas", description="Neural architecture search for compact models.")

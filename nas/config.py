@@ -145,8 +145,8 @@ def _coerce(cls, name: str, v: Any, src: str, key: str) -> Any:
     f = {f.name: f for f in fields(cls)}[name]
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    if dataclasses.is_dataclass(v) or default is None and v is None:
-        return v
+    if dataclasses.is_dataclass(v) or v is None and (default is None or "None" in str(f.type)):
+        return v  # a section already built, or null for an optional field
     if isinstance(default, bool):
         if not isinstance(v, bool):
             raise _err(src, key, f"expected true or false, got {v!r}")

@@ -23,7 +23,10 @@ ACT_FNS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "sigmoid": jax.nn.sigmoid,
     "hsigmoid": jax.nn.hard_sigmoid,
 }
-BN_MOMENTUM = 0.9
+# A short running-statistics window: search schedules are a few hundred steps during which the
+# weights move fast, and 0.9 left evaluation-mode statistics so stale that the largest
+# mobile_small net scored chance (0.096) on digits after 2 epochs; 0.5 gave 0.94 after one.
+BN_MOMENTUM = 0.5
 BN_EPS = 1e-5
 
 

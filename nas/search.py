@@ -1,0 +1,444 @@
+"""The Ray Tune driver: the only module that imports Ray.
+
+`run_search(cfg)` runs one experiment: a Tune `Tuner` whose searcher proposes architectures of
+the configured space (only feasible ones: hard constraints are checked with the cost model
+before a candidate reaches Tune, and infeasible ones are recorded, never trained and never
+counted against `num_trials`), whose trainable trains each candidate and reports validation
+accuracy, costs and score after every epoch, and whose results become `trials.csv` and
+`winners.json` in the run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+from ray.tune.search import Searcher
+
+from nas.config import ExperimentConfig
+from nas.objective import Objective
+from search_spaces.architecture import Architecture
+from search_spaces.catalog import load_space
+from search_spaces.errors import NasError
+from search_spaces.space import SearchSpace
+
+METRIC, MODE = "score", "max"
+TRIAL_COLUMNS = ["trial_id", "key", "status", "params", "macs", "accuracy", "score", "epochs", "wall_s",
+                 "node_id", "error"]
+FEASIBILITY_PROBES = 2000
+
+
+# ============================================================ experiment context
+@dataclass(frozen=True)
+class Experiment:
+    """What every trial needs, resolved once in the driver and shipped to the workers."""
+
+    cfg: ExperimentConfig
+    space: SearchSpace
+    objective: Objective
+    train: Any  # evaluators.train.TrainConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+def resolve_space(cfg: ExperimentConfig) -> SearchSpace:
+    space = load_space(cfg.space)
+    if cfg.space_input:
+        space = space.with_input(**cfg.space_input)
+    return space
+
+
+def prepare(cfg: ExperimentConfig) -> Experiment:
+    """Validate everything a search needs before any trial runs (one-line errors)."""
+    from evaluators.datasets import load_dataset
+    from evaluators.train import TrainConfig
+
+    space = resolve_space(cfg)
+    objective = Objective.from_config(cfg.objective, where=f"{cfg.source}: objective")
+    train = TrainConfig.from_dict(cfg.train, source=f"{cfg.source}: train")
+    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
+                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+    if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels, space.num_classes) \
+            or len(space.resolutions) > 1:
+        raise NasError(
+            f"{cfg.source}: dataset '{cfg.dataset.name}' gives {data.resolution}x{data.resolution}x{data.channels} images "
+            f"with {data.num_classes} classes but space '{space.name}' expects "
+            f"{list(space.resolutions)}x{space.in_channels} with {space.num_classes} classes; "
+            f"set space_input: {{resolution: {data.resolution}, in_channels: {data.channels}, num_classes: {data.num_classes}}}"
+        )
+    from nas.strategies import make_strategy
+
+    make_strategy(cfg.search.algorithm, space, seed=cfg.seed, options=dict(cfg.search.options),
+                  budget=cfg.num_trials)  # validates name and options before anything runs
+    exp = Experiment(cfg, space, objective, train)
+    _check_some_feasible(exp)
+    return exp
+
+
+def _check_some_feasible(exp: Experiment) -> None:
+    if not exp.objective.constraints:
+        return
+    import numpy as np
+
+    rng = np.random.default_rng(exp.cfg.seed)
+    for _ in range(FEASIBILITY_PROBES):
+        if exp.objective.feasible(exp.space.sample(rng)):
+            return
+    raise NasError(
+        f"{exp.cfg.source}: objective.constraints: none of {FEASIBILITY_PROBES} random architectures of "
+        f"'{exp.space.name}' satisfies them; loosen the constraints"
+    )
+
+
+# ============================================================ the trainable
+def _enable_compilation_cache() -> None:
+    import jax
+
+    cache = os.environ.get("NAS_JAX_CACHE", str(Path.home() / ".cache" / "compact-nas" / "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_trial(config: dict[str, Any], exp: Experiment) -> None:
+    """One Tune trial: decode, cost, (constraints), train with per-epoch reports, checkpoint."""
+    import ray
+
+    from evaluators.datasets import load_dataset
+    from evaluators.train import save_variables, train
+
+    _enable_compilation_cache()
+    start = time.time()
+    arch = exp.space.from_choices(config)
+    costs = exp.objective.costs(arch)
+    base = {"key": arch.key, **_cost_metrics(costs), "node_id": ray.get_runtime_context().get_node_id()}
+    violations = exp.objective.violations(costs)
+    if violations:  # the searcher filters these; a hand-made config may still get here
+        tune.report({**base, "status": "infeasible", "error": "; ".join(violations), METRIC: -1.0,
+                     "accuracy": 0.0, "wall_s": time.time() - start})
+        return
+    c = exp.cfg.dataset
+    data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
+                        test_fraction=c.test_fraction)
+    epochs = exp.train.epochs
+
+    def on_epoch(epoch: int, m: dict[str, float]) -> None:
+        metrics = {**base, **m, "accuracy": m["val_accuracy"], METRIC: exp.objective.score(m["val_accuracy"], costs),
+                   "epochs": epoch, "wall_s": time.time() - start, "status": "ok" if epoch == epochs else "running"}
+        if epoch < epochs:
+            tune.report(metrics)
+        else:
+            state["final"] = metrics
+
+    state: dict[str, Any] = {}
+    result = train(arch, data, exp.train, on_epoch=on_epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_variables(Path(tmp) / "variables.msgpack", result.variables)
+        (Path(tmp) / "architecture.json").write_text(arch.to_json(indent=2))
+        final = {**state["final"], "wall_s": time.time() - start, "compile_s": result.compile_s,
+                 "init_s": result.init_s, "train_s": result.train_s}
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _cost_metrics(costs: dict[str, float]) -> dict[str, float]:
+    return {k.replace("@", "_at_") if k.startswith("latency") else k: v for k, v in costs.items()}
+
+
+# ============================================================ the searcher
+class Feasibility:
+    """A picklable feasibility check that records every infeasible candidate (once) in the run dir."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.path = exp.run_dir / "infeasible.jsonl"
+        self.seen: set[str] = set()
+        if self.path.exists():
+            self.seen = {json.loads(line)["key"] for line in self.path.read_text().splitlines() if line.strip()}
+
+    def __call__(self, arch: Architecture) -> bool:
+        costs = self.exp.objective.costs(arch)
+        violations = self.exp.objective.violations(costs)
+        if violations and arch.key not in self.seen:
+            self.seen.add(arch.key)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": arch.key, **_cost_metrics(costs), "error": "; ".join(violations)}) + "\n")
+        return not violations
+
+
+class StrategySearcher(Searcher):
+    """Adapts a Ray-free ask/tell strategy (nas.strategies) to Tune's `Searcher` interface."""
+
+    def __init__(self, exp: Experiment):
+        super().__init__(metric=METRIC, mode=MODE)
+        from nas.strategies import make_strategy
+
+        self.exp = exp
+        self.feasible = Feasibility(exp)
+        self.strategy = make_strategy(exp.cfg.search.algorithm, exp.space, seed=exp.cfg.seed,
+                                      options=dict(exp.cfg.search.options), feasible=self.feasible,
+                                      budget=exp.cfg.num_trials)
+        self.live: dict[str, dict[str, int]] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        config = self.strategy.suggest()
+        if config is None:  # nothing unseen left, unless pending trials are still to report
+            return None if self.live else Searcher.FINISHED
+        self.live[trial_id] = config
+        return dict(config)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        config = self.live.pop(trial_id, None)
+        if config is None:
+            return
+        score = None if error or not result or result.get(METRIC) is None else float(result[METRIC])
+        self.strategy.observe(config, score)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({"strategy": self.strategy.save(), "live": self.live}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.strategy.restore(state["strategy"])
+        self.live = state["live"]
+
+
+# ============================================================ progress
+class Progress(tune.Callback):
+    """One plain line per finished trial: done/total, running, failed, infeasible, best, ETA."""
+
+    def __init__(self, exp: Experiment, printer=print):
+        self.exp, self.print = exp, printer
+        self.start = time.time()
+        self.done = self.failed = 0
+        self.best = -math.inf
+        self.running: set[str] = set()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+
+    def _line(self, trial, what: str) -> None:
+        self.running.discard(trial.trial_id)
+        total = self.exp.cfg.num_trials
+        elapsed = time.time() - self.start
+        eta = elapsed / max(self.done + self.failed, 1) * (total - self.done - self.failed)
+        infeasible = len(Feasibility(self.exp).seen)
+        best = f"{self.best:.4f}" if self.best > -math.inf else "-"
+        self.print(f"[{self.done + self.failed}/{total}] {what} | running {len(self.running)} failed {self.failed} "
+                   f"infeasible {infeasible} | best score {best} | {elapsed:5.0f}s elapsed, ~{eta:.0f}s left",
+                   flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        self.done += 1
+        if r.get(METRIC) is not None:
+            self.best = max(self.best, float(r[METRIC]))
+        self._line(trial, f"{r.get('key', '?')} acc {r.get('accuracy', float('nan')):.4f} "
+                          f"score {r.get(METRIC, float('nan')):.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        self._line(trial, f"trial {trial.trial_id} FAILED")
+
+
+# ============================================================ run directory
+def check_run_dir(cfg: ExperimentConfig, *, resume: bool, force: bool) -> Path:
+    """Refuse to mix experiments in one directory; `force` starts over, `resume` continues."""
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.exists() and not force:
+        previous = yaml.safe_load(saved.read_text())
+        if previous != cfg.to_dict():
+            diff = sorted(k for k in set(previous) | set(cfg.to_dict()) if previous.get(k) != cfg.to_dict().get(k))
+            raise NasError(f"{run_dir}: holds a different experiment (differs in: {', '.join(diff)}); "
+                           f"choose another name/output_dir, or pass --force to overwrite it")
+        if not resume:
+            raise NasError(f"{run_dir}: already holds this experiment; pass --resume to continue it "
+                           f"or --force to start over")
+    elif resume and not saved.exists():
+        raise NasError(f"{run_dir}: nothing to resume (no config.yaml); run without --resume")
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise NasError(f"{run_dir}: not writable")
+    saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def _init_ray(cfg: ExperimentConfig, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"PYTHONWARNINGS": "ignore"}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env}, configure_logging=False)
+
+
+def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False,
+               address: str | None = None, printer=print) -> Path:
+    """Run (or resume) the search of `cfg`; returns the run directory with trials.csv and winners.json."""
+    exp = prepare(cfg)
+    run_dir = check_run_dir(cfg, resume=resume, force=force)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    _init_ray(cfg, address)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, exp=exp),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu,
+         **({"memory": int(cfg.resources.memory_gb * 2**30)} if cfg.resources.memory_gb else {})},
+    )
+    tune_dir = run_dir / "tune"
+    printer(f"search '{cfg.name}': space {exp.space.name} ({exp.space.size():,d} architectures), dataset "
+            f"{cfg.dataset.name}, {cfg.num_trials} trials, algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, num_samples=cfg.num_trials, max_concurrent_trials=cfg.max_concurrent,
+                search_alg=StrategySearcher(exp), scheduler=_scheduler(cfg), reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(run_dir), verbose=0, callbacks=[Progress(exp, printer)],
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
+    grid = tuner.fit()
+    rows = collect_trials(grid, exp)
+    write_results(exp, rows)
+    return run_dir
+
+
+def _scheduler(cfg: ExperimentConfig):
+    if cfg.search.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        opts = {"grace_period": 1, "reduction_factor": 2, **cfg.search.scheduler_options}
+        return ASHAScheduler(time_attr="training_iteration", max_t=_epochs(cfg), **opts)
+    return None
+
+
+def _epochs(cfg: ExperimentConfig) -> int:
+    from evaluators.train import TrainConfig
+
+    return TrainConfig.from_dict(cfg.train).epochs
+
+
+# ============================================================ results
+def collect_trials(grid, exp: Experiment) -> list[dict[str, Any]]:
+    """One row per trial (Tune's results) plus one per infeasible candidate."""
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        trial_id = m.get("trial_id") or Path(r.path).name
+        key = m.get("key") or _key_from_config(exp, r.config)
+        status = "failed" if r.error else m.get("status", "failed")
+        if status == "running":
+            status = "stopped"  # ended early by the scheduler
+        row = {c: m.get(c, "") for c in TRIAL_COLUMNS}
+        row.update({"trial_id": trial_id, "key": key, "status": status,
+                    "error": _one_line(str(r.error)) if r.error else m.get("error", ""),
+                    "checkpoint": r.checkpoint.path if r.checkpoint else ""})
+        row.update({k: v for k, v in m.items() if k.startswith("latency_ms")})
+        if not row["params"] and key:
+            row.update(_cost_metrics(exp.objective.costs(exp.space.decode(key))))
+        rows.append(row)
+    infeasible = exp.run_dir / "infeasible.jsonl"
+    if infeasible.exists():
+        for line in infeasible.read_text().splitlines():
+            rec = json.loads(line)
+            rows.append({**{c: "" for c in TRIAL_COLUMNS}, **rec, "status": "infeasible", "checkpoint": ""})
+    return rows
+
+
+def _key_from_config(exp: Experiment, config: dict | None) -> str:
+    try:
+        return exp.space.from_choices(config or {}).key
+    except NasError:
+        return ""
+
+
+def _one_line(text: str) -> str:
+    lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> None:
+    """trials.csv (every trial), winners.json (top-k by score, with what is needed to rebuild them)."""
+    run_dir = exp.run_dir
+    extra = sorted({k for r in rows for k in r if k not in TRIAL_COLUMNS and k != "checkpoint"})
+    with (run_dir / "trials.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TRIAL_COLUMNS + extra, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    ok = [r for r in rows if r["status"] == "ok" and r["checkpoint"]]
+    ok.sort(key=lambda r: (-float(r["score"]), r["key"]))
+    winners, seen = [], set()
+    for r in ok:
+        if r["key"] in seen:
+            continue
+        seen.add(r["key"])
+        rank = len(winners) + 1
+        dest = run_dir / "winners" / f"{rank:02d}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(r["checkpoint"], dest)
+        arch = exp.space.decode(r["key"])
+        winners.append({
+            "rank": rank, "key": r["key"], "space": exp.space.name, "trial_id": r["trial_id"],
+            "score": float(r["score"]), "val_accuracy": float(r["accuracy"]),
+            "params": int(float(r["params"])), "macs": int(float(r["macs"])),
+            "architecture": arch.to_dict(), "checkpoint": str(dest.relative_to(run_dir)),
+        })
+        if len(winners) == exp.cfg.top_k:
+            break
+    (run_dir / "winners.json").write_text(json.dumps(winners, indent=2))
+
+
+def load_winners(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "winners.json"
+    if not path.exists():
+        raise NasError(f"{run_dir}: no winners.json; run `nas search` first")
+    winners = json.loads(path.read_text())
+    if not winners:
+        raise NasError(f"{path}: no winners (every trial failed or was infeasible)")
+    return winners
+
+
+def experiment_from_run_dir(run_dir: Path) -> Experiment:
+    """Rebuild the Experiment of a finished run from its saved config."""
+    from nas.config import config_from_dict
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.exists():
+        raise NasError(f"{run_dir}: not a run directory (no config.yaml)")
+    raw = yaml.safe_load(saved.read_text())
+    raw["output_dir"] = str(Path(run_dir).resolve().parent)
+    cfg = config_from_dict(raw, source=str(saved))
+    from evaluators.train import TrainConfig
+
+    space = resolve_space(cfg)
+    return Experiment(cfg, space, Objective.from_config(cfg.objective), TrainConfig.from_dict(cfg.train))
+
+

@@ -151,14 +151,18 @@ def _run(args):
     from nas.export import export_run
     from nas.search import run_search
 
+    from nas.distill import DistillConfig
+    from nas.export import ExportConfig
+
     cfg = load_config(args.config, args.overrides)
     run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
-    if cfg.distill.enabled:
+    if DistillConfig.from_dict(cfg.distill).enabled:
         print("distillation:", flush=True)
         run_distill(run_dir)
-    if cfg.export.enabled:
+    export = ExportConfig.from_dict(cfg.export)
+    if export.enabled:
         print("export:", flush=True)
-        export_run(run_dir, formats=cfg.export.formats, force=True)
+        export_run(run_dir, formats=export.formats, force=True)
     _print_winners(run_dir)
 
 

@@ -47,23 +47,6 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    enabled: bool = True
-    teacher: Mapping[str, Any] = field(default_factory=lambda: {"key": "largest"})
-    temperature: float = 4.0
-    alpha: float = 0.9
-    epochs: int = 3
-    learning_rate: float = 1e-3
-    teacher_epochs: int | None = None  # None: the search's train.epochs
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    enabled: bool = True
-    formats: tuple[str, ...] = ("flax",)
-
-
-@dataclass(frozen=True)
 class Resources:
     cpu: float = 1
     gpu: float = 0
@@ -84,8 +67,8 @@ class ExperimentConfig:
     train: Mapping[str, Any] = field(default_factory=dict)  # validated by evaluators.train.TrainConfig
     search: SearchConfig = SearchConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
-    distill: DistillConfig = DistillConfig()
-    export: ExportConfig = ExportConfig()
+    distill: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.distill.DistillConfig
+    export: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.export.ExportConfig
     resources: Resources = Resources()
     source: str = "<dict>"
 
@@ -100,8 +83,7 @@ class ExperimentConfig:
 
 
 _SECTIONS = {
-    "dataset": DatasetConfig, "search": SearchConfig, "objective": ObjectiveConfig,
-    "distill": DistillConfig, "export": ExportConfig, "resources": Resources,
+    "dataset": DatasetConfig, "search": SearchConfig, "objective": ObjectiveConfig, "resources": Resources,
 }
 
 
@@ -192,13 +174,6 @@ def _validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise _err(src, "objective.target", f"must be > 0, got {o.target}")
     if o.cost is not None and o.target is None:
         raise _err(src, "objective.target", f"required with objective.cost = {o.cost!r} (the cost the penalty aims at)")
-    d = cfg.distill
-    if d.temperature <= 0:
-        raise _err(src, "distill.temperature", f"must be > 0, got {d.temperature}")
-    if not 0 <= d.alpha <= 1:
-        raise _err(src, "distill.alpha", f"must be in [0, 1], got {d.alpha}")
-    if d.epochs < 1:
-        raise _err(src, "distill.epochs", f"must be >= 1, got {d.epochs}")
     for k, v in o.constraints.items():
         if isinstance(v, bool) or not isinstance(v, _NUM) or v <= 0:
             raise _err(src, f"objective.constraints.{k}", f"must be a positive number, got {v!r}")

@@ -9,12 +9,55 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from nas.search import experiment_from_run_dir, load_winners
 from nas.teacher import cached_logits, resolve_teacher
 from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The `distill:` section of an experiment config."""
+
+    enabled: bool = True
+    teacher: Mapping[str, Any] = field(default_factory=lambda: {"key": "largest"})
+    temperature: float = 4.0
+    alpha: float = 0.9
+    epochs: int = 3
+    learning_rate: float = 1e-3
+    teacher_epochs: int | None = None  # None: the search's train.epochs
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
+        d = dict(d or {})
+        allowed = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in allowed:
+                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
+        cfg = cls(**d)
+        if not isinstance(cfg.enabled, bool):
+            raise NasError(f"{source}.enabled: expected true or false, got {cfg.enabled!r}")
+        if not isinstance(cfg.teacher, Mapping):
+            raise NasError(f"{source}.teacher: expected a mapping like {{key: largest}} or {{checkpoint: PATH}}")
+        for k in ("temperature", "alpha", "learning_rate"):
+            v = getattr(cfg, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise NasError(f"{source}.{k}: expected a number, got {v!r}")
+        if cfg.temperature <= 0:
+            raise NasError(f"{source}.temperature: must be > 0, got {cfg.temperature}")
+        if not 0 <= cfg.alpha <= 1:
+            raise NasError(f"{source}.alpha: must be in [0, 1], got {cfg.alpha}")
+        if cfg.learning_rate <= 0:
+            raise NasError(f"{source}.learning_rate: must be > 0, got {cfg.learning_rate}")
+        for k in ("epochs", "teacher_epochs"):
+            v = getattr(cfg, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise NasError(f"{source}.{k}: must be an integer >= 1, got {v!r}")
+        return cfg
 
 
 def run_distill(run_dir: str | Path, printer=print) -> dict[str, Any]:
@@ -24,7 +67,7 @@ def run_distill(run_dir: str | Path, printer=print) -> dict[str, Any]:
 
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
-    cfg, d = exp.cfg, exp.cfg.distill
+    cfg, d = exp.cfg, DistillConfig.from_dict(exp.cfg.distill, f"{exp.cfg.source}: distill")
     winners = load_winners(run_dir)
     data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
                         val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)

@@ -11,7 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -19,6 +19,30 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
 FORMATS = ("flax",)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The `export:` section of an experiment config."""
+
+    enabled: bool = True
+    formats: tuple[str, ...] = ("flax",)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "export") -> "ExportConfig":
+        d = dict(d or {})
+        for k in d:
+            if k not in ("enabled", "formats"):
+                raise NasError(f"{source}.{k}: unknown key; allowed: enabled, formats")
+        formats = d.get("formats", cls.formats)
+        formats = tuple(formats.split(",")) if isinstance(formats, str) else tuple(formats)
+        bad = [f for f in formats if f not in FORMATS]
+        if bad:
+            raise NasError(f"{source}.formats: unknown format '{bad[0]}'; allowed: {', '.join(FORMATS)}")
+        enabled = d.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise NasError(f"{source}.enabled: expected true or false, got {enabled!r}")
+        return cls(enabled, formats)
 
 
 @dataclass(frozen=True)

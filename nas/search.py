@@ -82,6 +82,11 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
 
     make_strategy(cfg.search.algorithm, space, seed=cfg.seed, options=dict(cfg.search.options),
                   budget=cfg.num_trials)  # validates name and options before anything runs
+    from nas.distill import DistillConfig
+    from nas.export import ExportConfig
+
+    DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
+    ExportConfig.from_dict(cfg.export, f"{cfg.source}: export")
     exp = Experiment(cfg, space, objective, train)
     _check_some_feasible(exp)
     return exp

@@ -22,7 +22,7 @@ def test_set_overrides_dotted_keys_with_yaml_values(tmp_path):
     cfg = load_config(p, ["num_trials=4", "train.epochs=1", "objective.constraints.params=5e4", "dataset.name=mnist5k",
                           "export.formats=[flax]"])
     assert cfg.num_trials == 4 and cfg.train["epochs"] == 1 and cfg.objective.constraints["params"] == 5e4
-    assert cfg.dataset.name == "mnist5k" and cfg.export.formats == ("flax",)
+    assert cfg.dataset.name == "mnist5k" and cfg.export["formats"] == ["flax"]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -30,8 +30,6 @@ def test_set_overrides_dotted_keys_with_yaml_values(tmp_path):
     ("search.algoritm=x", "search.algoritm: unknown key"),
     ("num_trials=0", "num_trials: must be >= 1"),
     ("num_trials=abc", "num_trials: expected an integer"),
-    ("distill.temperature=0", "distill.temperature: must be > 0"),
-    ("distill.alpha=1.5", "distill.alpha: must be in [0, 1]"),
     ("search.scheduler=hyperband", "unknown scheduler 'hyperband'; allowed: asha"),
     ("objective.target=null", "objective.target: required"),
     ("top_k=50", "top_k: 50 exceeds num_trials"),
@@ -54,3 +52,23 @@ def test_malformed_override_and_missing_file(tmp_path):
 def test_required_keys():
     with pytest.raises(NasError, match="missing required key"):
         config_from_dict({"name": "x"})
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"temperature": 0}, "distill.temperature: must be > 0"),
+    ({"alpha": 1.5}, "distill.alpha: must be in [0, 1]"),
+    ({"epoch": 3}, "distill.epoch: unknown key"),
+])
+def test_distill_section_is_validated_by_its_stage(section, message):
+    from nas.distill import DistillConfig
+
+    with pytest.raises(NasError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        DistillConfig.from_dict(section)
+
+
+def test_export_section_is_validated_by_its_stage():
+    from nas.export import ExportConfig
+
+    assert ExportConfig.from_dict({"formats": "flax"}).formats == ("flax",)
+    with pytest.raises(NasError, match="export.formats: unknown format 'tflite'"):
+        ExportConfig.from_dict({"formats": ["flax", "tflite"]})

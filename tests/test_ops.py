@@ -1,0 +1,164 @@
+"""The fast convolution kernels equal lax.conv_general_dilated, in values and gradients.
+
+Tolerance: max abs diff <= 1e-5 everywhere. Inputs are drawn so every compared quantity is
+O(1) (x ~ N(0, 1), w ~ N(0, 1/k^2), cotangent ~ N(0, 1/(outputs per channel))): the two
+forms sum the same products in a different order, so they differ by float32 rounding,
+a few 1e-7 at this magnitude. Unscaled inputs would make the weight gradient a sum of
+thousands of O(1) products, where float32 itself only resolves ~1e-4 in absolute terms.
+The whole-model parameter gradients (train-mode BatchNorm, SE, every block) are such sums
+whatever the scaling, so there the bound is relative: 1e-5 * max(1, max |reference|).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from search_spaces.catalog import SPACES
+from search_spaces.model import build_model, input_shape
+from search_spaces.ops import KERNELS, same_padding
+
+TOL = 1e-5
+DW = KERNELS["fast"]["dwconv"], KERNELS["reference"]["dwconv"]
+PW = KERNELS["fast"]["pwconv"], KERNELS["reference"]["pwconv"]
+
+
+def _space_kernels_strides() -> set[tuple[int, int]]:
+    """Every (depthwise kernel, stride) any registered space can produce."""
+    used = set()
+    for name in SPACES.names():
+        for stage in SPACES.get(name).stages:
+            for li, ops in enumerate(stage.layer_ops):
+                for op in ops:
+                    if op.block in ("ds", "mb"):
+                        used.add((op.kernel, stage.stride if li == 0 else 1))
+    return used
+
+
+CASES = sorted(_space_kernels_strides() | {(k, s) for k in (3, 5, 7) for s in (1, 2)})
+
+
+def _grad_pair(fast, ref, x, w, g, stride):
+    """Values and (dx, dw) of both forms, in one compiled function."""
+
+    def both(x, w, g):
+        out = []
+        for fn in (fast, ref):
+            y, vjp = jax.vjp(lambda a, b: fn(a, b, stride), x, w)
+            out.append((y, *vjp(g)))
+        return out
+
+    return jax.jit(both)(x, w, g)
+
+
+def _inputs(rng, n, size, cin, kernel, stride, cout):
+    oh = same_padding(size, kernel, stride)[0]
+    x = rng.standard_normal((n, size, size, cin), np.float32)
+    wshape = (kernel, kernel, 1, cin) if cout is None else (kernel, kernel, cin, cout)
+    w = rng.standard_normal(wshape, np.float32) / kernel
+    g = rng.standard_normal((n, oh, oh, cin if cout is None else cout), np.float32) / np.sqrt(n * oh * oh)
+    return jnp.asarray(x), jnp.asarray(w), jnp.asarray(g)
+
+
+def _assert_close(fast, ref, what, scale=False):
+    """max |fast - ref| <= TOL, times max(1, max |ref|) with `scale` (sums of many terms)."""
+    diff = float(jnp.max(jnp.abs(fast - ref)))
+    tol = TOL * max(1.0, float(jnp.max(jnp.abs(ref)))) if scale else TOL
+    assert fast.shape == ref.shape, f"{what}: shape {fast.shape} != {ref.shape}"
+    assert diff <= tol, f"{what}: max abs diff {diff:.2e} > {tol:.2e}"
+
+
+def test_cases_cover_the_spaces():
+    assert _space_kernels_strides() <= set(CASES)
+    assert {3, 5, 7} <= {k for k, _ in CASES} and {1, 2} <= {s for _, s in CASES}
+
+
+@pytest.mark.parametrize("kernel,stride", CASES)
+def test_depthwise_matches_lax_conv(kernel, stride):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    for size in (5, 8):  # odd and even; smaller and larger than the kernels
+        x, w, g = _inputs(rng, 2, size, 6, kernel, stride, None)
+        (yf, dxf, dwf), (yr, dxr, dwr) = _grad_pair(*DW, x, w, g, stride)
+        where = f"k{kernel} s{stride} size{size}"
+        _assert_close(yf, yr, f"depthwise value {where}")
+        _assert_close(dxf, dxr, f"depthwise input grad {where}")
+        _assert_close(dwf, dwr, f"depthwise weight grad {where}")
+
+
+def test_depthwise_weight_grad_batch_chunks():
+    """A batch big enough to be split into slices in the weight gradient gives the same sums."""
+    rng = np.random.default_rng(0)
+    x, w, g = _inputs(rng, 48, 14, 32, 3, 2, None)
+    (yf, dxf, dwf), (yr, dxr, dwr) = _grad_pair(*DW, x, w, g, 2)
+    _assert_close(dwf, dwr, "chunked weight grad")
+    _assert_close(dxf, dxr, "input grad")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_matches_lax_conv(stride):
+    rng = np.random.default_rng(stride)
+    for size in (7, 8):
+        x, w, g = _inputs(rng, 2, size, 12, 1, stride, 20)
+        w = w / np.sqrt(12)
+        (yf, dxf, dwf), (yr, dxr, dwr) = _grad_pair(*PW, x, w, g, stride)
+        _assert_close(yf, yr, f"pointwise value s{stride} size{size}")
+        _assert_close(dxf, dxr, f"pointwise input grad s{stride} size{size}")
+        _assert_close(dwf, dwr, f"pointwise weight grad s{stride} size{size}")
+
+
+def _covering_arch():
+    """A mobile_small sample with ds, mb (with and without SE), skip and both strides."""
+    space = SPACES.get("mobile_small")
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        arch = space.sample(rng)
+        blocks = {ly.block for ly in arch.layers}
+        se = {bool(ly.se) for ly in arch.layers if ly.block == "mb"}
+        if blocks == {"ds", "mb", "skip"} and se == {True, False}:
+            return arch
+    raise AssertionError("no covering architecture in 2000 samples")
+
+
+def test_fast_and_reference_models_agree():
+    """Same parameters -> same logits (eval and train mode) and same parameter gradients."""
+    arch = _covering_arch()
+    fast, ref = build_model(arch, "fast"), build_model(arch, "reference")
+    x = jax.random.normal(jax.random.key(1), input_shape(arch, 4))
+    variables = ref.init(jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x))
+
+    def loss(params, model):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": jax.random.key(2)})  # the same dropout mask for both
+        return jnp.sum(logits * jnp.arange(logits.shape[-1])) / logits.shape[0], logits
+
+    @jax.jit
+    def run(params):
+        out = {}
+        for name, model in (("fast", fast), ("reference", ref)):
+            (_, train_logits), grads = jax.value_and_grad(loss, has_aux=True)(params, model)
+            out[name] = (model.apply(variables, x), train_logits, grads)
+        return out
+
+    out = run(variables["params"])
+    for i, what in enumerate(("eval logits", "train logits")):
+        _assert_close(out["fast"][i], out["reference"][i], what)
+    flat_f = jax.tree_util.tree_leaves_with_path(out["fast"][2])
+    flat_r = jax.tree.leaves(out["reference"][2])
+    for (path, gf), gr in zip(flat_f, flat_r):
+        _assert_close(gf, gr, f"grad {jax.tree_util.keystr(path)}", scale=True)
+
+
+def test_unknown_impl_is_rejected():
+    from search_spaces.errors import SpaceError
+
+    with pytest.raises(SpaceError, match="fast, reference"):
+        build_model(_covering_arch(), "turbo")
+
+
+def test_fast_blocks_are_the_default():
+    assert build_model(_covering_arch()).impl == "fast"
+    assert isinstance(build_model(_covering_arch()), nn.Module)

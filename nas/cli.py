@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except NasError as e:
         print(f"nas: error: {e}", file=sys.stderr)
-        return 2
+        return 130 if type(e).__name__ == "SearchInterrupted" else 2
     except BrokenPipeError:  # output piped into `head` and closed
         return 0
     except KeyboardInterrupt:

@@ -47,6 +47,16 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class EvaluatorConfig:
+    """How a candidate is evaluated: trained on the dataset, or looked up in a benchmark table."""
+
+    kind: str = "train"  # train | table
+    table: str | None = None  # a NAS-Bench-Macro-format JSON (kind: table)
+    metric: str = "mean_acc"
+    sample_repeat: bool = False
+
+
+@dataclass(frozen=True)
 class Resources:
     cpu: float = 1
     gpu: float = 0
@@ -67,6 +77,7 @@ class ExperimentConfig:
     train: Mapping[str, Any] = field(default_factory=dict)  # validated by evaluators.train.TrainConfig
     search: SearchConfig = SearchConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    evaluator: EvaluatorConfig = EvaluatorConfig()
     distill: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.distill.DistillConfig
     export: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.export.ExportConfig
     resources: Resources = Resources()
@@ -84,6 +95,7 @@ class ExperimentConfig:
 
 _SECTIONS = {
     "dataset": DatasetConfig, "search": SearchConfig, "objective": ObjectiveConfig, "resources": Resources,
+    "evaluator": EvaluatorConfig,
 }
 
 
@@ -167,6 +179,10 @@ def _validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise _err(src, f"space_input.{sorted(bad_input)[0]}", "unknown key; allowed: in_channels, num_classes, resolution")
     if cfg.search.scheduler not in (None, "asha"):
         raise _err(src, "search.scheduler", f"unknown scheduler {cfg.search.scheduler!r}; allowed: asha (or null)")
+    if cfg.evaluator.kind not in ("train", "table"):
+        raise _err(src, "evaluator.kind", f"unknown evaluator {cfg.evaluator.kind!r}; allowed: train, table")
+    if cfg.evaluator.kind == "table" and not cfg.evaluator.table:
+        raise _err(src, "evaluator.table", "required with evaluator.kind = table (a benchmark table JSON file)")
     o = cfg.objective
     if o.metric != "accuracy":
         raise _err(src, "objective.metric", f"unknown metric {o.metric!r}; allowed: accuracy")

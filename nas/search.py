@@ -33,7 +33,8 @@ from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
 
 METRIC, MODE = "score", "max"
-TRIAL_COLUMNS = ["trial_id", "key", "status", "params", "macs", "accuracy", "score", "epochs", "wall_s",
+SUGGESTION = "suggestion"  # the searcher's running count, stamped into each trial's config
+TRIAL_COLUMNS = ["suggestion", "trial_id", "key", "status", "params", "macs", "accuracy", "score", "epochs", "wall_s",
                  "node_id", "error"]
 FEASIBILITY_PROBES = 2000
 
@@ -68,6 +69,14 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
     space = resolve_space(cfg)
     objective = Objective.from_config(cfg.objective, where=f"{cfg.source}: objective")
     train = TrainConfig.from_dict(cfg.train, source=f"{cfg.source}: train")
+    make_searcher(cfg.search.algorithm, None, check_only=(cfg, space))
+    if cfg.evaluator.kind == "table":
+        from evaluators.table import TableEvaluator
+
+        TableEvaluator(cfg.evaluator.table, cfg.evaluator.metric, cfg.evaluator.sample_repeat).check_space(space)
+        exp = Experiment(cfg, space, objective, train)
+        _check_some_feasible(exp)
+        return exp
     data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
                         val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
     if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels, space.num_classes) \
@@ -78,10 +87,6 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
             f"{list(space.resolutions)}x{space.in_channels} with {space.num_classes} classes; "
             f"set space_input: {{resolution: {data.resolution}, in_channels: {data.channels}, num_classes: {data.num_classes}}}"
         )
-    from nas.strategies import make_strategy
-
-    make_strategy(cfg.search.algorithm, space, seed=cfg.seed, options=dict(cfg.search.options),
-                  budget=cfg.num_trials)  # validates name and options before anything runs
     from nas.distill import DistillConfig
     from nas.export import ExportConfig
 
@@ -128,11 +133,16 @@ def run_trial(config: dict[str, Any], exp: Experiment) -> None:
     start = time.time()
     arch = exp.space.from_choices(config)
     costs = exp.objective.costs(arch)
-    base = {"key": arch.key, **_cost_metrics(costs), "node_id": ray.get_runtime_context().get_node_id()}
+    base = {"key": arch.key, SUGGESTION: config.get(SUGGESTION, 0), **_cost_metrics(costs),
+            "node_id": ray.get_runtime_context().get_node_id()}
     violations = exp.objective.violations(costs)
     if violations:  # the searcher filters these; a hand-made config may still get here
         tune.report({**base, "status": "infeasible", "error": "; ".join(violations), METRIC: -1.0,
                      "accuracy": 0.0, "wall_s": time.time() - start})
+        return
+    if exp.cfg.evaluator.kind == "table":
+        tune.report({**base, **_table_lookup(exp, arch, config), "epochs": 1, "wall_s": time.time() - start,
+                     "status": "ok"})
         return
     c = exp.cfg.dataset
     data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
@@ -157,29 +167,54 @@ def run_trial(config: dict[str, Any], exp: Experiment) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+def _table_lookup(exp: Experiment, arch: Architecture, config: dict[str, Any]) -> dict[str, float]:
+    """Accuracy (as a fraction) of `arch` from the benchmark table; a sampled repeat is seeded per key."""
+    import zlib
+
+    import numpy as np
+
+    from evaluators.table import TableEvaluator
+
+    ev = exp.cfg.evaluator
+    table = TableEvaluator(ev.table, ev.metric, ev.sample_repeat)
+    rng = np.random.default_rng([exp.cfg.seed, zlib.crc32(arch.key.encode())])
+    acc = table.evaluate(arch, rng=rng)["accuracy"] / 100.0
+    costs = exp.objective.costs(arch)
+    return {"accuracy": acc, "val_accuracy": acc, METRIC: exp.objective.score(acc, costs)}
+
+
 def _cost_metrics(costs: dict[str, float]) -> dict[str, float]:
     return {k.replace("@", "_at_") if k.startswith("latency") else k: v for k, v in costs.items()}
 
 
 # ============================================================ the searcher
 class Feasibility:
-    """A picklable feasibility check that records every infeasible candidate (once) in the run dir."""
+    """A picklable feasibility check that logs every candidate the cost model rejects (once) to
+    infeasible.jsonl, marking whether a searcher proposed it (`proposed`) or a strategy only
+    screened it while choosing (e.g. the GP scoring every key of a small space)."""
 
     def __init__(self, exp: Experiment):
         self.exp = exp
         self.path = exp.run_dir / "infeasible.jsonl"
-        self.seen: set[str] = set()
-        if self.path.exists():
-            self.seen = {json.loads(line)["key"] for line in self.path.read_text().splitlines() if line.strip()}
+        self.seen = {(r["key"], r.get("proposed", False)) for r in self.read(self.path)}
 
-    def __call__(self, arch: Architecture) -> bool:
+    def __call__(self, arch: Architecture, proposed: bool = False) -> bool:
+        if not self.exp.objective.constraints:
+            return True
         costs = self.exp.objective.costs(arch)
         violations = self.exp.objective.violations(costs)
-        if violations and arch.key not in self.seen:
-            self.seen.add(arch.key)
+        if violations and (arch.key, proposed) not in self.seen:
+            self.seen.add((arch.key, proposed))
             with self.path.open("a") as f:
-                f.write(json.dumps({"key": arch.key, **_cost_metrics(costs), "error": "; ".join(violations)}) + "\n")
+                f.write(json.dumps({"key": arch.key, **_cost_metrics(costs), "error": "; ".join(violations),
+                                    "proposed": proposed}) + "\n")
         return not violations
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class StrategySearcher(Searcher):
@@ -195,6 +230,7 @@ class StrategySearcher(Searcher):
                                       options=dict(exp.cfg.search.options), feasible=self.feasible,
                                       budget=exp.cfg.num_trials)
         self.live: dict[str, dict[str, int]] = {}
+        self.count = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -204,7 +240,8 @@ class StrategySearcher(Searcher):
         if config is None:  # nothing unseen left, unless pending trials are still to report
             return None if self.live else Searcher.FINISHED
         self.live[trial_id] = config
-        return dict(config)
+        self.count += 1
+        return {**config, SUGGESTION: self.count}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         config = self.live.pop(trial_id, None)
@@ -214,12 +251,110 @@ class StrategySearcher(Searcher):
         self.strategy.observe(config, score)
 
     def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps({"strategy": self.strategy.save(), "live": self.live}))
+        Path(checkpoint_path).write_text(json.dumps({"strategy": self.strategy.save(), "live": self.live,
+                                                     "count": self.count}))
 
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
         self.strategy.restore(state["strategy"])
-        self.live = state["live"]
+        self.live, self.count = state["live"], state["count"]
+
+
+class ConstrainedSearcher(Searcher):
+    """Wraps a Tune searcher (Optuna's) so infeasible candidates never reach Tune: each one is
+    recorded, told back to the inner searcher as a worst-case result, and replaced."""
+
+    MAX_TRIES = 1000
+
+    def __init__(self, inner: Searcher, exp: Experiment, infeasible_result):
+        super().__init__(metric=METRIC, mode=MODE)
+        self.inner, self.exp = inner, exp
+        self.feasible = Feasibility(exp)
+        self.infeasible_result = infeasible_result
+        self.alias: dict[str, str] = {}
+        self.count = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        for attempt in range(self.MAX_TRIES):
+            tid = trial_id if attempt == 0 else f"{trial_id}-infeasible{attempt}"
+            config = self.inner.suggest(tid)
+            if config is None or config == Searcher.FINISHED:
+                return config
+            arch = self.exp.space.from_choices(config)
+            if self.feasible(arch, proposed=True):
+                self.alias[trial_id] = tid
+                self.count += 1
+                return {**config, SUGGESTION: self.count}
+            self.inner.on_trial_complete(tid, result=self.infeasible_result(arch))
+        raise NasError(f"search.algorithm {self.exp.cfg.search.algorithm}: {self.MAX_TRIES} infeasible "
+                       f"suggestions in a row; loosen objective.constraints")
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.inner.on_trial_result(self.alias.get(trial_id, trial_id), result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.inner.on_trial_complete(self.alias.pop(trial_id, trial_id), result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.inner.save(checkpoint_path)
+        Path(checkpoint_path + ".alias.json").write_text(json.dumps({"alias": self.alias, "count": self.count}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(checkpoint_path)
+        alias = Path(checkpoint_path + ".alias.json")
+        state = json.loads(alias.read_text()) if alias.exists() else {"alias": {}, "count": 0}
+        self.alias, self.count = state["alias"], state["count"]
+
+
+def _optuna(exp: Experiment, multi_objective: bool) -> Searcher:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opts = dict(exp.cfg.search.options)
+    space = exp.space.to_param_space(tune.choice)
+    cost = exp.objective.penalties[0].cost if exp.objective.penalties else "params"
+    cost_metric = next(iter(_cost_metrics({cost: 0.0})))
+    try:
+        if multi_objective:
+            sampler = optuna.samplers.NSGAIISampler(seed=exp.cfg.seed, **opts)
+            inner = OptunaSearch(space, metric=["accuracy", cost_metric], mode=["max", "min"], sampler=sampler)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=exp.cfg.seed, **opts)
+            inner = OptunaSearch(space, metric=METRIC, mode=MODE, sampler=sampler)
+    except TypeError as e:
+        raise NasError(f"{exp.cfg.source}: search.options: {e}") from None
+
+    def worst(arch: Architecture) -> dict[str, float]:
+        costs = _cost_metrics(exp.objective.costs(arch))
+        return {METRIC: 0.0, "accuracy": 0.0, cost_metric: costs.get(cost_metric, 0.0)}
+
+    return ConstrainedSearcher(inner, exp, worst)
+
+
+OPTUNA_ALGORITHMS = {"tpe": False, "nsga2": True}
+
+
+def make_searcher(name: str, exp: Experiment | None, *, check_only: tuple | None = None) -> Searcher | None:
+    """The Tune searcher for algorithm `name`: an ask/tell strategy (nas.strategies) behind
+    StrategySearcher, or Optuna's TPE / NSGA-II behind ConstrainedSearcher."""
+    from nas.strategies import STRATEGIES, make_strategy
+
+    if name not in STRATEGIES and name not in OPTUNA_ALGORITHMS:
+        allowed = ", ".join(sorted([*STRATEGIES.names(), *OPTUNA_ALGORITHMS]))
+        src = check_only[0].source if check_only else "config"
+        raise NasError(f"{src}: search.algorithm: unknown algorithm '{name}'; allowed: {allowed}")
+    if check_only:
+        cfg, space = check_only
+        if name in STRATEGIES:  # validates options and budget
+            make_strategy(name, space, seed=cfg.seed, options=dict(cfg.search.options), budget=cfg.num_trials)
+        return None
+    if name in OPTUNA_ALGORITHMS:
+        return _optuna(exp, OPTUNA_ALGORITHMS[name])
+    return StrategySearcher(exp)
 
 
 # ============================================================ progress
@@ -241,7 +376,7 @@ class Progress(tune.Callback):
         total = self.exp.cfg.num_trials
         elapsed = time.time() - self.start
         eta = elapsed / max(self.done + self.failed, 1) * (total - self.done - self.failed)
-        infeasible = len(Feasibility(self.exp).seen)
+        infeasible = sum(1 for k, proposed in Feasibility(self.exp).seen if proposed)
         best = f"{self.best:.4f}" if self.best > -math.inf else "-"
         self.print(f"[{self.done + self.failed}/{total}] {what} | running {len(self.running)} failed {self.failed} "
                    f"infeasible {infeasible} | best score {best} | {elapsed:5.0f}s elapsed, ~{eta:.0f}s left",
@@ -322,7 +457,7 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
             param_space={},
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, num_samples=cfg.num_trials, max_concurrent_trials=cfg.max_concurrent,
-                search_alg=StrategySearcher(exp), scheduler=_scheduler(cfg), reuse_actors=True,
+                search_alg=make_searcher(cfg.search.algorithm, exp), scheduler=_scheduler(cfg), reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(run_dir), verbose=0, callbacks=[Progress(exp, printer)],
@@ -332,7 +467,16 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
     grid = tuner.fit()
     rows = collect_trials(grid, exp)
     write_results(exp, rows)
+    finished = grid.num_terminated + grid.num_errors
+    if finished < cfg.num_trials:
+        raise SearchInterrupted(
+            f"search '{cfg.name}' interrupted after {finished} of {cfg.num_trials} trials; results so far are in "
+            f"{run_dir}; continue with: nas search {cfg.source} --resume")
     return run_dir
+
+
+class SearchInterrupted(NasError):
+    """The driver was interrupted (Ctrl-C); finished trials are kept and --resume continues."""
 
 
 def _scheduler(cfg: ExperimentConfig):
@@ -363,16 +507,16 @@ def collect_trials(grid, exp: Experiment) -> list[dict[str, Any]]:
             status = "stopped"  # ended early by the scheduler
         row = {c: m.get(c, "") for c in TRIAL_COLUMNS}
         row.update({"trial_id": trial_id, "key": key, "status": status,
+                    SUGGESTION: m.get(SUGGESTION) or (r.config or {}).get(SUGGESTION, ""),
                     "error": _one_line(str(r.error)) if r.error else m.get("error", ""),
                     "checkpoint": r.checkpoint.path if r.checkpoint else ""})
         row.update({k: v for k, v in m.items() if k.startswith("latency_ms")})
         if not row["params"] and key:
             row.update(_cost_metrics(exp.objective.costs(exp.space.decode(key))))
         rows.append(row)
-    infeasible = exp.run_dir / "infeasible.jsonl"
-    if infeasible.exists():
-        for line in infeasible.read_text().splitlines():
-            rec = json.loads(line)
+    rows.sort(key=lambda r: (r[SUGGESTION] == "", r[SUGGESTION] if r[SUGGESTION] != "" else 0))
+    for rec in Feasibility.read(exp.run_dir / "infeasible.jsonl"):
+        if rec.pop("proposed", False):
             rows.append({**{c: "" for c in TRIAL_COLUMNS}, **rec, "status": "infeasible", "checkpoint": ""})
     return rows
 
@@ -397,7 +541,13 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=TRIAL_COLUMNS + extra, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    ok = [r for r in rows if r["status"] == "ok" and r["checkpoint"]]
+    from nas.pareto import write_pareto
+
+    done = [r for r in rows if r["status"] == "ok"]
+    write_pareto([{k: _float(v) for k, v in r.items() if k in ("accuracy", "params", "macs") or k.startswith("latency")}
+                  | {"key": r["key"]} for r in done], run_dir)
+    table_mode = exp.cfg.evaluator.kind == "table"
+    ok = [r for r in rows if r["status"] == "ok" and (r["checkpoint"] or table_mode)]
     ok.sort(key=lambda r: (-float(r["score"]), r["key"]))
     winners, seen = [], set()
     for r in ok:
@@ -408,26 +558,39 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> None:
         dest = run_dir / "winners" / f"{rank:02d}"
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(r["checkpoint"], dest)
+        if r["checkpoint"]:
+            shutil.copytree(r["checkpoint"], dest)
         arch = exp.space.decode(r["key"])
         winners.append({
             "rank": rank, "key": r["key"], "space": exp.space.name, "trial_id": r["trial_id"],
             "score": float(r["score"]), "val_accuracy": float(r["accuracy"]),
             "params": int(float(r["params"])), "macs": int(float(r["macs"])),
-            "architecture": arch.to_dict(), "checkpoint": str(dest.relative_to(run_dir)),
+            "architecture": arch.to_dict(),
+            "checkpoint": str(dest.relative_to(run_dir)) if r["checkpoint"] else None,
         })
         if len(winners) == exp.cfg.top_k:
             break
     (run_dir / "winners.json").write_text(json.dumps(winners, indent=2))
 
 
-def load_winners(run_dir: Path) -> list[dict[str, Any]]:
+def _float(v: Any) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def load_winners(run_dir: Path, *, with_weights: bool = True) -> list[dict[str, Any]]:
+    """The winners of a run; with `with_weights`, refuse runs whose winners have no checkpoints."""
     path = Path(run_dir) / "winners.json"
     if not path.exists():
         raise NasError(f"{run_dir}: no winners.json; run `nas search` first")
     winners = json.loads(path.read_text())
     if not winners:
         raise NasError(f"{path}: no winners (every trial failed or was infeasible)")
+    if with_weights and any(w.get("checkpoint") is None for w in winners):
+        raise NasError(f"{path}: the winners have no trained weights (a table-evaluated search); "
+                       f"nothing to distill or export")
     return winners
 
 

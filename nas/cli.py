@@ -84,16 +84,70 @@ def _cost(args):
     from evaluators.cost import analytic_cost
     from search_spaces.catalog import load_space
 
+    from evaluators.hardware import PROFILES
+    from evaluators.latency import latency_breakdown
+
     arch = load_space(args.space).decode(args.arch)
     report = analytic_cost(arch)
+    latency = {p: latency_breakdown(arch, p) for p in PROFILES.names()}
     if args.json:
-        print(json.dumps({"space": arch.space, "key": arch.key, **report.to_dict()}, indent=2))
+        print(json.dumps({"space": arch.space, "key": arch.key, **report.to_dict(),
+                          "latency_ms": {p: e.total_ms for p, e in latency.items()},
+                          "latency_method": {p: e.method for p, e in latency.items()}}, indent=2))
         return
     print(f"{arch.space} {arch.key}: params {report.params:,d}  MACs {report.macs:,d}  "
           f"peak activations {report.activation_bytes:,d} B  weights fp32 {report.weight_bytes['fp32']:,d} B "
           f"int8 {report.weight_bytes['int8']:,d} B")
+    print("  predicted latency (batch 1): " + "  ".join(f"{p} {e.total_ms:.3f} ms ({e.method})"
+                                                        for p, e in latency.items()))
     for l in report.layers:
         print(f"  {l.index:3d} {l.name:<40} params {l.params:>10,d}  MACs {l.macs:>13,d}  out {l.output_shape}")
+
+
+# ----------------------------------------------------------------------- hardware
+def _hw_args(p):
+    p.add_argument("action", choices=["profiles", "calibrate", "validate"])
+    p.add_argument("--space", help="a registered space name or a YAML file")
+    p.add_argument("--profile", default="host", help="hardware profile (calibration measures this machine: host)")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "jax"])
+    p.add_argument("--n", type=int, default=50, help="validate: number of sampled architectures")
+    p.add_argument("--cache", default=None, help="look-up table file (default under ~/.cache/compact-nas)")
+    p.add_argument("--recalibrate", action="store_true", help="calibrate: measure again, ignoring the cache")
+    p.add_argument("--json", action="store_true")
+
+
+@command("hw", "hardware profiles; calibrate and validate the latency look-up table")(_hw_args)
+def _hw(args):
+    from evaluators.hardware import PROFILES
+
+    if args.action == "profiles":
+        rows = [PROFILES.get(n) for n in PROFILES.names()]
+        for prof in rows:
+            print(f"{prof.name:<14} {getattr(prof, 'description', '')}")
+        return
+    if not args.space:
+        raise NasError(f"nas hw {args.action}: --space is required")
+    from evaluators import latency
+
+    def progress(done: int, total: int, what: str) -> None:
+        if sys.stderr.isatty() or done == total or done % max(total // 10, 1) == 0:
+            print(f"  [{done}/{total}] {what}", file=sys.stderr, flush=True)
+
+    if args.action == "calibrate":
+        table = latency.calibrate(args.space, args.profile, args.runtime, cache_path=args.cache, progress=progress,
+                                  recalibrate=args.recalibrate)
+        print(f"calibrated {len(table.entries)} layer configurations of {args.space} on {args.profile} "
+              f"({args.runtime}) -> {table.path}")
+        return
+    res = latency.validate(args.space, args.profile, args.runtime, n=args.n, cache_path=args.cache,
+                           progress=progress)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    for method in ("analytic", "lut"):
+        m = res[method]
+        print(f"{method:>8}: Kendall tau {m['kendall_tau']:.3f}  Spearman {m['spearman']:.3f}  "
+              f"MAPE {m['mape']:.1f}%  within 10%: {100 * m['within_10pct']:.0f}%")
 
 
 # ----------------------------------------------------------------------- pipeline

@@ -41,7 +41,7 @@ def check_cost_name(name: str, where: str) -> None:
 def cost_value(name: str, arch: Architecture) -> float:
     """The value of one named cost for `arch`."""
     if name.startswith(LATENCY_PREFIX):
-        from evaluators.hardware import predict_latency_ms
+        from evaluators.latency import predict_latency_ms
 
         return float(predict_latency_ms(arch, name[len(LATENCY_PREFIX):]))
     return COSTS.get(name)(arch)

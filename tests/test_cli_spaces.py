@@ -45,6 +45,8 @@ def test_cost_json_has_totals_and_layers(capsys):
     assert (c["params"], c["macs"]) == (890666, 47327744)
     assert {"activation_bytes", "weight_bytes", "layers"} <= set(c)
     assert sum(l["params"] for l in c["layers"]) == c["params"]
+    assert {"host", "rpi4", "pixel4", "jetson_nano", "a100"} <= set(c["latency_ms"])
+    assert all(v > 0 for v in c["latency_ms"].values())
 
 
 def _mutate(path, value):

@@ -46,3 +46,25 @@ def test_unknown_cost_name_is_a_clear_error():
         Objective.from_config(ObjectiveConfig(cost="latency", target=1.0))
     with pytest.raises(NasError, match="constraints.flops"):
         Objective.from_config(ObjectiveConfig(cost=None, constraints={"flops": 1.0}))
+
+
+def test_predicted_latency_on_a_named_profile_is_a_cost():
+    from evaluators.hardware import analytic_latency
+
+    cfg = ObjectiveConfig(cost="latency_ms@rpi4", target=1.0, alpha=-0.07, beta=-0.5,
+                          constraints={"latency_ms@pixel4": 50.0}, profiles=("host",))
+    obj = Objective.from_config(cfg)
+    arch = SPACES.get("mobile_small").decode("0155007--0153-1")
+    costs = obj.costs(arch)
+    assert set(costs) == {"params", "macs", "latency_ms@host", "latency_ms@rpi4", "latency_ms@pixel4"}
+    assert costs["latency_ms@rpi4"] == pytest.approx(analytic_latency(arch, "rpi4").total_ms)
+    ratio = costs["latency_ms@rpi4"] / 1.0
+    assert obj.score(0.9, costs) == pytest.approx(0.9 * ratio ** (-0.07 if ratio <= 1 else -0.5))
+    assert obj.feasible(arch)
+    tight = Objective.from_config(ObjectiveConfig(cost=None, constraints={"latency_ms@pixel4": 1e-6}))
+    assert not tight.feasible(arch)
+
+
+def test_unknown_hardware_profile_is_a_clear_error():
+    with pytest.raises(NasError, match="unknown hardware profile 'tpu9'; allowed: a100, host"):
+        Objective.from_config(ObjectiveConfig(cost="latency_ms@tpu9", target=1.0))

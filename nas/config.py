@@ -73,6 +73,8 @@ class ExperimentConfig:
     num_trials: int = 12
     max_concurrent: int = 2
     output_dir: str = "runs"
+    storage_path: str | None = None  # Ray Tune storage (shared dir or cloud URI); default RUN_DIR
+    max_failures: int = 0  # retries of a trial whose worker died or raised (node loss)
     top_k: int = 3
     train: Mapping[str, Any] = field(default_factory=dict)  # validated by evaluators.train.TrainConfig
     search: SearchConfig = SearchConfig()
@@ -169,6 +171,8 @@ def _validate(cfg: ExperimentConfig) -> ExperimentConfig:
     src = cfg.source
     if not cfg.name or "/" in cfg.name:
         raise _err(src, "name", f"invalid experiment name {cfg.name!r}; allowed a non-empty name without '/'")
+    if cfg.max_failures < 0:
+        raise _err(src, "max_failures", f"must be >= 0, got {cfg.max_failures}")
     for k in ("num_trials", "max_concurrent", "top_k"):
         if getattr(cfg, k) < 1:
             raise _err(src, k, f"must be >= 1, got {getattr(cfg, k)}")

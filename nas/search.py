@@ -420,6 +420,29 @@ def check_run_dir(cfg: ExperimentConfig, *, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (one line) when a cluster address does not answer, instead of Ray's long retries."""
+    import socket
+
+    if address == "auto":
+        if not (os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists()):
+            raise NasError("--address auto: no running Ray cluster found on this machine (start one with `ray start "
+                           "--head`, or give --address HOST:PORT)")
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise NasError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise NasError(f"--address {address}: cannot reach a Ray cluster there within {CONNECT_TIMEOUT_S:.0f} s "
+                       f"({e.strerror or e})") from None
+
+
 def _init_ray(cfg: ExperimentConfig, address: str | None) -> None:
     import ray
 
@@ -427,30 +450,63 @@ def _init_ray(cfg: ExperimentConfig, address: str | None) -> None:
         return
     env = {"PYTHONWARNINGS": "ignore"}
     if address:
+        _check_reachable(address)
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, configure_logging=False)
 
 
+def _check_resources(cfg: ExperimentConfig) -> None:
+    """A trial that no node can host would wait forever: refuse it up front."""
+    import ray
+
+    need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
+    if cfg.resources.memory_gb:
+        need["memory"] = cfg.resources.memory_gb * 2**30
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(all(res.get(k, 0) >= v for k, v in need.items() if v) for res in nodes):
+        have = "; ".join(", ".join(f"{k} {res.get(k, 0):g}" for k in need) for res in nodes) or "no live nodes"
+        raise NasError(f"{cfg.source}: resources: no node of the cluster can host a trial needing "
+                       f"{', '.join(f'{k} {v:g}' for k, v in need.items() if v)} (nodes have: {have})")
+
+
+def _storage(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """Where Tune keeps its experiment: RUN_DIR, or `storage_path` (a shared dir or cloud URI)."""
+    if not cfg.storage_path:
+        return str(run_dir)
+    if "://" in cfg.storage_path:
+        return cfg.storage_path
+    path = Path(cfg.storage_path).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise NasError(f"{cfg.source}: storage_path: {path} is not writable ({e.strerror or e})") from None
+    return str(path)
+
+
 def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False,
                address: str | None = None, printer=print) -> Path:
     """Run (or resume) the search of `cfg`; returns the run directory with trials.csv and winners.json."""
     exp = prepare(cfg)
-    run_dir = check_run_dir(cfg, resume=resume, force=force)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-    _init_ray(cfg, address)
+    _init_ray(cfg, address)  # before touching the run dir: a bad address must not cost a --force'd run
+    _check_resources(cfg)
+    storage = _storage(cfg, cfg.run_dir)
+    run_dir = check_run_dir(cfg, resume=resume, force=force)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, exp=exp),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu,
          **({"memory": int(cfg.resources.memory_gb * 2**30)} if cfg.resources.memory_gb else {})},
     )
-    tune_dir = run_dir / "tune"
+    tune_dir = f"{storage.rstrip('/')}/{cfg.name if cfg.storage_path else 'tune'}"
     printer(f"search '{cfg.name}': space {exp.space.name} ({exp.space.size():,d} architectures), dataset "
             f"{cfg.dataset.name}, {cfg.num_trials} trials, algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True)
+    if resume and tune.Tuner.can_restore(tune_dir):
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -460,8 +516,9 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
                 search_alg=make_searcher(cfg.search.algorithm, exp), scheduler=_scheduler(cfg), reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(run_dir), verbose=0, callbacks=[Progress(exp, printer)],
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                name=cfg.name if cfg.storage_path else "tune", storage_path=storage, verbose=0,
+                callbacks=[Progress(exp, printer)],
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
             ),
         )
     grid = tuner.fit()

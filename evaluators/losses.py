@@ -21,12 +21,14 @@ def _check_smoothing(label_smoothing: float) -> float:
     return float(label_smoothing)
 
 
-def check_kd(temperature: float, alpha: float, source: str = "kd") -> None:
-    """Raise `NasError` unless temperature > 0 and 0 <= alpha <= 1."""
+def check_kd(temperature: float, alpha: float, source: str = "kd", *, beta: float = 0.0) -> None:
+    """Raise `NasError` unless temperature > 0, 0 <= alpha <= 1 and beta (hint weight) >= 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
         raise NasError(f"{source}.temperature: {temperature!r}; allowed a number > 0")
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
         raise NasError(f"{source}.alpha: {alpha!r}; allowed a number in [0, 1]")
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not 0.0 <= beta < float("inf"):
+        raise NasError(f"{source}.beta: {beta!r}; allowed a number >= 0")
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:

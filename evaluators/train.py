@@ -2,7 +2,9 @@
 
 The training step is pure, `train_step(state, batch) -> (state, loss)`, with a `TrainState`
 that also carries BatchNorm statistics and the dropout key. A loss function is plugged into
-that one step: cross-entropy, or Hinton distillation against stored teacher logits. An epoch
+that one step: cross-entropy, or Hinton distillation against stored teacher logits, optionally
+plus a hint loss between the student's and the teacher's penultimate features through a learned
+projection (held next to the model's parameters, updated by the same optimizer). An epoch
 runs as one compiled `lax.scan` over pre-shuffled, fixed-shape batches of the training set,
 which sits on the device for the whole run (the last partial batch is dropped, so nothing
 recompiles). The programs are compiled ahead of time, so `compile_s` is measured exactly, and
@@ -35,7 +37,7 @@ import optax
 from flax.training import train_state
 
 from evaluators.datasets import Dataset, epoch_indices, pad_batches
-from evaluators.losses import check_kd, cross_entropy, distillation
+from evaluators.losses import check_kd, cross_entropy, distillation, hint_loss
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.model import build_model, input_shape
@@ -45,6 +47,7 @@ from search_spaces.registry import Registry
 Variables = dict[str, Any]
 Schedule = Callable[[Any], Any]
 EVAL_BATCH = 256
+HINT = "hint_projection"  # the hint projection's entry in the trained parameter tree (never in the model's)
 
 
 class TrainingDiverged(NasError):
@@ -148,20 +151,23 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class KDConfig:
-    """Hinton distillation: loss = alpha*T^2*KL(teacher || student at temperature T) + (1-alpha)*CE."""
+    """Hinton distillation: loss = alpha*T^2*KL(teacher || student at temperature T) + (1-alpha)*CE,
+    plus beta * hint loss (student features through a learned projection vs teacher features) when
+    `train` is given teacher features."""
 
     temperature: float = 4.0
     alpha: float = 0.9
+    beta: float = 0.0
 
     def __post_init__(self) -> None:
-        check_kd(self.temperature, self.alpha)
+        check_kd(self.temperature, self.alpha, beta=self.beta)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "kd") -> "KDConfig":
         """Validate a mapping into a KDConfig; errors name `{source}.{key}`."""
-        values = _coerce(d, cls, source, float_keys=("temperature", "alpha"))
+        values = _coerce(d, cls, source, float_keys=("temperature", "alpha", "beta"))
         merged = {**_defaults(cls), **values}
-        check_kd(merged["temperature"], merged["alpha"], source)
+        check_kd(merged["temperature"], merged["alpha"], source, beta=merged["beta"])
         return cls(**values)
 
 
@@ -280,6 +286,16 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
+def check_variables(arch: Architecture, variables: Mapping[str, Any], what: str = "variables",
+                    conv_impl: str = "fast") -> Variables:
+    """{'params', 'batch_stats'} of `variables` after checking their tree and shapes fit `arch`
+    (raises `NasError` naming `what` and the first mismatching entry)."""
+    expected = _plain(jax.eval_shape(
+        lambda inp: build_model(arch, conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
+        jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
+    return _check_variables(variables, expected, what)
+
+
 def _check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> Variables:
     """Keep 'params'/'batch_stats' and check their tree and shapes against `expected`."""
     if not isinstance(variables, Mapping) or "params" not in variables:
@@ -302,25 +318,50 @@ def _check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], 
 LossFn = Callable[[jnp.ndarray, Mapping[str, jnp.ndarray], Mapping[str, jnp.ndarray]], jnp.ndarray]
 
 
-def make_loss(cfg: TrainConfig, distill: bool = False) -> LossFn:
+def make_loss(cfg: TrainConfig, distill: bool = False, hints: bool = False) -> LossFn:
     """`loss(logits, batch, hparams)`: CE on batch['y'], or (`distill`) Hinton KD against batch['teacher']
-    with hparams['temperature'] and hparams['alpha'] (runtime scalars: one compile serves every KDConfig)."""
+    with hparams['temperature'] and hparams['alpha'] (runtime scalars: one compile serves every KDConfig).
+
+    With `hints`, plus hparams['beta'] * hint_loss(batch['student_features'], batch['teacher_features'],
+    batch['hint_projection']): `train_step` adds the student's features and the projection to the batch.
+    """
     ls = cfg.label_smoothing
     if not distill:
         return lambda logits, batch, hp: cross_entropy(logits, batch["y"], ls)
-    return lambda logits, batch, hp: distillation(logits, batch["teacher"], batch["y"], hp["temperature"],
-                                                  hp["alpha"], ls)
+
+    def kd(logits, batch, hp):
+        return distillation(logits, batch["teacher"], batch["y"], hp["temperature"], hp["alpha"], ls)
+
+    if not hints:
+        return kd
+    return lambda logits, batch, hp: kd(logits, batch, hp) + hp["beta"] * hint_loss(
+        batch["student_features"], batch["teacher_features"], batch[HINT])
+
+
+def model_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The model's own parameters: the trained tree without the hint projection."""
+    return {k: v for k, v in params.items() if k != HINT} if HINT in params else params
 
 
 def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], hparams: Mapping[str, jnp.ndarray],
                loss_fn: LossFn) -> tuple[TrainState, jnp.ndarray]:
-    """One optimizer step on one batch ({'x', 'y', ...}); pure, returns (new state, loss)."""
+    """One optimizer step on one batch ({'x', 'y', ...}); pure, returns (new state, loss).
+
+    When the trained parameters hold a hint projection (`HINT`), the model also returns its
+    penultimate features, and both reach the loss through the batch.
+    """
     dropout_key = jax.random.fold_in(state.key, state.step)
+    hints = HINT in state.params  # static: the tree's structure
 
     def objective(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["x"],
-                                         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        return loss_fn(logits, batch, hparams), updates["batch_stats"]
+        out, updates = state.apply_fn({"params": model_params(params), "batch_stats": state.batch_stats},
+                                      batch["x"], train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key},
+                                      **({"features": True} if hints else {}))
+        if not hints:
+            return loss_fn(out, batch, hparams), updates["batch_stats"]
+        logits, feats = out
+        return loss_fn(logits, {**batch, "student_features": feats, HINT: params[HINT]["kernel"]}, hparams), \
+            updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
@@ -352,9 +393,12 @@ def eval_split(model: Any, variables: Variables, x: jnp.ndarray, y: jnp.ndarray,
     return loss / n, correct / n
 
 
-def _hparams(kd: KDConfig | None) -> dict[str, float]:
+def _hparams(kd: KDConfig | None, hints: bool = False) -> dict[str, float]:
     """Loss hyperparameters passed to the compiled epoch as data."""
-    return {} if kd is None else {"temperature": float(kd.temperature), "alpha": float(kd.alpha)}
+    if kd is None:
+        return {}
+    out = {"temperature": float(kd.temperature), "alpha": float(kd.alpha)}
+    return {**out, "beta": float(kd.beta)} if hints else out
 
 
 @dataclass(frozen=True)
@@ -372,7 +416,7 @@ class _Programs:
 @functools.lru_cache(maxsize=4)
 def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
               val_batches: tuple[int, int], teacher_classes: int | None,
-              compiler_options: tuple[tuple[str, Any], ...] = ()) -> _Programs:
+              compiler_options: tuple[tuple[str, Any], ...] = (), teacher_features: int | None = None) -> _Programs:
     t0 = time.perf_counter()
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
@@ -380,23 +424,29 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     shapes = _plain(jax.eval_shape(
         lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False),
         jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
+    trained = dict(shapes["params"])
+    if teacher_features is not None:
+        trained[HINT] = {"kernel": jax.ShapeDtypeStruct((arch.head.channels, teacher_features), jnp.float32)}
     state = jax.eval_shape(lambda p, b: TrainState.create(apply_fn=model.apply, params=p, tx=tx, batch_stats=b,
                                                           key=jax.random.PRNGKey(0)),
-                           shapes["params"], shapes["batch_stats"])
+                           trained, shapes["batch_stats"])
     hwc = input_shape(arch, 1)[1:]
     data = {"x": jax.ShapeDtypeStruct((n_train, *hwc), jnp.float32),
             "y": jax.ShapeDtypeStruct((n_train,), jnp.int32)}
     if teacher_classes is not None:
         data["teacher"] = jax.ShapeDtypeStruct((n_train, teacher_classes), jnp.float32)
-    loss_fn = make_loss(cfg, distill=teacher_classes is not None)
+    if teacher_features is not None:
+        data["teacher_features"] = jax.ShapeDtypeStruct((n_train, teacher_features), jnp.float32)
+    loss_fn = make_loss(cfg, distill=teacher_classes is not None, hints=teacher_features is not None)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    hparams = {k: scalar for k in (("temperature", "alpha") if teacher_classes is not None else ())}
+    names = _hparams(KDConfig(), teacher_features is not None) if teacher_classes is not None else {}
+    hparams = {k: scalar for k in names}
     opt_init = jax.jit(tx.init).lower(state.params).compile()
     epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn), donate_argnums=0).lower(
         state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
     k, b = val_batches
     evaluate = jax.jit(functools.partial(eval_split, model)).lower(
-        {"params": state.params, "batch_stats": state.batch_stats},
+        {"params": shapes["params"], "batch_stats": state.batch_stats},
         jax.ShapeDtypeStruct((k, b, *hwc), jnp.float32), jax.ShapeDtypeStruct((k, b), jnp.int32),
         jax.ShapeDtypeStruct((k, b), jnp.float32)).compile(opts)
     return _Programs(model, tx, opt_init, epoch, evaluate, time.perf_counter() - t0)
@@ -415,6 +465,7 @@ class TrainResult:
     compile_s: float
     init_s: float
     steps: int = 0
+    hint_projection: np.ndarray | None = None  # the learned (C_student, C_teacher) projection, with hints
 
 
 def _val_plan(n: int, batch_size: int) -> tuple[int, int]:
@@ -427,7 +478,8 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
           on_epoch: Callable[[int, dict[str, float]], None] | None = None,
           init_variables: Mapping[str, Any] | None = None, teacher_logits: np.ndarray | None = None,
           kd: KDConfig | None = None, eval_batch_size: int = EVAL_BATCH,
-          compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
+          compiler_options: Mapping[str, Any] | None = None,
+          teacher_features: np.ndarray | None = None) -> TrainResult:
     """Train `arch` on `data.x_train` per `cfg`, evaluating on the validation split after every epoch.
 
     Args:
@@ -440,6 +492,10 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
       teacher_logits: (n_train, num_classes) logits aligned with `data.x_train` rows; with them the
         loss is `kd_loss` (with `kd`, default `KDConfig()`) instead of cross-entropy.
       kd: distillation settings; requires `teacher_logits`.
+      teacher_features: (n_train, C_teacher) teacher features aligned like `teacher_logits` (e.g. the
+        teacher's penultimate pooled features); with them the loss adds `kd.beta * hint_loss` between
+        the student's penultimate features, through a learned (C_student, C_teacher) projection
+        (initialised LeCun-normal from `cfg.seed`, trained by the same optimizer), and these.
       eval_batch_size: largest batch used for validation.
       compiler_options: XLA options for the training and validation programs, e.g.
         {"xla_backend_optimization_level": 1} (compiles faster, may run slower).
@@ -479,6 +535,17 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
                            f"aligned with the training rows of '{data.name}'")
         if not np.all(np.isfinite(teacher_logits)):
             raise NasError("teacher_logits: contains NaN or infinite values")
+    if teacher_features is not None:
+        if teacher_logits is None:
+            raise NasError("teacher_features: the hint loss needs teacher_logits too (use kd alpha=0 for CE + hints)")
+        teacher_features = np.asarray(teacher_features, np.float32)
+        if teacher_features.ndim != 2 or len(teacher_features) != n_train:
+            raise NasError(f"teacher_features: shape {teacher_features.shape}; expected ({n_train}, C) "
+                           f"aligned with the training rows of '{data.name}'")
+        if not np.all(np.isfinite(teacher_features)):
+            raise NasError("teacher_features: contains NaN or infinite values")
+    elif kd is not None and kd.beta:
+        raise NasError(f"kd.beta: {kd.beta} weighs a hint loss, which needs teacher_features")
     steps = n_train // cfg.batch_size
 
     if init_variables is None:
@@ -488,30 +555,37 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
             lambda inp: build_model(arch, cfg.conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
             jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
         variables = _check_variables(init_variables, expected, "init_variables")
+    trained = dict(variables["params"])
+    if teacher_features is not None:
+        kernel = _init_leaf(("params", HINT, "kernel"), (arch.head.channels, teacher_features.shape[1]), cfg.seed)
+        trained[HINT] = {"kernel": kernel.astype(np.float32)}
     init_s = time.perf_counter() - t_init
 
     val_plan = _val_plan(len(data.y_val), eval_batch_size)
     misses = _programs.cache_info().misses
     progs = _programs(arch, dataclasses.replace(cfg, seed=0), steps, n_train, val_plan,
                       None if teacher_logits is None else data.num_classes,
-                      tuple(sorted((compiler_options or {}).items())))
+                      tuple(sorted((compiler_options or {}).items())),
+                      None if teacher_features is None else teacher_features.shape[1])
     compile_s = progs.compile_s if _programs.cache_info().misses > misses else 0.0  # 0 on a cache hit
 
     t0 = time.perf_counter()
-    params = jax.device_put(variables["params"])
+    params = jax.device_put(trained)
     state = TrainState(step=jnp.zeros((), jnp.int32), apply_fn=progs.model.apply, params=params, tx=progs.tx,
                        opt_state=progs.opt_init(params), batch_stats=jax.device_put(variables["batch_stats"]),
                        key=jax.random.PRNGKey(cfg.seed))
     dev = {"x": jax.device_put(data.x_train), "y": jax.device_put(data.y_train)}
     if teacher_logits is not None:
         dev["teacher"] = jax.device_put(teacher_logits)
+    if teacher_features is not None:
+        dev["teacher_features"] = jax.device_put(teacher_features)
     k, b = val_plan
     xv, nv = pad_batches(np.asarray(data.x_val), b)
     yv, _ = pad_batches(np.asarray(data.y_val), b)
     mask = (np.arange(k * b) < nv).astype(np.float32)
     val = (jax.device_put(xv.reshape(k, b, *xv.shape[1:])), jax.device_put(yv.reshape(k, b)),
            jax.device_put(mask.reshape(k, b)))
-    hparams = {k: jnp.float32(v) for k, v in _hparams(kd).items()}
+    hparams = {k: jnp.float32(v) for k, v in _hparams(kd, teacher_features is not None).items()}
     order_rng = np.random.default_rng([cfg.seed, 1])
     init_s += time.perf_counter() - t0
 
@@ -528,7 +602,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
                 f"training diverged: loss is {losses[i]} at epoch {epoch}, step {i + 1} of {steps} "
                 f"(learning_rate {cfg.learning_rate:g}); try a lower learning rate", epoch, i + 1)
         val_loss, val_acc = (float(v) for v in progs.evaluate(
-            {"params": state.params, "batch_stats": state.batch_stats}, *val))
+            {"params": model_params(state.params), "batch_stats": state.batch_stats}, *val))
         if not math.isfinite(val_loss):
             raise TrainingDiverged(f"training diverged: validation loss is {val_loss} after epoch {epoch}",
                                    epoch, steps)
@@ -538,10 +612,11 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         if on_epoch is not None:
             on_epoch(epoch, dict(metrics))
     train_s = time.perf_counter() - t_train
-    final = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    final = jax.device_get({"params": model_params(state.params), "batch_stats": state.batch_stats})
+    projection = np.asarray(jax.device_get(state.params[HINT]["kernel"])) if HINT in state.params else None
     return TrainResult(variables=_plain(final), history=history, val_accuracy=history[-1]["val_accuracy"],
                        val_loss=history[-1]["val_loss"], train_s=train_s, compile_s=compile_s, init_s=init_s,
-                       steps=steps * cfg.epochs)
+                       steps=steps * cfg.epochs, hint_projection=projection)
 
 
 # ==================================================================== inference
@@ -550,12 +625,29 @@ def _forward(variables: Variables, x: jnp.ndarray, *, arch: Architecture, impl: 
     return build_model(arch, impl).apply(variables, x, train=False)
 
 
+@functools.partial(jax.jit, static_argnames=("arch", "impl"))
+def _forward_features(variables: Variables, x: jnp.ndarray, *, arch: Architecture,
+                      impl: str) -> tuple[jnp.ndarray, jnp.ndarray]:
+    return build_model(arch, impl).apply(variables, x, train=False, features=True)
+
+
 def predict_logits(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, *,
                    batch_size: int = EVAL_BATCH, conv_impl: str = "fast") -> np.ndarray:
     """Logits for every row of `x` (normalised NHWC), in fixed-shape batches (the last one padded).
 
     Fewer rows than `batch_size` run as one batch padded to the next power of two.
     """
+    return _predict(arch, variables, x, batch_size, conv_impl, features=False)
+
+
+def predict_features(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, *,
+                     batch_size: int = EVAL_BATCH, conv_impl: str = "fast") -> tuple[np.ndarray, np.ndarray]:
+    """(logits, penultimate pooled features) for every row of `x`, batched like `predict_logits`."""
+    return _predict(arch, variables, x, batch_size, conv_impl, features=True)
+
+
+def _predict(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, batch_size: int, conv_impl: str,
+             features: bool) -> Any:
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or x.shape[1:] != tuple(input_shape(arch, 1)[1:]):
         raise NasError(f"predict: inputs of shape {x.shape}; architecture '{arch.key}' expects "
@@ -566,6 +658,11 @@ def predict_logits(arch: Architecture, variables: Mapping[str, Any], x: np.ndarr
     if 0 < len(x) < batch_size:  # small inputs: the next power of two, so few shapes ever compile
         batch_size = 1 << (len(x) - 1).bit_length()
     xp, n = pad_batches(x, batch_size)
+    if features:
+        outs = [jax.device_get(_forward_features(v, xp[i:i + batch_size], arch=arch, impl=conv_impl))
+                for i in range(0, len(xp), batch_size)]
+        return (np.concatenate([np.asarray(o[0]) for o in outs])[:n],
+                np.concatenate([np.asarray(o[1]) for o in outs])[:n])
     out = [np.asarray(_forward(v, xp[i:i + batch_size], arch=arch, impl=conv_impl))
            for i in range(0, len(xp), batch_size)]
     return np.concatenate(out)[:n]

@@ -1,7 +1,24 @@
-"""Teachers for distillation: a reference architecture trained once per experiment, or a checkpoint."""
+"""Teachers for distillation, and their outputs cached once per (teacher, dataset).
+
+A teacher is one or more trained networks whose logits (averaged over members) and
+penultimate features (concatenated over members) the students learn from. Four kinds, chosen
+by the `distill.teacher` mapping of an experiment:
+
+| spec | kind | what |
+|---|---|---|
+| `{key: largest}` / `{key: ARCH_KEY}` (+ `space: NAME_OR_YAML`) | `reference` | an architecture of the experiment's space (or of another space adapted to the dataset, e.g. a wider one), trained once per experiment and cached under `RUN_DIR/teacher/` |
+| `{best: true}` | `best` | the search candidate with the highest validation accuracy |
+| `{checkpoint: PATH}` | `checkpoint` | a folder with architecture.json and variables.msgpack |
+| `{ensemble: K}` | `ensemble` | the K search candidates with the highest validation accuracy, logits averaged |
+
+Candidates are ranked by validation accuracy, never test accuracy; the test accuracy of the
+teacher (of the averaged logits, for an ensemble) is only reported.
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +30,92 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
 
+TEACHER_KINDS = {"key": "reference", "best": "best", "checkpoint": "checkpoint", "ensemble": "ensemble"}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Teacher:
-    arch: Architecture
-    variables: Any
+    """A trained teacher: `members` are (architecture, variables) pairs (one unless an ensemble)."""
+
+    kind: str  # reference | best | checkpoint | ensemble
+    key: str
+    members: tuple[tuple[Architecture, Any], ...]
     test_accuracy: float
     source: str
+    val_accuracy: float | None = None
+
+    @property
+    def arch(self) -> Architecture:
+        """The first (for an ensemble: the most accurate) member's architecture."""
+        return self.members[0][0]
+
+    @property
+    def variables(self) -> Any:
+        return self.members[0][1]
+
+    @property
+    def params(self) -> int:
+        """Parameters of all members together."""
+        from evaluators.cost import analytic_cost
+
+        return sum(int(analytic_cost(a).params) for a, _ in self.members)
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits averaged over members, penultimate features concatenated over members) for `x`."""
+        from evaluators.train import predict_features
+
+        outs = [predict_features(a, v, x) for a, v in self.members]
+        return ensemble_logits([o[0] for o in outs]), np.concatenate([o[1] for o in outs], axis=1)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits for `x`, averaged over the members."""
+        from evaluators.train import predict_logits
+
+        return ensemble_logits([predict_logits(a, v, x) for a, v in self.members])
+
+    def fingerprint(self) -> str:
+        """12 hex digits identifying the members' architectures and weights (the cache key)."""
+        h = hashlib.sha1()
+        for arch, variables in self.members:
+            h.update(arch.to_json().encode())
+            _hash_tree(h, variables)
+        return h.hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What distill.json reports about the teacher."""
+        return {"kind": self.kind, "key": self.key, "test_accuracy": self.test_accuracy,
+                "val_accuracy": self.val_accuracy, "source": self.source, "params": self.params,
+                "members": [a.key for a, _ in self.members]}
+
+
+def ensemble_logits(logits: list[np.ndarray]) -> np.ndarray:
+    """The members' logits averaged (an ensemble teacher's logits)."""
+    if not logits:
+        raise NasError("ensemble: no members")
+    shapes = {np.shape(z) for z in logits}
+    if len(shapes) != 1:
+        raise NasError(f"ensemble: members' logits differ in shape: {sorted(shapes)}")
+    return np.mean(np.stack([np.asarray(z, np.float32) for z in logits]), axis=0)
+
+
+def _hash_tree(h: Any, tree: Any, prefix: str = "") -> None:
+    if isinstance(tree, Mapping):
+        for k in sorted(tree):
+            _hash_tree(h, tree[k], f"{prefix}/{k}")
+    else:
+        a = np.ascontiguousarray(np.asarray(tree))
+        h.update(f"{prefix}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+
+
+def dataset_fingerprint(data) -> str:
+    """12 hex digits identifying a dataset's training rows (name, images, labels)."""
+    h = hashlib.sha1(data.name.encode())
+    for a in (data.x_train, data.y_train):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:12]
 
 
 def largest(space: SearchSpace) -> Architecture:
@@ -45,55 +141,213 @@ def load_checkpoint_folder(path: str | Path) -> tuple[Architecture, Any]:
     var_file = next((p for p in (folder / "variables.msgpack", folder / "flax" / "variables.msgpack") if p.exists()), None)
     if not arch_file.exists() or var_file is None:
         raise NasError(f"{folder}: not a model checkpoint (needs architecture.json and variables.msgpack)")
-    doc = json.loads(arch_file.read_text())
-    arch = Architecture.from_dict(doc.get("architecture", doc))
+    try:
+        doc = json.loads(arch_file.read_text())
+        arch = Architecture.from_dict(doc.get("architecture", doc))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise NasError(f"{arch_file}: not an architecture file ({type(e).__name__}: {e})") from None
     return arch, load_variables(var_file)
 
 
+# ============================================================ spec validation
+def check_teacher_spec(spec: Any, source: str = "distill.teacher") -> dict[str, Any]:
+    """Validate a `distill.teacher` mapping (one line naming `{source}.{key}` on error); returns it as a dict."""
+    if not isinstance(spec, Mapping):
+        raise NasError(f"{source}: expected a mapping: {{key: largest|ARCH_KEY}}, {{best: true}}, "
+                       f"{{checkpoint: PATH}} or {{ensemble: K}}; got {spec!r}")
+    spec = dict(spec)
+    kinds = [k for k in spec if k in TEACHER_KINDS]
+    unknown = sorted(set(spec) - set(TEACHER_KINDS) - {"space"})
+    if unknown:
+        raise NasError(f"{source}.{unknown[0]}: unknown key; allowed: key (+ space), best, checkpoint, ensemble")
+    if len(kinds) != 1:
+        raise NasError(f"{source}: give exactly one of key, best, checkpoint, ensemble; got {sorted(spec) or 'none'}")
+    kind = kinds[0]
+    if "space" in spec and kind != "key":
+        raise NasError(f"{source}.space: only allowed with key (a reference architecture of another space)")
+    value = spec[kind]
+    if kind == "key" and (not isinstance(value, str) or not value):
+        raise NasError(f"{source}.key: {value!r}; allowed 'largest' or an architecture key of the space")
+    if "space" in spec and (not isinstance(spec["space"], str) or not spec["space"]):
+        raise NasError(f"{source}.space: {spec['space']!r}; allowed a registered space name or a YAML file")
+    if kind == "best" and value is not True:
+        raise NasError(f"{source}.best: {value!r}; allowed true (the most accurate search candidate)")
+    if kind == "checkpoint" and (not isinstance(value, str) or not value):
+        raise NasError(f"{source}.checkpoint: {value!r}; allowed a path to a folder with architecture.json "
+                       f"and variables.msgpack")
+    if kind == "ensemble" and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise NasError(f"{source}.ensemble: {value!r}; allowed an integer >= 2 (the top-K search candidates)")
+    return spec
+
+
+# ============================================================ search candidates
+def search_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Trained candidates of a run that have weights, best validation accuracy first:
+    [{'key', 'val_accuracy', 'folder'}]. Looks at the trial checkpoints under `tune/` and at `winners/`."""
+    run_dir = Path(run_dir)
+    acc: dict[str, float] = {}
+    trials = run_dir / "trials.csv"
+    if trials.exists():
+        with trials.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("status") == "ok" and row.get("key") and row.get("accuracy") not in (None, ""):
+                    acc[row["key"]] = max(acc.get(row["key"], -1.0), float(row["accuracy"]))
+    folders: dict[str, Path] = {}
+    winners = run_dir / "winners.json"
+    if winners.exists():
+        for w in json.loads(winners.read_text()):
+            if w.get("checkpoint") and (run_dir / w["checkpoint"] / "variables.msgpack").exists():
+                folders[w["key"]] = run_dir / w["checkpoint"]
+                acc.setdefault(w["key"], float(w.get("val_accuracy", -1.0)))
+    if (run_dir / "tune").is_dir():
+        for arch_file in sorted((run_dir / "tune").rglob("architecture.json")):
+            if not (arch_file.parent / "variables.msgpack").exists():
+                continue
+            try:
+                doc = json.loads(arch_file.read_text())
+                key = Architecture.from_dict(doc.get("architecture", doc)).key
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+            folders.setdefault(key, arch_file.parent)
+    out = [{"key": k, "val_accuracy": acc[k], "folder": str(folders[k])} for k in folders if k in acc]
+    out.sort(key=lambda c: (-c["val_accuracy"], c["key"]))
+    return out
+
+
+# ============================================================ resolving a teacher
 def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path,
-                    printer=print) -> Teacher:
-    """Build (or reuse from `cache_dir`) the teacher described by `spec`:
-    {key: 'largest' | ARCH_KEY} trained on `data` with `train_cfg`, or {checkpoint: PATH}."""
+                    printer=print, *, candidates: list[dict[str, Any]] | None = None,
+                    source: str = "distill.teacher") -> Teacher:
+    """Build (or reuse from `cache_dir`) the teacher described by `spec` (see the module docstring).
+
+    Args:
+      spec: the `distill.teacher` mapping.
+      space: the experiment's space (for `{key: ...}` without `space`).
+      data: the dataset; the teacher's input shape and class count must match it.
+      train_cfg: how a reference teacher is trained (a `TrainConfig`).
+      cache_dir: where a trained reference teacher is kept (one subfolder per architecture key).
+      candidates: the search's trained candidates (`search_candidates(run_dir)`), for best/ensemble.
+
+    Raises:
+      NasError: a bad spec, a checkpoint that does not fit the dataset or its own architecture,
+        or fewer candidates than asked for; all before any training.
+    """
+    from evaluators.train import evaluate
+
+    spec = check_teacher_spec(spec, source)
+    if "checkpoint" in spec:
+        path = spec["checkpoint"]
+        arch, variables = _checked_member(path, data, f"{source}.checkpoint {path}")
+        acc = evaluate(arch, variables, data.x_test, data.y_test)[0]
+        val = evaluate(arch, variables, data.x_val, data.y_val)[0]
+        return Teacher("checkpoint", arch.key, ((arch, variables),), acc, f"checkpoint {path}", val)
+    if "best" in spec or "ensemble" in spec:
+        k = 1 if "best" in spec else int(spec["ensemble"])
+        what = f"{source}.best" if "best" in spec else f"{source}.ensemble"
+        cands = list(candidates or [])
+        if len(cands) < k:
+            raise NasError(f"{what}: needs {k} trained search candidate(s) with weights; the run has {len(cands)}")
+        members = tuple(_checked_member(c["folder"], data, f"{what} {c['folder']}") for c in cands[:k])
+        if k == 1:
+            arch, variables = members[0]
+            acc = evaluate(arch, variables, data.x_test, data.y_test)[0]
+            return Teacher("best", arch.key, members, acc, f"search candidate {cands[0]['folder']}",
+                           cands[0]["val_accuracy"])
+        logits = ensemble_logits([_logits(a, v, data.x_test) for a, v in members])
+        acc = float((logits.argmax(axis=1) == np.asarray(data.y_test)).mean())
+        val_logits = ensemble_logits([_logits(a, v, data.x_val) for a, v in members])
+        val = float((val_logits.argmax(axis=1) == np.asarray(data.y_val)).mean())
+        key = "+".join(a.key for a, _ in members)
+        return Teacher("ensemble", key, members, acc, f"ensemble of the top {k} search candidates", val)
+    return _reference(spec, space, data, train_cfg, cache_dir, printer, source)
+
+
+def _logits(arch: Architecture, variables: Any, x: np.ndarray) -> np.ndarray:
+    from evaluators.train import predict_logits
+
+    return predict_logits(arch, variables, x)
+
+
+def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, Any]:
+    """Load a checkpoint folder and check it fits the dataset and its own architecture."""
+    from evaluators.train import check_variables
+
+    arch, variables = load_checkpoint_folder(path)
+    expected = (data.resolution, data.channels, data.num_classes)
+    if (arch.resolution, arch.in_channels, arch.num_classes) != expected:
+        raise NasError(f"{what}: model takes {arch.resolution}x{arch.resolution}x{arch.in_channels} -> "
+                       f"{arch.num_classes} classes, dataset '{data.name}' gives {expected[0]}x{expected[0]}x"
+                       f"{expected[1]} -> {expected[2]} classes")
+    return arch, check_variables(arch, variables, f"{what}: variables.msgpack")
+
+
+def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path, printer,
+               source: str) -> Teacher:
     from evaluators.train import evaluate, load_variables, save_variables, train
 
-    allowed = {"key", "checkpoint"}
-    if set(spec) - allowed or len(spec) != 1:
-        raise NasError(f"distill.teacher: give exactly one of {sorted(allowed)}, got {dict(spec)}")
-    if "checkpoint" in spec:
-        arch, variables = load_checkpoint_folder(spec["checkpoint"])
-        expected = (data.resolution, data.channels, data.num_classes)
-        if (arch.resolution, arch.in_channels, arch.num_classes) != expected:
-            raise NasError(f"distill.teacher.checkpoint {spec['checkpoint']}: model takes "
-                           f"{arch.resolution}x{arch.resolution}x{arch.in_channels} -> {arch.num_classes} classes, "
-                           f"dataset gives {expected[0]}x{expected[0]}x{expected[1]} -> {expected[2]} classes")
-        acc = evaluate(arch, variables, data.x_test, data.y_test)[0]
-        return Teacher(arch, variables, acc, f"checkpoint {spec['checkpoint']}")
+    if "space" in spec:
+        from search_spaces.catalog import load_space
+
+        try:
+            space = load_space(spec["space"]).with_input(resolution=data.resolution, in_channels=data.channels,
+                                                         num_classes=data.num_classes)
+        except NasError as e:
+            raise NasError(f"{source}.space: {e}") from None
     key = spec["key"]
-    arch = largest(space) if key == "largest" else space.decode(str(key))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    meta = cache_dir / "teacher.json"
-    if meta.exists() and json.loads(meta.read_text()).get("key") == arch.key:
-        variables = load_variables(cache_dir / "variables.msgpack")
-        acc = json.loads(meta.read_text())["test_accuracy"]
-        return Teacher(arch, variables, acc, f"cached {cache_dir}")
-    printer(f"training teacher {arch.key} ({'largest of the space' if key == 'largest' else 'from config'}) "
-            f"for {train_cfg.epochs} epochs", flush=True)
+    try:
+        arch = largest(space) if key == "largest" else space.decode(key)
+    except NasError as e:
+        raise NasError(f"{source}.key: {e}") from None
+    folder = Path(cache_dir) / arch.key
+    meta_file = folder / "teacher.json"
+    want = {"key": arch.key, "space": space.name, "train": train_cfg.to_dict(), "dataset": dataset_fingerprint(data)}
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if {k: meta.get(k) for k in want} == want and (folder / "variables.msgpack").exists():
+            variables = load_variables(folder / "variables.msgpack")
+            return Teacher("reference", arch.key, ((arch, variables),), meta["test_accuracy"],
+                           f"cached {folder}", meta.get("val_accuracy"))
+    printer(f"training teacher {arch.key} ({'largest of the space' if key == 'largest' else 'from config'}, "
+            f"space {space.name}) for {train_cfg.epochs} epochs", flush=True)
     result = train(arch, data, train_cfg)
     acc = evaluate(arch, result.variables, data.x_test, data.y_test)[0]
-    save_variables(cache_dir / "variables.msgpack", result.variables)
-    (cache_dir / "architecture.json").write_text(arch.to_json(indent=2))
-    meta.write_text(json.dumps({"key": arch.key, "test_accuracy": acc, "val_accuracy": result.val_accuracy}))
-    return Teacher(arch, result.variables, acc, f"trained {arch.key}")
+    save_variables(folder / "variables.msgpack", result.variables)
+    (folder / "architecture.json").write_text(arch.to_json(indent=2))
+    meta_file.write_text(json.dumps({**want, "test_accuracy": acc, "val_accuracy": result.val_accuracy,
+                                     "train_s": result.train_s}, indent=2))
+    return Teacher("reference", arch.key, ((arch, result.variables),), acc, f"trained {arch.key}",
+                   result.val_accuracy)
+
+
+# ============================================================ cached outputs
+def cached_outputs(teacher: Teacher, data, cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray, Path, bool]:
+    """The teacher's (logits, features) on `data.x_train`, computed once per (teacher, dataset) and kept
+    in `cache_dir/outputs-<teacher>-<dataset>.npz`. Returns (logits, features, path, reused)."""
+    path = Path(cache_dir) / f"outputs-{teacher.fingerprint()}-{dataset_fingerprint(data)}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                logits, feats = z["logits"], z["features"]
+            if logits.shape == (len(data.x_train), data.num_classes) and len(feats) == len(logits):
+                return logits, feats, path, True
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: recompute
+    logits, feats = teacher.outputs(data.x_train)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(f, key=teacher.key, logits=logits, features=feats)
+    tmp.replace(path)
+    return logits, feats, path, False
 
 
 def cached_logits(teacher: Teacher, x: np.ndarray, path: Path) -> np.ndarray:
-    """Teacher logits on `x`, computed once and kept at `path` (keyed by the teacher's key)."""
-    from evaluators.train import predict_logits
-
+    """Teacher logits on `x`, computed once and kept at `path` (keyed by the teacher's fingerprint)."""
+    fp = teacher.fingerprint()
     if path.exists():
         with np.load(path) as z:
-            if str(z["key"]) == teacher.arch.key and z["logits"].shape[0] == len(x):
+            if "fingerprint" in z.files and str(z["fingerprint"]) == fp and z["logits"].shape[0] == len(x):
                 return z["logits"]
-    logits = np.asarray(predict_logits(teacher.arch, teacher.variables, x))
-    np.savez(path, key=teacher.arch.key, logits=logits)
+    logits = teacher.logits(x)
+    np.savez(path, key=teacher.key, fingerprint=fp, logits=logits)
     return logits

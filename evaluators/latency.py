@@ -43,10 +43,11 @@ from search_spaces.graph import conv_out, layer_names
 from search_spaces.model import Block, ConvBN, build_model, input_shape
 from search_spaces.space import SearchSpace, make_divisible
 
-FORMAT = 1
+FORMAT = 2  # 2: activations exported as native ONNX ops (fuse_activations)
 RUNTIMES = ("onnxruntime", "jax")
 CALIBRATABLE = ("host",)  # calibrate() measures on this machine: only its own profile makes sense
 CACHE_ENV = "COMPACT_NAS_CACHE_DIR"
+FIT_SAMPLES = 20  # whole networks measured to fit the constant term
 Progress = Callable[[int, int, str], None]
 
 
@@ -413,7 +414,7 @@ def sample_archs(space: SearchSpace, n: int, seed: int, exclude: Iterable[str] =
 
 def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "onnxruntime", *,
               cache_path: str | Path | None = None, progress: Progress | None = None, recalibrate: bool = False,
-              archs: Sequence[Architecture] | None = None, fit_samples: int = 10, seed: int = 0,
+              archs: Sequence[Architecture] | None = None, fit_samples: int = FIT_SAMPLES, seed: int = 0,
               budget_s: float = 0.15, passes: int = 2) -> LatencyTable:
     """Measure every layer configuration of `space` on this machine and store the look-up table.
 
@@ -423,7 +424,7 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
       runtime: 'onnxruntime' (default, where exported models are deployed) or 'jax'.
       cache_path: the JSON cache; default `default_cache_path(profile, runtime)`.
       progress: called as `progress(done, total, what)` after each measurement.
-      recalibrate: discard an existing (possibly stale) cache instead of raising on it.
+      recalibrate: re-measure this space's layers; a stale or corrupt cache is replaced instead of raising.
       archs: calibrate only the layers of these architectures (for spaces too large to measure whole).
       fit_samples: whole networks measured to fit the constant term.
       seed: seed of those networks.
@@ -445,8 +446,12 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
                        f"(run it on the device itself)")
     path = Path(cache_path) if cache_path else default_cache_path(profile, runtime)
     table = None
-    if path.exists() and not recalibrate:
-        table = load_table(path, profile=profile, runtime=runtime)
+    if path.exists():
+        try:
+            table = load_table(path, profile=profile, runtime=runtime)
+        except NasError:
+            if not recalibrate:
+                raise
     if table is None:
         table = LatencyTable(profile, runtime, fingerprint(runtime), path=path)
     fit = sample_archs(space, fit_samples, seed)
@@ -454,6 +459,10 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
         wanted = space_signatures(space)
     else:
         wanted = {s for a in list(archs) + fit for s in arch_signatures(a) if not s.identity}
+    if recalibrate:  # re-measure this space's layers; other spaces' entries in a valid cache stay
+        for s in wanted:
+            table.entries.pop(s.key(), None)
+        table.constants.pop(space.name, None)
     todo = sorted((s for s in wanted if s.key() not in table.entries), key=LayerSig.key)
     refit = bool(todo) or space.name not in table.constants or recalibrate
     total = passes * (len(todo) + (len(fit) if refit else 0)) + 1
@@ -606,7 +615,7 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
     load_before = load_average()
     path = Path(cache_path) if cache_path else default_cache_path(profile, runtime)
     table = load_table(path, profile=profile, runtime=runtime) if path.exists() else None
-    fit_keys = [a.key for a in sample_archs(space, 10, 0)]
+    fit_keys = [a.key for a in sample_archs(space, FIT_SAMPLES, 0)]  # calibrate()'s default fit set
     archs = sample_archs(space, n, seed, exclude=fit_keys)
     if len(archs) < 3:
         raise NasError(f"space '{space.name}': only {len(archs)} architectures to validate on; need at least 3")
@@ -629,7 +638,8 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
     lut_ok = [s for s in samples if not math.isnan(s["lut_ms"])]
     return {
         "analytic": rank_metrics([s["analytic_ms"] for s in samples], meas),
-        "lut": rank_metrics([s["lut_ms"] for s in lut_ok], [s["measured_ms"] for s in lut_ok]),
+        "lut": rank_metrics([s["lut_ms"] for s in lut_ok], [s["measured_ms"] for s in lut_ok]) if len(lut_ok) > 2
+        else None,
         "meta": {"space": space.name, "profile": profile, "runtime": runtime, "n": len(samples),
                  "load_before": list(load_before), "load_after": list(load_average()),
                  "seconds": time.monotonic() - t0, "calibration_seconds": t_cal, "cache": str(path)},

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -34,6 +35,99 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 Variables = Any
+
+
+def _const_value(graph: onnx.GraphProto, name: str, consts: dict[str, np.ndarray]) -> float | None:
+    """The value of a scalar constant input (initializer or Constant node), else None."""
+    v = consts.get(name)
+    if v is None or v.size != 1:
+        return None
+    return float(v.reshape(-1)[0])
+
+
+def fuse_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite jax2onnx's elementwise activation patterns as the native ONNX operators.
+
+    jax2onnx writes relu as Max(x, 0), relu6 as Min(Max(x, 0), 6) and hard-swish as
+    x * Min(Max(x + 3, 0), 6) / 6. ONNX Runtime fuses none of these into the preceding Conv and
+    its NCHWc layout pass then reorders the tensor out of and back into blocked layout around
+    every one of them. As Relu / Clip / HardSigmoid / HardSwish they fuse or stay blocked.
+    Same results (exact for relu/relu6, float rounding for the hard functions).
+    """
+    g = model.graph
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+
+    def scalar_other(node, value):
+        """The non-constant input of a binary node whose other input is the scalar `value`."""
+        a, b = node.input
+        if _const_value(g, b, consts) == value:
+            return a
+        if _const_value(g, a, consts) == value:
+            return b
+        return None
+
+    def rebuild(nodes):
+        del g.node[:]
+        g.node.extend(nodes)
+
+    # 1. Max(x, 0) -> Relu(x)
+    nodes = []
+    for n in g.node:
+        x = scalar_other(n, 0.0) if n.op_type == "Max" and len(n.input) == 2 else None
+        nodes.append(onnx.helper.make_node("Relu", [x], list(n.output), name=n.name) if x else n)
+    rebuild(nodes)
+    for _ in range(3):  # 2. Min(Relu(x), 6) -> Clip(x, 0, 6); 3. Clip(x+3)/6 -> HardSigmoid; 4. x*HS(x) -> HardSwish
+        producer = {o: n for n in g.node for o in n.output}
+        uses: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        outputs = {o.name for o in g.output}
+        dead: set[int] = set()
+        new: dict[int, onnx.NodeProto] = {}
+
+        def single(name):
+            p = producer.get(name)
+            return p if p is not None and uses.get(name) == 1 and name not in outputs and id(p) not in dead else None
+
+        for n in g.node:
+            if n.op_type == "Min" and len(n.input) == 2:
+                r = scalar_other(n, 6.0)
+                p = single(r) if r else None
+                if p is not None and p.op_type == "Relu":
+                    zero, six = n.name + "_zero", n.name + "_six"
+                    g.initializer.extend([onnx.numpy_helper.from_array(np.array(0.0, np.float32), zero),
+                                          onnx.numpy_helper.from_array(np.array(6.0, np.float32), six)])
+                    consts[zero], consts[six] = np.array(0.0), np.array(6.0)
+                    new[id(n)] = onnx.helper.make_node("Clip", [p.input[0], zero, six], list(n.output), name=n.name)
+                    dead.add(id(p))
+            elif n.op_type == "Div" and len(n.input) == 2 and _const_value(g, n.input[1], consts) == 6.0:
+                c = single(n.input[0])
+                if c is not None and c.op_type == "Clip" and [_const_value(g, i, consts) for i in c.input[1:]] == [0.0, 6.0]:
+                    a = single(c.input[0])
+                    x = scalar_other(a, 3.0) if a is not None and a.op_type == "Add" else None
+                    if x:
+                        new[id(n)] = onnx.helper.make_node("HardSigmoid", [x], list(n.output), name=n.name,
+                                                           alpha=1.0 / 6.0, beta=0.5)
+                        dead.update({id(c), id(a)})
+            elif n.op_type == "Mul" and len(n.input) == 2:
+                for x, h in (n.input, n.input[::-1]):
+                    p = single(h)
+                    if p is not None and p.op_type == "HardSigmoid" and p.input[0] == x:
+                        new[id(n)] = onnx.helper.make_node("HardSwish", [x], list(n.output), name=n.name)
+                        dead.add(id(p))
+                        break
+        if not new:
+            break
+        rebuild([new.get(id(n), n) for n in g.node if id(n) not in dead])
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return model
 
 
 def _fix_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -64,7 +158,7 @@ def function_to_onnx(fn: Callable[[jnp.ndarray], jnp.ndarray], in_shape: Sequenc
     model = j2o(fn, [spec], model_name=name, opset=OPSET,
                 inputs_as_nchw=[0] if nchw_in else None, outputs_as_nchw=[0] if nchw_out else None,
                 input_names=[input_name], output_names=[output_name])
-    return _fix_shapes(model)
+    return _fix_shapes(fuse_activations(model))
 
 
 def to_onnx(arch: Architecture, variables: Variables, *, batch: int | None = None) -> onnx.ModelProto:

@@ -201,7 +201,7 @@ def torch_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str,
     torch.manual_seed(0)
 
     def nchw(a):
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).contiguous(
+        return torch.from_numpy(np.array(a.transpose(0, 3, 1, 2))).contiguous(
             memory_format=torch.channels_last)
 
     xt, yt = nchw(data.x_train), torch.from_numpy(data.y_train.astype(np.int64))

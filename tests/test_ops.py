@@ -11,6 +11,8 @@ whatever the scaling, so there the bound is relative: 1e-5 * max(1, max |referen
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,9 @@ def test_cases_cover_the_spaces():
 @pytest.mark.parametrize("kernel,stride", CASES)
 def test_depthwise_matches_lax_conv(kernel, stride):
     rng = np.random.default_rng(kernel * 10 + stride)
-    for size in (5, 8):  # odd and even; smaller and larger than the kernels
+    # 5: smaller than a 7x7 kernel; 8: even, where SAME pads stride 2 asymmetrically (at
+    # stride 1 odd kernels pad symmetrically whatever the size parity)
+    for size in (5, 8) if stride > 1 else (5,):
         x, w, g = _inputs(rng, 2, size, 6, kernel, stride, None)
         (yf, dxf, dwf), (yr, dxr, dwr) = _grad_pair(*DW, x, w, g, stride)
         where = f"k{kernel} s{stride} size{size}"
@@ -109,24 +113,31 @@ def test_pointwise_matches_lax_conv(stride):
         _assert_close(dwf, dwr, f"pointwise weight grad s{stride} size{size}")
 
 
+@functools.lru_cache(maxsize=1)
 def _covering_arch():
-    """A mobile_small sample with ds, mb (with and without SE), skip and both strides."""
+    """The shortest of 500 mobile_small samples with ds, mb (with and without SE) and skip blocks
+    (the shortest keeps the compile, most of this test's time, small)."""
     space = SPACES.get("mobile_small")
     rng = np.random.default_rng(0)
-    for _ in range(2000):
+    best = None
+    for _ in range(500):
         arch = space.sample(rng)
         blocks = {ly.block for ly in arch.layers}
         se = {bool(ly.se) for ly in arch.layers if ly.block == "mb"}
         if blocks == {"ds", "mb", "skip"} and se == {True, False}:
-            return arch
-    raise AssertionError("no covering architecture in 2000 samples")
+            if best is None or len(arch.layers) < len(best.layers):
+                best = arch
+    assert best is not None, "no covering architecture in 500 samples"
+    return best
 
 
 def test_fast_and_reference_models_agree():
     """Same parameters -> same logits (eval and train mode) and same parameter gradients."""
     arch = _covering_arch()
     fast, ref = build_model(arch, "fast"), build_model(arch, "reference")
-    x = jax.random.normal(jax.random.key(1), input_shape(arch, 4))
+    # The net is fully convolutional: a 12x12 input runs every block (12 -> 6 -> 3 -> 2) at a
+    # fraction of the reference form's compile and run time on 28x28.
+    x = jax.random.normal(jax.random.key(1), (3, 12, 12, input_shape(arch)[-1]))
     variables = ref.init(jax.random.key(0), x)
     assert jax.tree.structure(variables) == jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(0), x))
 

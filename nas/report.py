@@ -1,0 +1,603 @@
+"""Explain a finished search: `write_report(run_dir)` writes RUN_DIR/report/report.md and PNG plots.
+
+Plots (matplotlib, no pyplot state): accuracy vs predicted latency and vs params for every trial
+with the Pareto front, the winners (and their test accuracy before/after distillation) and
+hand-designed reference architectures of the same space trained with the same budget;
+the best score/accuracy so far over trials; the per-layer params, MACs and predicted latency
+of the top winner. Reads trials.csv, winners.json, distill.json, infeasible.jsonl and
+config.yaml; caches the reference trainings in RUN_DIR/references.json. Ray-free.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from nas.config import ExperimentConfig, config_from_dict
+from nas.objective import Objective
+from nas.pareto import hypervolume, pareto_front
+from search_spaces.architecture import Architecture
+from search_spaces.catalog import load_space
+from search_spaces.errors import NasError
+from search_spaces.space import SearchSpace
+
+REPORT_DIR = "report"
+REFERENCES_FILE = "references.json"
+DEFAULT_PROFILE = "host"
+NUMERIC = ("params", "macs", "accuracy", "score", "epochs", "wall_s")
+COLORS = {"trial": "#9aa5b1", "stopped": "#d0d5da", "front": "#1f77b4", "winner": "#d62728", "kd": "#2ca02c",
+          "reference": "#ff7f0e"}
+
+
+# ============================================================ plain helpers
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or v is None or v == "":
+        return math.nan
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x if math.isfinite(x) else math.nan
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    x = _num(v)
+    return "–" if math.isnan(x) else format(x, spec)
+
+
+def _int(v: Any) -> str:
+    x = _num(v)
+    return "–" if math.isnan(x) else f"{int(round(x)):,d}"
+
+
+# ============================================================ run directory
+@dataclass
+class Run:
+    """A finished run directory, parsed."""
+
+    run_dir: Path
+    cfg: ExperimentConfig
+    space: SearchSpace
+    objective: Objective
+    trials: list[dict[str, Any]]  # trials.csv rows, numbers parsed; + 'latency_ms'
+    winners: list[dict[str, Any]]
+    distill: list[dict[str, Any]]  # normalised: rank, key, before, after, baseline
+    distill_info: dict[str, Any]
+    profile: str  # the profile of 'latency_ms'
+    latency_source: str  # 'trials.csv' or 'predicted by the report'
+    references: list[dict[str, Any]] = field(default_factory=list)
+    notes: set[str] = field(default_factory=set)  # caveats the report states (e.g. latency fallback)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        """Trials trained to the end (status ok) with an accuracy: the ones fronts and winners use."""
+        return [t for t in self.trials if t["status"] == "ok" and math.isfinite(t["accuracy"])]
+
+    @property
+    def trained(self) -> list[dict[str, Any]]:
+        """Trials with an accuracy, including those a scheduler stopped early."""
+        return [t for t in self.trials if t["status"] in ("ok", "stopped") and math.isfinite(t["accuracy"])]
+
+
+def _experiment(run_dir: Path) -> tuple[ExperimentConfig, SearchSpace, Objective]:
+    """Config, space and objective of a run (like nas.search.experiment_from_run_dir, without Ray)."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise NasError(f"{run_dir}: not a run directory (no config.yaml)")
+    raw = yaml.safe_load(saved.read_text())
+    raw["output_dir"] = str(run_dir.parent)
+    cfg = config_from_dict(raw, source=str(saved))
+    space = load_space(cfg.space)
+    if cfg.space_input:
+        space = space.with_input(**cfg.space_input)
+    return cfg, space, Objective.from_config(cfg.objective)
+
+
+def predicted_latency_ms(arch: Architecture, profile: str = DEFAULT_PROFILE, notes: set[str] | None = None) -> float:
+    """Predicted latency (ms): the calibrated LUT when it covers `arch`, else the analytic roofline.
+
+    An unusable LUT (stale format, corrupt) falls back to the roofline; the reason goes to `notes`.
+    """
+    from evaluators.hardware import analytic_latency
+
+    try:
+        from evaluators.latency import latency_breakdown
+
+        return float(latency_breakdown(arch, profile).total_ms)
+    except (NasError, ImportError) as e:
+        if notes is not None:
+            notes.add(f"latency table not used ({e}); analytic roofline instead")
+        return float(analytic_latency(arch, profile).total_ms)
+
+
+def normalise_distill(doc: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """distill.json winners as {rank, key, before, after, baseline} whatever the format.
+
+    Handles {"winners": [{rank, key, test_accuracy_before, test_accuracy_after}]} and
+    {"winners": [{rank, key, test_accuracy_before, baseline_acc, kd_acc, ...}]}: `after` is the
+    accuracy with KD, `baseline` the same fine-tuning without a teacher (when present).
+    """
+    out = []
+    for w in (doc or {}).get("winners", []) or []:
+        after = w.get("kd_acc", w.get("test_accuracy_after"))
+        out.append({"rank": int(w.get("rank", len(out) + 1)), "key": str(w.get("key", "")),
+                    "before": _num(w.get("test_accuracy_before")), "after": _num(after),
+                    "baseline": _num(w.get("baseline_acc"))})
+    return out
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Parse a run directory (trials.csv is required; winners.json and distill.json are optional)."""
+    run_dir = Path(run_dir).resolve()
+    cfg, space, objective = _experiment(run_dir)
+    path = run_dir / "trials.csv"
+    if not path.exists():
+        raise NasError(f"{run_dir}: no trials.csv; run `nas search` first")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    latency_cols = [c for c in (rows[0].keys() if rows else []) if c.startswith("latency_ms_at_")]
+    wanted = [f"latency_ms_at_{p}" for p in cfg.objective.profiles]
+    col = next((c for c in wanted if c in latency_cols), latency_cols[0] if latency_cols else None)
+    profile = col[len("latency_ms_at_"):] if col else DEFAULT_PROFILE
+    cache: dict[str, float] = {}
+    notes: set[str] = set()
+    trials = []
+    for i, r in enumerate(rows):
+        t: dict[str, Any] = dict(r)
+        for k in NUMERIC:
+            t[k] = _num(r.get(k))
+        t["status"] = r.get("status") or "failed"
+        t["order"] = _order(r.get("trial_id", ""), i)
+        lat = _num(r.get(col)) if col else math.nan
+        if math.isnan(lat) and t.get("key"):
+            if t["key"] not in cache:
+                try:
+                    arch = space.decode(t["key"])
+                    cache[t["key"]] = predicted_latency_ms(arch, profile, notes)
+                    if math.isnan(t["params"]):
+                        from evaluators.cost import analytic_cost
+
+                        c = analytic_cost(arch)
+                        t["params"], t["macs"] = float(c.params), float(c.macs)
+                except NasError:
+                    cache[t["key"]] = math.nan
+            lat = cache[t["key"]]
+        t["latency_ms"] = lat
+        trials.append(t)
+    trials.sort(key=lambda t: t["order"])
+    winners = json.loads((run_dir / "winners.json").read_text()) if (run_dir / "winners.json").exists() else []
+    dpath = run_dir / "distill.json"
+    ddoc = json.loads(dpath.read_text()) if dpath.exists() else {}
+    return Run(run_dir, cfg, space, objective, trials, winners, normalise_distill(ddoc),
+               {k: v for k, v in ddoc.items() if k != "winners"}, profile,
+               "trials.csv" if col else "predicted by the report", notes=notes)
+
+
+def _order(trial_id: str, index: int) -> tuple[int, int]:
+    """Start order of a trial: Tune ids end in a counter (`abc12_00007`); else the CSV row."""
+    m = re.search(r"_(\d+)$", trial_id or "")
+    return (0, int(m.group(1))) if m else (1, index)
+
+
+# ============================================================ reference architectures
+REFERENCE_BLOCKS: dict[str, tuple[Callable[[Any], bool], ...]] = {
+    # most specific first; the first predicate some option of a layer satisfies picks that option
+    "MobileNetV2-like (mb e6 k3)": (
+        lambda o: o.block == "mb" and o.kernel == 3 and o.expansion == 6 and not o.se,
+        lambda o: o.block == "mb" and o.kernel == 3 and not o.se,
+        lambda o: o.block == "mb",
+    ),
+    "MobileNetV1-like (ds k3)": (
+        lambda o: o.block == "ds" and o.kernel == 3,
+        lambda o: o.block == "ds",
+    ),
+}
+
+
+def reference_architectures(space: SearchSpace, objective: Objective | None = None) -> dict[str, Architecture]:
+    """Hand-designed networks of `space`: every layer one fixed block, every stage at full depth.
+
+    Widths (stage channels, head) are the middle options, or the smallest when the middle ones
+    break the hard constraints of `objective` (a reference the search could never pick would
+    not be a fair comparison). A space without the block in every layer gets no such reference.
+    """
+    out: dict[str, Architecture] = {}
+    for name, preds in REFERENCE_BLOCKS.items():
+        arch = None
+        for width in (lambda n: n // 2, lambda n: 0):
+            pick: dict[str, int] = {}
+            for d in space.decisions():
+                if d.name.endswith(".op"):
+                    idx = next((i for p in preds for i, o in enumerate(d.options) if p(o)), None)
+                    if idx is None:
+                        break
+                    pick[d.name] = idx
+                elif d.name.endswith(".depth") or d.name == "resolution":
+                    pick[d.name] = max(range(len(d.options)), key=lambda i: d.options[i])
+                elif d.name == "width_mult":
+                    pick[d.name] = d.options.index(1.0) if 1.0 in d.options else len(d.options) - 1
+                else:
+                    pick[d.name] = width(len(d.options))
+            else:
+                arch = space.from_choices(pick)
+                if _feasible(objective, arch):
+                    break
+                continue
+            break  # a layer without this block
+        if arch is not None:
+            out[name] = arch
+    return out
+
+
+def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
+                        archs: Mapping[str, Architecture] | None = None) -> list[dict[str, Any]]:
+    """Train every reference architecture like a trial (same data, TrainConfig, seed), once.
+
+    Results are cached in RUN_DIR/references.json and reused while key, training config and
+    dataset are unchanged.
+    """
+    archs = dict(archs) if archs is not None else reference_architectures(run.space, run.objective)
+    path = run.run_dir / REFERENCES_FILE
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    stamp = {"train": _plain(run.cfg.train), "dataset": _plain(run.cfg.to_dict()["dataset"]), "seed": run.cfg.seed}
+    out, data = [], None
+    for name, arch in archs.items():
+        hit = cache.get(name)
+        if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
+            from evaluators.datasets import load_dataset
+            from evaluators.train import TrainConfig, evaluate, train
+
+            c = run.cfg.dataset
+            if data is None:
+                data = load_dataset(c.name, seed=run.cfg.seed, path=c.path, val_fraction=c.val_fraction,
+                                    test_fraction=c.test_fraction)
+            printer(f"reference {name} {arch.key}: training with the search's budget ...", flush=True)
+            res = train(arch, data, TrainConfig.from_dict(run.cfg.train))
+            test_acc = float(evaluate(arch, res.variables, data.x_test, data.y_test)[0])
+            hit = {"key": arch.key, "stamp": stamp, "val_accuracy": float(res.val_accuracy),
+                   "test_accuracy": test_acc, "train_s": float(res.train_s)}
+            cache[name] = hit
+            path.write_text(json.dumps(cache, indent=2))
+        from evaluators.cost import analytic_cost
+
+        cost = analytic_cost(arch)
+        row = {"name": name, "key": arch.key, "accuracy": hit["val_accuracy"], "test_accuracy": hit["test_accuracy"],
+               "params": float(cost.params), "macs": float(cost.macs),
+               "latency_ms": predicted_latency_ms(arch, run.profile, run.notes), "feasible": _feasible(run.objective, arch)}
+        try:
+            row["score"] = run.objective.score(row["accuracy"], run.objective.costs(arch))
+        except Exception:  # noqa: BLE001 - a cost the report cannot compute: no score
+            row["score"] = math.nan
+        out.append(row)
+    return out
+
+
+def _feasible(objective: Objective | None, arch: Architecture) -> bool:
+    if objective is None:
+        return True
+    try:
+        return objective.feasible(arch)
+    except Exception:  # noqa: BLE001 - a cost the report cannot compute: treat as unchecked
+        return True
+
+
+def _plain(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+# ============================================================ figures
+def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def render_rgb(fig) -> np.ndarray:
+    """A matplotlib Figure as an (H, W, 3) uint8 array (for TensorBoard image summaries)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _front(points: Sequence[Mapping[str, Any]], cost: str) -> list[Mapping[str, Any]]:
+    idx = pareto_front([{"accuracy": _num(p.get("accuracy")), cost: _num(p.get(cost))} for p in points],
+                       [("accuracy", "max"), (cost, "min")])
+    return sorted((points[i] for i in idx), key=lambda p: (_num(p.get(cost)), -_num(p.get("accuracy"))))
+
+
+def pareto_figure(results: Sequence[Mapping[str, Any]], *, winners: Sequence[Mapping[str, Any]] = (),
+                  distill: Sequence[Mapping[str, Any]] = (), references: Sequence[Mapping[str, Any]] = (),
+                  latency_label: str = "predicted latency (ms)", title: str = ""):
+    """Accuracy vs latency and vs params: trials, Pareto front, winners, distillation, references.
+
+    `results` are dicts with accuracy, latency_ms, params (and key, status); `winners` dicts with
+    rank, key, accuracy, latency_ms, params; `distill` dicts with the winner's latency_ms, params
+    and test accuracy `before`/`after`; `references` dicts with name, accuracy, latency_ms, params.
+    """
+    fig, axes = _figure(11, 4.4, ncols=2)
+    for ax, cost, label in ((axes[0][0], "latency_ms", latency_label), (axes[0][1], "params", "parameters")):
+        pts = [r for r in results if math.isfinite(_num(r.get("accuracy"))) and math.isfinite(_num(r.get(cost)))]
+        full = [r for r in pts if r.get("status", "ok") == "ok"]
+        part = [r for r in pts if r.get("status", "ok") != "ok"]
+        if full:
+            ax.scatter([_num(r[cost]) for r in full], [_num(r["accuracy"]) for r in full], s=18,
+                       color=COLORS["trial"], label=f"trials ({len(full)})", zorder=2)
+        if part:
+            ax.scatter([_num(r[cost]) for r in part], [_num(r["accuracy"]) for r in part], s=14, marker="v",
+                       color=COLORS["stopped"], label=f"stopped early ({len(part)})", zorder=1)
+        front = _front(full, cost)
+        if front:
+            ax.step([_num(p[cost]) for p in front], [_num(p["accuracy"]) for p in front], where="post",
+                    color=COLORS["front"], lw=1.5, zorder=3)
+            ax.scatter([_num(p[cost]) for p in front], [_num(p["accuracy"]) for p in front], s=90,
+                       facecolor="none", edgecolor=COLORS["front"], lw=1.5, label="Pareto front", zorder=4)
+        wins = [w for w in winners if math.isfinite(_num(w.get(cost))) and math.isfinite(_num(w.get("accuracy")))]
+        if wins:
+            ax.scatter([_num(w[cost]) for w in wins], [_num(w["accuracy"]) for w in wins], marker="*", s=150,
+                       color=COLORS["winner"], edgecolor="black", lw=0.5, label="winners (val)", zorder=6)
+            for w in wins:
+                ax.annotate(f"#{w['rank']} {w['key']}", (_num(w[cost]), _num(w["accuracy"])), fontsize=7,
+                            xytext=(5, 5), textcoords="offset points", color=COLORS["winner"])
+        kd = [d for d in distill if math.isfinite(_num(d.get(cost)))]
+        if kd:
+            for i, d in enumerate(kd):
+                x, b, a = _num(d[cost]), _num(d.get("before")), _num(d.get("after"))
+                if math.isfinite(b):
+                    ax.scatter([x], [b], marker="o", s=30, facecolor="white", edgecolor=COLORS["kd"], zorder=5,
+                               label="winners, test before KD" if i == 0 else None)
+                if math.isfinite(a):
+                    ax.scatter([x], [a], marker="P", s=60, color=COLORS["kd"], zorder=5,
+                               label="winners, test after KD" if i == 0 else None)
+                if math.isfinite(a) and math.isfinite(b):
+                    ax.annotate("", (x, a), (x, b), arrowprops={"arrowstyle": "->", "color": COLORS["kd"], "lw": 1})
+        refs = [r for r in references if math.isfinite(_num(r.get(cost))) and math.isfinite(_num(r.get("accuracy")))]
+        for i, r in enumerate(refs):
+            ax.scatter([_num(r[cost])], [_num(r["accuracy"])], marker="D", s=55, color=COLORS["reference"],
+                       edgecolor="black", lw=0.5, zorder=6, label="hand-designed (val)" if i == 0 else None)
+            ax.annotate(str(r["name"]).split(" (")[0], (_num(r[cost]), _num(r["accuracy"])), fontsize=7,
+                        xytext=(5, -10), textcoords="offset points", color=COLORS["reference"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.grid(True, alpha=0.3)
+        if cost == "params":
+            ax.set_xscale("log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][1].legend(handles, labels, fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def best_so_far_figure(trials: Sequence[Mapping[str, Any]]):
+    """Per-trial score and accuracy (dots) and the best so far (lines) over trials in start order."""
+    fig, axes = _figure(7, 3.6)
+    ax = axes[0][0]
+    done = [t for t in trials if t["status"] in ("ok", "stopped", "failed")]
+    xs = np.arange(1, len(done) + 1)
+    full = np.array([t["status"] == "ok" for t in done], dtype=bool)
+    for metric, color in (("score", COLORS["front"]), ("accuracy", COLORS["winner"])):
+        vals = np.array([_num(t.get(metric)) for t in done], dtype=float)
+        if not len(vals) or np.isnan(vals).all():
+            continue
+        # the best-so-far lines count fully trained trials only (like the winners); dots show all
+        best = np.fmax.accumulate(np.where(np.isnan(vals) | ~full, -np.inf, vals))
+        best[np.isinf(best)] = np.nan
+        ax.scatter(xs, vals, s=12, color=color, alpha=0.4)
+        ax.step(xs, best, where="post", color=color, lw=1.8, label=f"best {metric} so far")
+    failed = [i + 1 for i, t in enumerate(done) if t["status"] == "failed"]
+    if failed:
+        ax.scatter(failed, [ax.get_ylim()[0]] * len(failed), marker="x", color="black", label="failed")
+    ax.set_xlabel("trials (in start order)")
+    ax.set_ylabel("validation accuracy / score")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def layer_breakdown(arch: Architecture, profile: str = DEFAULT_PROFILE) -> list[dict[str, Any]]:
+    """Per layer: name, params, MACs (analytic cost) and predicted latency (ms) on `profile`."""
+    from evaluators.cost import analytic_cost
+    from evaluators.hardware import analytic_latency
+
+    lat = {l.index: l.latency_ms for l in analytic_latency(arch, profile).layers}
+    return [{"name": l.name, "params": l.params, "macs": l.macs, "latency_ms": lat.get(l.index, 0.0)}
+            for l in analytic_cost(arch).layers]
+
+
+def layer_figure(arch: Architecture, profile: str = DEFAULT_PROFILE, title: str = ""):
+    """Horizontal bars: params, MACs and predicted latency per layer of `arch`."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    rows = layer_breakdown(arch, profile)
+    fig, axes = _figure(12, 0.9 + 0.32 * len(rows), ncols=3)
+    names = [r["name"] for r in rows]
+    y = np.arange(len(rows))
+    for ax, (k, label, color) in zip(axes[0], (("params", "parameters", "#4c72b0"), ("macs", "MACs", "#55a868"),
+                                               ("latency_ms", f"predicted latency on {profile} (ms)", "#c44e52"))):
+        vals = [r[k] for r in rows]
+        ax.barh(y, vals, color=color)
+        ax.set_yticks(y, names if ax is axes[0][0] else [""] * len(rows), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        if k != "latency_ms":
+            ax.xaxis.set_major_formatter(EngFormatter())
+        total = sum(vals)
+        ax.set_title(f"total {total:,.4g}" if k == "latency_ms" else f"total {int(total):,d}", fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ============================================================ the report
+def write_report(run_dir: str | Path, *, references: bool | Mapping[str, str] = True,
+                 printer: Callable[..., None] = print) -> Path:
+    """Write RUN_DIR/report/report.md with pareto.png, best_so_far.png and layers_winner1.png.
+
+    Args:
+      run_dir: a run directory written by `nas search` (config.yaml and trials.csv required;
+        winners.json, distill.json and infeasible.jsonl used when present).
+      references: True: train the hand-designed references of the space (`reference_architectures`)
+        with the search's training config, once (cached in RUN_DIR/references.json); False: none;
+        a mapping name -> architecture key: those instead.
+      printer: progress messages (reference training).
+
+    Returns:
+      The path of report.md.
+
+    Example:
+      >>> write_report("runs/quickstart")
+      PosixPath('runs/quickstart/report/report.md')
+    """
+    run = load_run(run_dir)
+    if references:
+        archs = None if references is True else {n: run.space.decode(k) for n, k in dict(references).items()}
+        run.references = evaluate_references(run, printer=printer, archs=archs)
+    out = run.run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.png"):
+        stale.unlink()
+
+    by_key = {t["key"]: t for t in run.ok}
+    winners = [{**w, "accuracy": w.get("val_accuracy"), "latency_ms": by_key.get(w["key"], {}).get("latency_ms",
+                math.nan), "params": w.get("params")} for w in run.winners]
+    wmap = {w["key"]: w for w in winners}
+    distill = [{**d, "latency_ms": wmap.get(d["key"], {}).get("latency_ms", math.nan),
+                "params": wmap.get(d["key"], {}).get("params", math.nan)} for d in run.distill]
+    lat_label = f"predicted latency on {run.profile} (ms)"
+    figs: dict[str, Any] = {
+        "pareto.png": pareto_figure(run.trained, winners=winners, distill=distill, references=run.references,
+                                    latency_label=lat_label,
+                                    title=f"{run.cfg.name}: {run.space.name} on {run.cfg.dataset.name}"),
+        "best_so_far.png": best_so_far_figure(run.trials),
+    }
+    top = None
+    if run.winners:
+        top = Architecture.from_dict(run.winners[0]["architecture"]) if "architecture" in run.winners[0] \
+            else run.space.decode(run.winners[0]["key"])
+        figs["layers_winner1.png"] = layer_figure(top, DEFAULT_PROFILE, title=f"winner #1 {top.key}: cost per layer")
+    for name, fig in figs.items():
+        fig.savefig(out / name)
+    path = out / "report.md"
+    path.write_text(_markdown(run, winners, top))
+    return path
+
+
+def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None) -> str:
+    cfg, trials = run.cfg, run.trials
+    count = {s: sum(t["status"] == s for t in trials) for s in ("ok", "stopped", "failed", "infeasible")}
+    ok = run.ok
+    L: list[str] = [f"# Search report: {cfg.name}", ""]
+    cost_txt = f"{cfg.objective.cost} (target {cfg.objective.target:g})" if cfg.objective.cost else "none"
+    L += [f"- space `{run.space.name}` ({run.space.size():,d} architectures), dataset `{cfg.dataset.name}`, "
+          f"algorithm `{cfg.search.algorithm}`, {cfg.num_trials} trials planned",
+          f"- trials: {count['ok']} ok, {count['stopped']} stopped early, {count['failed']} failed, "
+          f"{count['infeasible']} infeasible (rejected before training)",
+          f"- objective: score = accuracy × soft penalty on {cost_txt}; hard constraints: "
+          + (", ".join(f"{k} ≤ {v:g}" for k, v in cfg.objective.constraints.items()) or "none"),
+          f"- latency: predicted on `{run.profile}` ({run.latency_source})"]
+    L += [f"- note: {n}" for n in sorted(run.notes)]
+    if ok:
+        best = max(ok, key=lambda t: _num(t["score"]) if math.isfinite(_num(t["score"])) else -math.inf)
+        L.append(f"- best score {_fmt(best['score'])} (`{best['key']}`, validation accuracy {_fmt(best['accuracy'])}); "
+                 f"best validation accuracy {_fmt(max(t['accuracy'] for t in ok))}")
+    L += ["", "## Accuracy vs cost", "",
+          "Validation accuracy of every trained trial against predicted latency and parameters; the line is the "
+          "Pareto front, stars are the winners (labelled by rank and key), green markers their *test* accuracy "
+          "before and after distillation, diamonds hand-designed networks of the same space trained with the same "
+          "budget.", "", "![accuracy vs cost](pareto.png)", ""]
+    for cost, unit in (("latency_ms", "ms"), ("params", "")):
+        front = _front(ok, cost)
+        if not front:
+            continue
+        pts = [{"accuracy": t["accuracy"], cost: t[cost]} for t in ok if math.isfinite(_num(t[cost]))]
+        ref = (min(p["accuracy"] for p in pts), max(p[cost] for p in pts))
+        hv = hypervolume(pts, ref, [("accuracy", "max"), (cost, "min")])
+        L += [f"Pareto front, accuracy vs {'latency' if cost == 'latency_ms' else 'params'} "
+              f"({len(front)} of {len(ok)} trials; hypervolume {hv:.4g} w.r.t. (worst accuracy, largest cost)):", "",
+              "| key | val accuracy | score | params | MACs | latency (ms) |", "|---|---:|---:|---:|---:|---:|"]
+        L += [f"| `{p['key']}` | {_fmt(p['accuracy'])} | {_fmt(p['score'])} | {_int(p['params'])} | {_int(p['macs'])} "
+              f"| {_fmt(p['latency_ms'])} |" for p in front]
+        L.append("")
+    L += ["## Winners", ""]
+    if winners:
+        dist = {d["key"]: d for d in run.distill}
+        has_base = any(math.isfinite(d["baseline"]) for d in run.distill)
+        head = "| rank | key | architecture | score | val accuracy | params | MACs | latency (ms) |"
+        sep = "|---:|---|---|---:|---:|---:|---:|---:|"
+        if run.distill:
+            head += " test before KD |" + (" test fine-tuned, no KD |" if has_base else "") + " test after KD |"
+            sep += "---:|" + ("---:|" if has_base else "") + "---:|"
+        L += [head, sep]
+        for w in winners:
+            arch = _arch(run, w)
+            desc = " ".join(arch.describe()[1:-1]) if arch else ""
+            row = (f"| {w['rank']} | `{w['key']}` | {desc} | {_fmt(w.get('score'))} | {_fmt(w.get('accuracy'))} | "
+                   f"{_int(w.get('params'))} | {_int(w.get('macs'))} | {_fmt(w.get('latency_ms'))} |")
+            if run.distill:
+                d = dist.get(w["key"], {})
+                row += f" {_fmt(d.get('before'))} |" + (f" {_fmt(d.get('baseline'))} |" if has_base else "") \
+                    + f" {_fmt(d.get('after'))} |"
+            L.append(row)
+        if run.distill_info.get("teacher"):
+            t, info = run.distill_info["teacher"], run.distill_info
+            how = ", ".join(f"{k} {info[k]}" for k in ("temperature", "alpha", "epochs") if k in info)
+            L += ["", f"Distillation teacher `{t.get('key', '?')}`"
+                      + (f" ({t['source']})" if t.get("source") else "")
+                      + f", test accuracy {_fmt(t.get('test_accuracy'))}" + (f"; {how}" if how else "") + "."]
+    else:
+        L.append("No winners (winners.json missing or empty).")
+    L.append("")
+    if run.references:
+        L += ["## Hand-designed references", "",
+              "Fixed networks of the same space, trained exactly like a trial (same data split, training config "
+              "and seed); cached in `references.json`.", "",
+              "| reference | key | val accuracy | test accuracy | score | params | MACs | latency (ms) | feasible |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in run.references:
+            L.append(f"| {r['name']} | `{r['key']}` | {_fmt(r['accuracy'])} | {_fmt(r['test_accuracy'])} | "
+                     f"{_fmt(r['score'])} | {_int(r['params'])} | {_int(r['macs'])} | {_fmt(r['latency_ms'])} | "
+                     f"{'yes' if r['feasible'] else 'no'} |")
+        if winners:
+            w = winners[0]
+            L += ["", "Winner #1 against each reference:", ""]
+            for r in run.references:
+                L.append(f"- vs {r['name']}: validation accuracy {_num(w.get('accuracy')) - r['accuracy']:+.4f}, "
+                         f"params ×{_num(w.get('params')) / r['params']:.2f}, "
+                         f"latency ×{_num(w.get('latency_ms')) / r['latency_ms']:.2f}")
+        L.append("")
+    L += ["## Progress over trials", "", "![best so far](best_so_far.png)", ""]
+    if top is not None:
+        rows = layer_breakdown(top, DEFAULT_PROFILE)
+        L += [f"## Cost per layer of winner #1 (`{top.key}`)", "", "![per-layer cost](layers_winner1.png)", "",
+              f"| layer | params | MACs | latency on {DEFAULT_PROFILE} (ms) |", "|---|---:|---:|---:|"]
+        L += [f"| {r['name']} | {r['params']:,d} | {r['macs']:,d} | {r['latency_ms']:.4f} |" for r in rows]
+        L.append("")
+    failed = [t for t in trials if t["status"] == "failed"]
+    if failed:
+        L += ["## Failed trials", "", "| trial | key | error |", "|---|---|---|"]
+        L += [f"| {t.get('trial_id', '')} | `{t.get('key', '')}` | {str(t.get('error', '')).replace('|', '/')} |"
+              for t in failed]
+        L.append("")
+    return "\n".join(L)
+
+
+def _arch(run: Run, w: Mapping[str, Any]) -> Architecture | None:
+    try:
+        return Architecture.from_dict(w["architecture"]) if "architecture" in w else run.space.decode(w["key"])
+    except (NasError, KeyError, TypeError, ValueError):
+        return None

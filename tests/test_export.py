@@ -1,0 +1,282 @@
+"""Export to every format (flax, ONNX, StableHLO, int8) with numerical checks, reload, and bad input.
+
+A run directory is built by hand (config.yaml, winners.json, winners/01/) around one small
+model trained on digits, so no Ray search is needed; it is exported once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+import nas
+import nas.export as ex
+from nas.config import config_from_dict
+from nas.export import ExportConfig, export_run, load
+from search_spaces.errors import NasError
+
+KEY = "100-100--100--1"
+INT8_MAX_DROP = 0.02  # 270 test images: one image is 0.37 points
+QUIET = dict(printer=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from evaluators.datasets import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data):
+    """A finished 'search' with one winner: digits at 8x8, mobile_small KEY, 3 epochs."""
+    from evaluators.train import TrainConfig, save_variables, train
+    from search_spaces.catalog import load_space
+
+    tmp = tmp_path_factory.mktemp("exportrun")
+    train_cfg = {"epochs": 3, "batch_size": 64, "learning_rate": 0.005}
+    cfg = config_from_dict({"name": "exp", "space": "mobile_small", "space_input": {"resolution": 8},
+                            "dataset": "digits", "seed": 0, "output_dir": str(tmp), "top_k": 1,
+                            "train": train_cfg, "objective": {"cost": None}}, source="test")
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    arch = load_space("mobile_small").with_input(resolution=8).decode(KEY)
+    res = train(arch, data, TrainConfig.from_dict(train_cfg))
+    ck = run / "winners" / "01"
+    save_variables(ck / "variables.msgpack", res.variables)
+    (ck / "architecture.json").write_text(arch.to_json())
+    (run / "winners.json").write_text(json.dumps([{
+        "rank": 1, "key": arch.key, "space": arch.space, "trial_id": "t0", "score": res.val_accuracy,
+        "val_accuracy": res.val_accuracy, "params": 0, "macs": 0, "architecture": arch.to_dict(),
+        "checkpoint": "winners/01"}]))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    lines: list[str] = []
+    folders = export_run(run_dir, formats=("flax", "onnx", "stablehlo"), int8=True, int8_max_drop=INT8_MAX_DROP,
+                         calibration_images=512, latency_budget_s=0.02,
+                         printer=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert len(folders) == 1
+    return folders[0], lines
+
+
+def copy_run(run_dir, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("export"))
+    return dst
+
+
+# ---------------------------------------------------------------- every format, checked at export
+def test_every_format_is_written_and_passes_its_check(exported):
+    folder, lines = exported
+    assert folder.name == f"01-{KEY}"
+    for f in ("architecture.json", "cost.json", "metrics.json", "README.md", "flax/variables.msgpack",
+              "flax/manifest.json", "model.onnx", "model.stablehlo", "model.int8.onnx"):
+        assert (folder / f).is_file(), f
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["failures"] == []
+    for f in ("flax", "onnx", "stablehlo"):
+        c = m["formats"][f]["check"]
+        assert c["passed"] and c["max_abs_diff"] <= 1e-4 and c["accuracy"] == c["jax_accuracy"] == m["test_accuracy"], f
+        assert c["images"] == 270
+    assert 1 in m["formats"]["onnx"]["check"]["batch_sizes"] and len(m["formats"]["onnx"]["check"]["batch_sizes"]) >= 2
+    q = m["formats"]["int8"]
+    assert q["check"]["passed"] and q["check"]["accuracy_drop"] <= INT8_MAX_DROP
+    assert q["format"] == "QDQ" and q["per_channel"] and q["calibration_images"] == 512
+    assert q["size_ratio_fp32_over_int8"] > 1.5  # a tiny net: graph overhead; >= 3.5x is checked at mnist5k scale
+    for runtime in ("jax", "onnx", "int8"):
+        assert m["latency_ms"][runtime]["batch1"] > 0 and m["latency_ms"][runtime]["batch32"] > 0
+    assert m["machine"]["onnxruntime_threads"] == 1
+    cost = json.loads((folder / "cost.json").read_text())
+    assert {"params", "macs", "weight_bytes", "layers"} <= set(cost)
+    assert cost["predicted_latency_ms"]["host"]["fp32_ms"] > 0 and "rpi4" in cost["predicted_latency_ms"]
+    arch = json.loads((folder / "architecture.json").read_text())
+    assert arch["key"] == KEY and arch["input"]["layout"] == "NHWC" and len(arch["input"]["normalization"]["mean"]) == 1
+    assert any("onnx" in l and "ok" in l for l in lines)
+
+
+def test_model_card_has_accuracy_size_latency_and_snippets(exported):
+    folder, _ = exported
+    card = (folder / "README.md").read_text()
+    for s in ("## What it is", "## Accuracy", "## Size", "## Latency", "batch 32", "## Numerical checks",
+              "nas.load(FOLDER)", "ort.InferenceSession", "export.deserialize", "msgpack_restore", "rpi4",
+              "ONNX Runtime int8"):
+        assert s in card, s
+    assert "FAILED" not in card
+
+
+# ---------------------------------------------------------------- reload every format
+@pytest.mark.parametrize("fmt", ["flax", "onnx", "stablehlo", "int8"])
+def test_each_format_reloads_and_gives_the_same_answers(exported, data, fmt):
+    folder, _ = exported
+    ref = load(folder, "flax")(data.x_test)
+    model = load(folder, fmt)
+    assert model.format == fmt
+    k = 5 if fmt in ("onnx", "int8") else 1  # a second batch size (1 is compiled already for the JAX ones)
+    for x, r in ((data.x_test, ref), (data.x_test[:k], ref[:k])):
+        got = model(x)
+        assert got.shape == r.shape
+        if fmt != "int8":
+            assert np.abs(got - r).max() <= 1e-4
+    m = json.loads((folder / "metrics.json").read_text())
+    acc = model.accuracy(data.x_test, data.y_test)
+    if fmt == "int8":
+        assert m["test_accuracy"] - acc <= INT8_MAX_DROP and acc == m["formats"]["int8"]["check"]["accuracy"]
+    else:
+        assert acc == m["test_accuracy"]
+
+
+def test_artifacts_run_without_the_project(exported, data):
+    """What the model card's snippets do: plain onnxruntime and plain jax.export."""
+    import onnxruntime as ort
+    from jax import export
+
+    folder, _ = exported
+    ref = load(folder)(data.x_test[:7])
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == "B"
+    assert np.abs(sess.run(None, {"input": data.x_test[:7]})[0] - ref).max() <= 1e-4
+    exp = export.deserialize(bytearray((folder / "model.stablehlo").read_bytes()))
+    assert set(exp.platforms) >= {"cpu", "cuda"}
+    assert np.abs(np.asarray(exp.call(data.x_test[:7])) - ref).max() <= 1e-4
+
+
+def test_nas_load_defaults_to_flax_and_reproduces_recorded_accuracy(exported, data):
+    folder, _ = exported
+    model = nas.load(folder)
+    assert model.format == "flax" and model.variables is not None
+    recorded = json.loads((folder / "metrics.json").read_text())["test_accuracy"]
+    assert model.accuracy(data.x_test, data.y_test) == recorded
+
+
+def test_corrupt_flax_weights_and_unknown_format_are_refused(exported, tmp_path):
+    folder, _ = exported
+    bad = tmp_path / "m"
+    shutil.copytree(folder, bad)
+    with pytest.raises(NasError, match="format: unknown format 'tflite'; allowed: flax, onnx, int8, stablehlo"):
+        load(bad, "tflite")
+    raw = bytearray((bad / "flax" / "variables.msgpack").read_bytes())
+    raw[-1] ^= 0xFF
+    (bad / "flax" / "variables.msgpack").write_bytes(bytes(raw))
+    with pytest.raises(NasError, match="checksum differs"):
+        load(bad)
+    (bad / "model.onnx").unlink()
+    with pytest.raises(NasError, match="model.onnx: not found"):
+        load(bad, "onnx")
+
+
+# ---------------------------------------------------------------- failed checks
+def test_a_failed_numerical_check_is_reported_and_not_written_as_good(run_dir, tmp_path, monkeypatch):
+    real = ex._onnx_model
+
+    def wrong(arch, variables):  # an exporter bug: the classifier bias is off by 0.5
+        v = {k: dict(variables[k]) for k in variables}
+        v["params"]["classifier"] = {**v["params"]["classifier"], "bias": v["params"]["classifier"]["bias"] + 0.5}
+        return real(arch, v)
+
+    monkeypatch.setattr(ex, "_onnx_model", wrong)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    with pytest.raises(NasError, match=r"1 of 1 model\(s\) failed a check: 01-.*onnx: max \|logit difference\| 0.5"):
+        export_run(run_dir, out=out, formats=("flax", "onnx"), int8=True, latency_budget_s=0,
+                   printer=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert not (out / f"01-{KEY}").exists()
+    failed = out / f"01-{KEY}.failed"
+    assert not (failed / "model.onnx").exists() and not (failed / "model.int8.onnx").exists()
+    assert (failed / "flax" / "variables.msgpack").exists()
+    m = json.loads((failed / "metrics.json").read_text())
+    assert m["status"] == "failed" and not m["formats"]["onnx"]["check"]["passed"]
+    assert m["formats"]["flax"]["check"]["passed"] and "skipped" in m["formats"]["int8"]["check"]["reason"]
+    assert "EXPORT FAILED" in (failed / "README.md").read_text()
+    assert any("FAILED" in l for l in lines)
+    with pytest.raises(NasError, match="export failed its check"):
+        load(failed, "onnx")
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,message", [
+    ({"formats": ("flax", "tflite")}, "export.formats: unknown format 'tflite'; allowed: flax, onnx, stablehlo"),
+    ({"formats": ("flax",), "int8": True}, "export.int8: needs 'onnx' in export.formats"),
+    ({"calibration_images": 0}, "export.calibration_images: must be an integer >= 1"),
+    ({"winner": 7}, "--winner 7: no such winner"),
+])
+def test_bad_options_are_refused_before_anything_is_written(run_dir, tmp_path, kwargs, message):
+    with pytest.raises(NasError, match=message.replace("(", "\\(")):
+        export_run(run_dir, out=tmp_path / "o", **kwargs, **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_run_directories(run_dir, tmp_path):
+    with pytest.raises(NasError, match="not a run directory"):
+        export_run(tmp_path, **QUIET)
+    run = copy_run(run_dir, tmp_path)
+    (run / "winners" / "01" / "variables.msgpack").unlink()
+    with pytest.raises(NasError, match="variables.msgpack: checkpoint missing"):
+        export_run(run, **QUIET)
+    (run / "winners.json").write_text("[]")
+    with pytest.raises(NasError, match="no winners"):
+        export_run(run, **QUIET)
+    assert not (run / "export").exists()
+
+
+def test_existing_output_is_refused_unless_forced_and_force_keeps_other_files(exported, run_dir):
+    folder, _ = exported
+    with pytest.raises(NasError, match="output folder exists; pass --force"):
+        export_run(run_dir, **QUIET)
+    (folder.parent / "notes.txt").write_text("mine")
+    (folder.parent / "mine").mkdir()
+    again = export_run(run_dir, out=folder.parent.parent / "export2", formats=("flax",), latency_budget_s=0, **QUIET)
+    assert (again[0] / "flax" / "variables.msgpack").exists() and not (again[0] / "model.onnx").exists()
+    shutil.copytree(folder, again[0].parent / "09-old")
+    (again[0].parent / "notes.txt").write_text("mine")
+    export_run(run_dir, out=again[0].parent, formats=("flax",), latency_budget_s=0, force=True, **QUIET)
+    assert not (again[0].parent / "09-old").exists() and (again[0].parent / "notes.txt").read_text() == "mine"
+    assert (again[0] / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- distillation reports, both layouts
+@pytest.mark.parametrize("layout", ["current", "multi_seed"])
+def test_distilled_weights_and_report_reach_metrics_and_card(run_dir, tmp_path, layout):
+    run = copy_run(run_dir, tmp_path)
+    shutil.copy(run / "winners" / "01" / "variables.msgpack", run / "winners" / "01" / "kd.msgpack")
+    if layout == "current":
+        row = {"rank": 1, "key": KEY, "test_accuracy_before": 0.80, "test_accuracy_after": 0.85, "gain": 0.05,
+               "distilled": "kd.msgpack"}
+        doc = {"teacher": {"key": "T", "source": "trained", "test_accuracy": 0.95}, "winners": [row]}
+    else:
+        row = {"rank": 1, "key": KEY, "test_accuracy_before": 0.80, "teacher_acc": 0.95, "baseline_acc": 0.82,
+               "baseline_std": 0.01, "kd_acc": 0.86, "kd_std": 0.02, "gain": 0.04, "gain_std": 0.02,
+               "distilled": "kd.msgpack"}
+        doc = {"teacher": {"kind": "trained", "key": "T", "test_accuracy": 0.95}, "seeds": 3, "winners": [row]}
+    (run / "distill.json").write_text(json.dumps(doc))
+    folder = export_run(run, formats=("flax",), latency_budget_s=0, **QUIET)[0]
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["distilled"] and m["test_accuracy_before_distill"] == 0.80
+    assert m["test_accuracy_after_distill"] == (0.85 if layout == "current" else 0.86)
+    assert m["distillation"]["teacher"]["key"] == "T"
+    card = (folder / "README.md").read_text()
+    assert "| before distillation | 80.00% |" in card and "teacher `T`" in card
+    if layout == "multi_seed":
+        assert "86.00% ± 2.00 (mean ± std over 3 seeds)" in card and "baseline" in card
+    (run / "winners" / "01" / "kd.msgpack").unlink()
+    with pytest.raises(NasError, match="kd.msgpack: checkpoint missing"):
+        export_run(run, out=tmp_path / "o2", **QUIET)
+
+
+# ---------------------------------------------------------------- config section
+def test_export_config_validates_the_new_options():
+    cfg = ExportConfig.from_dict({"formats": "flax,onnx", "int8": True, "calibration_images": 64})
+    assert cfg.formats == ("flax", "onnx") and cfg.int8 and cfg.run_kwargs()["calibration_images"] == 64
+    for section, message in [({"int8": "yes"}, "export.int8: expected true or false"),
+                             ({"tolerance": -1}, "export.tolerance: must be a number >= 0"),
+                             ({"precision": "int8"}, "export.precision: unknown key"),
+                             ({"formats": ["stablehlo"], "int8": True}, "export.int8: needs 'onnx'")]:
+        with pytest.raises(NasError, match=message):
+            ExportConfig.from_dict(section)

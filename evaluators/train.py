@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import tempfile
@@ -29,6 +30,7 @@ from numbers import Real
 from typing import Any, Callable, Mapping
 
 import flax.serialization
+from flax import serialization
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -479,13 +481,18 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
           init_variables: Mapping[str, Any] | None = None, teacher_logits: np.ndarray | None = None,
           kd: KDConfig | None = None, eval_batch_size: int = EVAL_BATCH,
           compiler_options: Mapping[str, Any] | None = None,
-          teacher_features: np.ndarray | None = None) -> TrainResult:
+          teacher_features: np.ndarray | None = None,
+          checkpoint: Callable[[int, bytes], None] | None = None,
+          resume_from: bytes | None = None) -> TrainResult:
     """Train `arch` on `data.x_train` per `cfg`, evaluating on the validation split after every epoch.
 
     Args:
       arch: the architecture; its input shape and class count must match `data`.
       data: the dataset (see `evaluators.datasets.load_dataset`).
       cfg: the training config.
+      checkpoint: called after every epoch (after `on_epoch`) as `checkpoint(epoch, blob)`; `blob` is
+        the whole training state (optimizer state, step, RNGs, history) as bytes.
+      resume_from: such a blob: training continues after its epoch exactly as if never stopped.
       on_epoch: called as `on_epoch(epoch, {"train_loss", "val_loss", "val_accuracy", "epoch_s"})`
         after every epoch (1-based), e.g. to report to a tuner.
       init_variables: {'params', 'batch_stats'} to start from (fine-tuning) instead of a fresh init.
@@ -590,8 +597,11 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     init_s += time.perf_counter() - t0
 
     history: list[dict[str, float]] = []
+    first = 1
+    if resume_from is not None:
+        state, history, first = _restore_blob(resume_from, state, order_rng)
     t_train = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         idx = jax.device_put(epoch_indices(n_train, cfg.batch_size, order_rng))
         state, losses = progs.epoch(state, dev, idx, hparams)
@@ -611,12 +621,38 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         history.append({"epoch": epoch, **metrics})
         if on_epoch is not None:
             on_epoch(epoch, dict(metrics))
+        if checkpoint is not None:
+            checkpoint(epoch, _state_blob(state, history, epoch, order_rng))
+    if not history:
+        raise NasError(f"resume_from: the saved state is already past the last epoch ({cfg.epochs})")
     train_s = time.perf_counter() - t_train
     final = jax.device_get({"params": model_params(state.params), "batch_stats": state.batch_stats})
     projection = np.asarray(jax.device_get(state.params[HINT]["kernel"])) if HINT in state.params else None
     return TrainResult(variables=_plain(final), history=history, val_accuracy=history[-1]["val_accuracy"],
                        val_loss=history[-1]["val_loss"], train_s=train_s, compile_s=compile_s, init_s=init_s,
                        steps=steps * cfg.epochs, hint_projection=projection)
+
+
+def _state_blob(state: TrainState, history: list[dict[str, float]], epoch: int,
+                order_rng: np.random.Generator) -> bytes:
+    """Everything needed to continue training after `epoch`, as msgpack bytes."""
+    return serialization.msgpack_serialize({
+        "state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
+        "history": json.dumps(history), "order_rng": json.dumps(order_rng.bit_generator.state),
+    })
+
+
+def _restore_blob(blob: bytes, state: TrainState,
+                  order_rng: np.random.Generator) -> tuple[TrainState, list[dict[str, float]], int]:
+    try:
+        d = serialization.msgpack_restore(blob)
+        restored = serialization.from_state_dict(state, d["state"])
+        order_rng.bit_generator.state = json.loads(d["order_rng"])
+        history = json.loads(d["history"])
+        epoch = int(d["epoch"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise NasError(f"resume_from: not a training state of this architecture/config ({e})") from None
+    return jax.device_put(restored), history, epoch + 1
 
 
 # ==================================================================== inference

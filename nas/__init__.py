@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def load(folder):
-    """Load an exported model folder; returns a callable `LoadedModel` (x -> logits)."""
+def load(folder, format=None, **kwargs):
+    """Load an exported model folder; format: flax (default) | onnx | int8 | stablehlo.
+    Returns a callable `LoadedModel` (x -> logits)."""
     from nas.export import load as _load
 
-    return _load(folder)
+    return _load(folder, format, **kwargs)

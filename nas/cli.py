@@ -167,10 +167,19 @@ def _run_dir_args(p):
 def _export_args(p):
     _run_dir_args(p)
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
-    p.add_argument("--winner", type=int, default=None, help="export only winner K (rank)")
-    p.add_argument("--all", action="store_true", help="export every winner (the default)")
-    p.add_argument("--format", default="flax", help="comma-separated formats")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--winner", type=int, default=None, help="export only winner K (rank)")
+    which.add_argument("--all", action="store_true", help="export every winner (the default)")
+    p.add_argument("--format", default="flax,onnx,stablehlo", help="comma-separated: flax, onnx, stablehlo")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ, needs onnx)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training images calibrating int8")
+    p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
+
+
+def _report_args(p):
+    _run_dir_args(p)
+    p.add_argument("--no-references", action="store_true",
+                   help="skip training the hand-designed reference networks")
 
 
 @command("search", "run a search experiment on Ray Tune")(_search_args)
@@ -183,11 +192,17 @@ def _search(args):
     _print_winners(run_dir)
 
 
-@command("distill", "fine-tune the winners of a run with knowledge distillation")(_run_dir_args)
+def _distill_args(p):
+    _run_dir_args(p)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per winner and arm (default distill.seeds)")
+
+
+@command("distill", "fine-tune the winners of a run with knowledge distillation, against a no-KD baseline")(
+    _distill_args)
 def _distill(args):
     from nas.distill import run_distill
 
-    run_distill(args.run_dir)
+    run_distill(args.run_dir, seeds=args.seeds)
 
 
 @command("export", "export the winners of a run")(_export_args)
@@ -195,7 +210,14 @@ def _export(args):
     from nas.export import export_run
 
     export_run(args.run_dir, out=args.out, winner=args.winner, formats=tuple(args.format.split(",")),
-               force=args.force)
+               force=args.force, int8=args.int8, calibration_images=args.calibration_images)
+
+
+@command("report", "write report.md and plots for a finished run")(_report_args)
+def _report(args):
+    from nas.report import write_report
+
+    print(f"report: {write_report(args.run_dir, references=not args.no_references)}")
 
 
 @command("run", "search, distill and export, in order")(_search_args)
@@ -216,7 +238,7 @@ def _run(args):
     export = ExportConfig.from_dict(cfg.export)
     if export.enabled:
         print("export:", flush=True)
-        export_run(run_dir, formats=export.formats, force=True)
+        export_run(run_dir, force=True, **export.run_kwargs())
     _print_winners(run_dir)
 
 
@@ -230,13 +252,14 @@ def _print_winners(run_dir) -> None:
         distill = {r["rank"]: r for r in json.loads((run_dir / "distill.json").read_text())["winners"]}
     print(f"\nwinners ({run_dir / 'winners.json'}):")
     print(f"  {'rank':>4}  {'key':<20} {'params':>9} {'MACs':>11} {'val acc':>8} {'score':>7}"
-          + ("  test acc before -> after KD" if distill else ""))
+          + ("  test acc: search / no-KD / KD (gain)" if distill else ""))
     for w in winners:
         line = (f"  {w['rank']:>4}  {w['key']:<20} {w['params']:>9,d} {w['macs']:>11,d} "
                 f"{w['val_accuracy']:>8.4f} {w['score']:>7.4f}")
         if w["rank"] in distill:
             d = distill[w["rank"]]
-            line += f"  {d['test_accuracy_before']:.4f} -> {d['test_accuracy_after']:.4f}"
+            line += (f"  {d['test_accuracy_before']:.4f} / {d['baseline_acc']:.4f} / {d['kd_acc']:.4f} "
+                     f"({d['gain']:+.4f})")
         print(line)
     print(f"outputs: {run_dir} (trials.csv, winners.json, winners/, distill.json, export/)")
 

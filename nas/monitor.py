@@ -380,6 +380,8 @@ class SearchMonitor:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not rec.get("proposed", True):
+                    continue  # screened by a strategy while choosing, never proposed
                 self._add_infeasible(str(rec.get("key", "")), str(rec.get("error", "")), announce)
 
     # ------------------------------------------------------------------ output

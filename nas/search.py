@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import Searcher
 
 from nas.config import ExperimentConfig
@@ -122,13 +124,16 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_trial(config: dict[str, Any], exp: Experiment) -> None:
+def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict] | None = None) -> None:
     """One Tune trial: decode, cost, (constraints), train with per-epoch reports, checkpoint."""
     import ray
 
     from evaluators.datasets import load_dataset
     from evaluators.train import save_variables, train
 
+    done = (finished or {}).get(tune.get_context().get_trial_id())
+    if done is not None and _report_again(exp, done):
+        return
     _enable_compilation_cache()
     start = time.time()
     arch = exp.space.from_choices(config)
@@ -150,21 +155,90 @@ def run_trial(config: dict[str, Any], exp: Experiment) -> None:
     epochs = exp.train.epochs
 
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
-        metrics = {**base, **m, "accuracy": m["val_accuracy"], METRIC: exp.objective.score(m["val_accuracy"], costs),
-                   "epochs": epoch, "wall_s": time.time() - start, "status": "ok" if epoch == epochs else "running"}
-        if epoch < epochs:
-            tune.report(metrics)
-        else:
+        state["metrics"] = {**base, **m, "accuracy": m["val_accuracy"],
+                            METRIC: exp.objective.score(m["val_accuracy"], costs), "epochs": epoch,
+                            "wall_s": time.time() - start, "status": "ok" if epoch == epochs else "running"}
+
+    def on_checkpoint(epoch: int, blob: bytes) -> None:
+        metrics = state.pop("metrics")
+        if epoch == epochs:
             state["final"] = metrics
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # lets a retried trial continue from this epoch
+            (Path(tmp) / TRAIN_STATE).write_bytes(blob)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     state: dict[str, Any] = {}
-    result = train(arch, data, exp.train, on_epoch=on_epoch)
+    result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint,
+                   resume_from=_resume_blob())
     with tempfile.TemporaryDirectory() as tmp:
         save_variables(Path(tmp) / "variables.msgpack", result.variables)
         (Path(tmp) / "architecture.json").write_text(arch.to_json(indent=2))
         final = {**state["final"], "wall_s": time.time() - start, "compile_s": result.compile_s,
                  "init_s": result.init_s, "train_s": result.train_s}
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+TRAIN_STATE = "train_state.msgpack"
+FINISHED_LOG = "finished.jsonl"
+
+
+class FinishedLog(tune.Callback):
+    """Appends every finished trial's result to RUN_DIR/finished.jsonl at once. Tune snapshots its
+    experiment state only every ~10 s, so a killed driver (SIGKILL, lost machine) would otherwise
+    lose, and `--resume` re-run, the trials that finished since the last snapshot."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / FINISHED_LOG
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from ray.tune.result import AUTO_RESULT_KEYS
+
+        skip = {*AUTO_RESULT_KEYS, "trial_id", "experiment_tag", "done", "should_checkpoint"}
+        result = {k: v for k, v in (trial.last_result or {}).items() if k not in skip}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"trial_id": trial.trial_id, "result": result}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def read(run_dir: Path) -> dict[str, dict]:
+        path = Path(run_dir) / FINISHED_LOG
+        lines = path.read_text().splitlines() if path.exists() else []
+        records = {}
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            records[rec["trial_id"]] = rec["result"]
+        return records
+
+
+def _report_again(exp: Experiment, result: dict[str, Any]) -> bool:
+    """Report the result of a trial that had finished before the driver was killed, instead of
+    running it again; a training trial needs its final checkpoint for that (else it runs again)."""
+    if exp.cfg.evaluator.kind == "table":
+        tune.report(result)
+        return True
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return False
+    with ckpt.as_directory() as d:
+        final = (Path(d) / "variables.msgpack").exists()
+    if final:
+        tune.report(result, checkpoint=ckpt)
+    return final
+
+
+def _resume_blob() -> bytes | None:
+    """The training state of this trial's last epoch checkpoint, when Tune retries the trial."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        path = Path(d) / TRAIN_STATE
+        return path.read_bytes() if path.exists() else None
 
 
 def _table_lookup(exp: Experiment, arch: Architecture, config: dict[str, Any]) -> dict[str, float]:
@@ -358,41 +432,71 @@ def make_searcher(name: str, exp: Experiment | None, *, check_only: tuple | None
 
 
 # ============================================================ progress
-class Progress(tune.Callback):
-    """One plain line per finished trial: done/total, running, failed, infeasible, best, ETA."""
+class _LineStream:
+    """A text stream that hands each complete line to `printer` (print, or a test's collector)."""
+
+    def __init__(self, printer):
+        self.printer, self.buf = printer, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.printer(line, flush=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.printer is print and sys.stdout.isatty()
+
+
+class Monitor(tune.Callback):
+    """Forwards Tune's trial events to the Ray-free SearchMonitor (live progress, TensorBoard).
+
+    The monitor is built lazily: Tune pickles its callbacks, and the monitor holds locks and writers.
+    """
 
     def __init__(self, exp: Experiment, printer=print):
-        self.exp, self.print = exp, printer
-        self.start = time.time()
-        self.done = self.failed = 0
-        self.best = -math.inf
-        self.running: set[str] = set()
+        self.exp, self.printer, self._monitor = exp, printer, None
+
+    @property
+    def monitor(self):
+        if self._monitor is None:
+            from nas.monitor import SearchMonitor
+
+            c = self.exp.cfg
+            stream = sys.stdout if self.printer is print else _LineStream(self.printer)
+            self._monitor = SearchMonitor(self.exp.run_dir, self.exp.space, c.num_trials, stream=stream,
+                                          latency_profile=(c.objective.profiles or ("host",))[0])
+        return self._monitor
+
+    def __getstate__(self):
+        return {**self.__dict__, "_monitor": None, "printer": print}
+
+    def setup(self, **info):
+        self.monitor
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.running.add(trial.trial_id)
+        self.monitor.trial_started(trial.trial_id)
 
-    def _line(self, trial, what: str) -> None:
-        self.running.discard(trial.trial_id)
-        total = self.exp.cfg.num_trials
-        elapsed = time.time() - self.start
-        eta = elapsed / max(self.done + self.failed, 1) * (total - self.done - self.failed)
-        infeasible = sum(1 for k, proposed in Feasibility(self.exp).seen if proposed)
-        best = f"{self.best:.4f}" if self.best > -math.inf else "-"
-        self.print(f"[{self.done + self.failed}/{total}] {what} | running {len(self.running)} failed {self.failed} "
-                   f"infeasible {infeasible} | best score {best} | {elapsed:5.0f}s elapsed, ~{eta:.0f}s left",
-                   flush=True)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.monitor.trial_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        r = trial.last_result or {}
-        self.done += 1
-        if r.get(METRIC) is not None:
-            self.best = max(self.best, float(r[METRIC]))
-        self._line(trial, f"{r.get('key', '?')} acc {r.get('accuracy', float('nan')):.4f} "
-                          f"score {r.get(METRIC, float('nan')):.4f}")
+        self.monitor.trial_completed(trial.trial_id, trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.failed += 1
-        self._line(trial, f"trial {trial.trial_id} FAILED")
+        err = trial.get_error()
+        self.monitor.trial_failed(trial.trial_id, _one_line(str(err)) if err else "error")
+
+    def on_experiment_end(self, trials, **info):
+        self.monitor.close()
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
 
 
 # ============================================================ run directory
@@ -449,6 +553,7 @@ def _init_ray(cfg: ExperimentConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     env = {"PYTHONWARNINGS": "ignore"}
+    address = address or os.environ.get("RAY_ADDRESS")  # set by Ray for a `ray job submit` entrypoint
     if address:
         _check_reachable(address)
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -493,18 +598,21 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
     """Run (or resume) the search of `cfg`; returns the run directory with trials.csv and winners.json."""
     exp = prepare(cfg)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Our own TensorBoard writer (nas/monitor.py) owns the HParams view; Tune's would shadow it.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     _init_ray(cfg, address)  # before touching the run dir: a bad address must not cost a --force'd run
     _check_resources(cfg)
     storage = _storage(cfg, cfg.run_dir)
     run_dir = check_run_dir(cfg, resume=resume, force=force)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, exp=exp),
+        tune.with_parameters(run_trial, exp=exp, finished=FinishedLog.read(run_dir) if resume else {}),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu,
          **({"memory": int(cfg.resources.memory_gb * 2**30)} if cfg.resources.memory_gb else {})},
     )
     tune_dir = f"{storage.rstrip('/')}/{cfg.name if cfg.storage_path else 'tune'}"
     printer(f"search '{cfg.name}': space {exp.space.name} ({exp.space.size():,d} architectures), dataset "
             f"{cfg.dataset.name}, {cfg.num_trials} trials, algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
+    monitor = Monitor(exp, printer)
     if resume and tune.Tuner.can_restore(tune_dir):
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=True)
     else:
@@ -517,11 +625,15 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
             ),
             run_config=tune.RunConfig(
                 name=cfg.name if cfg.storage_path else "tune", storage_path=storage, verbose=0,
-                callbacks=[Progress(exp, printer)],
+                callbacks=[FinishedLog(run_dir), monitor, CSVLoggerCallback(), JsonLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        monitor.close()
     rows = collect_trials(grid, exp)
     write_results(exp, rows)
     finished = grid.num_terminated + grid.num_errors

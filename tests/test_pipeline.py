@@ -66,7 +66,9 @@ def test_distill_then_export_and_load_reproduces_test_accuracy(finished_run):
     assert report["teacher"]["test_accuracy"] > 0.5
     assert [w["rank"] for w in report["winners"]] == [1, 2]
     doc = json.loads((run_dir / "distill.json").read_text())
-    assert all(0 <= w["test_accuracy_after"] <= 1 for w in doc["winners"])
+    for w in doc["winners"]:
+        assert 0 <= w["kd_acc"] <= 1 and 0 <= w["baseline_acc"] <= 1 and 0 <= w["test_accuracy_before"] <= 1
+        assert w["gain"] == pytest.approx(w["kd_acc"] - w["baseline_acc"])
     folders = export_run(run_dir, printer=lambda *a, **k: None)
     assert len(folders) == 2
     from evaluators.datasets import load_dataset

@@ -121,11 +121,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
             "--set", f"evaluator.table={macro_table_path}", "--set", "num_trials=25", "--set", "name=resume"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    done_lines = 0
+    finished = 0
     deadline = time.time() + 240
-    for line in proc.stdout:  # wait until some trials have finished, then press Ctrl-C
-        done_lines += line.startswith("[")
-        if done_lines >= 6 or time.time() > deadline:
+    for line in proc.stdout:  # progress lines start with [finished/total]; after 6, press Ctrl-C
+        if line.startswith("[") and "/" in line:
+            finished = int(line[1:line.index("/")])
+        if finished >= 6 or time.time() > deadline:
             proc.send_signal(signal.SIGINT)
             break
     out = proc.communicate(timeout=120)[0]

@@ -196,3 +196,21 @@ def test_save_and_load_variables_round_trip_exactly(run, tmp_path):
     (tmp_path / "junk.msgpack").write_bytes(b"\xc1\xc1junk")
     with pytest.raises(NasError, match="not a Flax msgpack"):
         load_variables(tmp_path / "junk.msgpack")
+
+
+def test_training_resumed_from_a_mid_run_checkpoint_equals_an_uninterrupted_run():
+    """What a retried Tune trial does after losing its node: continue from the last epoch's state."""
+    from search_spaces.catalog import SPACES
+
+    arch = SPACES.get("mobile_small").with_input(resolution=8).decode("100-100--100--1")
+    data = load_dataset("digits", seed=0)
+    cfg = TrainConfig(epochs=3, batch_size=64, seed=3)
+    blobs: dict[int, bytes] = {}
+    full = train(arch, data, cfg, checkpoint=lambda e, b: blobs.__setitem__(e, b))
+    assert sorted(blobs) == [1, 2, 3]
+    seen: list[int] = []
+    resumed = train(arch, data, cfg, resume_from=blobs[1], on_epoch=lambda e, m: seen.append(e))
+    assert seen == [2, 3]
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(jax.tree.leaves(full.variables), jax.tree.leaves(resumed.variables)):
+        np.testing.assert_array_equal(a, b)

@@ -250,18 +250,21 @@ def measure_latency_ms(arch: Architecture, runtime: str = "onnxruntime", *, budg
 
 
 # ================================================================ cache
-def fingerprint(runtime: str) -> dict[str, Any]:
-    """What a measurement depends on besides the layer: machine, library versions, runtime settings."""
-    _check_runtime(runtime)
-    cpu = platform.processor() or ""
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    fp: dict[str, Any] = {"format": FORMAT, "cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(runtime: str) -> dict[str, Any]:
+    """What a measurement depends on besides the layer: machine, library versions, runtime settings."""
+    _check_runtime(runtime)
+    fp: dict[str, Any] = {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
                           "runtime": runtime, "threads": 1, "jax": jax.__version__}
     if runtime == "onnxruntime":
         import jax2onnx

@@ -716,14 +716,9 @@ def machine() -> dict[str, Any]:
     import jax
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from evaluators.latency import cpu_model
+
+    cpu = cpu_model()
     try:
         load_avg = [round(v, 2) for v in os.getloadavg()]
     except OSError:

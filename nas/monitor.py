@@ -35,7 +35,7 @@ INACTIVE_LABEL = "-"
 STATUSES = ("ok", "stopped", "failed", "infeasible")
 
 
-def _num(v: Any) -> float:
+def finite_float(v: Any) -> float:
     """A finite float, or NaN for anything else (None, '', strings, bools)."""
     if isinstance(v, bool) or v is None:
         return math.nan
@@ -49,8 +49,8 @@ def _num(v: Any) -> float:
 def latency_of(result: Mapping[str, Any]) -> tuple[float, str]:
     """(predicted latency in ms, profile) from the first `latency_ms_at_<profile>` field of a result."""
     for k, v in result.items():
-        if k.startswith("latency_ms_at_") and math.isfinite(_num(v)):
-            return _num(v), k[len("latency_ms_at_"):]
+        if k.startswith("latency_ms_at_") and math.isfinite(finite_float(v)):
+            return finite_float(v), k[len("latency_ms_at_"):]
     return math.nan, ""
 
 
@@ -140,7 +140,7 @@ class SearchMonitor:
             step = _step(result)
             w = self._trial_writer(trial_id)
             for name in TRIAL_SCALARS:
-                v = _num(result.get(name))
+                v = finite_float(result.get(name))
                 if math.isfinite(v):
                     w.add_scalar(f"trial/{name}", v, step)
             w.flush()
@@ -163,7 +163,7 @@ class SearchMonitor:
                 status = "ok"
             t["status"] = status
             self.finished += 1
-            score, acc = _num(r.get("score")), _num(r.get("accuracy", r.get("val_accuracy")))
+            score, acc = finite_float(r.get("score")), finite_float(r.get("accuracy", r.get("val_accuracy")))
             if status == "infeasible":
                 self._add_infeasible(t.get("key", ""), announce=False)
             elif math.isfinite(acc):
@@ -273,8 +273,8 @@ class SearchMonitor:
         w = self._trial_writer(trial_id)
         step = _step(r)
         metrics = {} if status == "failed" else {  # a crashed trial has no result, only its curves
-            "accuracy": _num(r.get("accuracy", r.get("val_accuracy"))), "score": _num(r.get("score")),
-            "params": _num(r.get("params")), "macs": _num(r.get("macs")),
+            "accuracy": finite_float(r.get("accuracy", r.get("val_accuracy"))), "score": finite_float(r.get("score")),
+            "params": finite_float(r.get("params")), "macs": finite_float(r.get("macs")),
             "latency_ms": self._latency(r, t.get("key", ""))}
         for name, v in metrics.items():
             if math.isfinite(v):
@@ -444,8 +444,8 @@ def _hparams_summary(tag: str, **content):
 def _step(result: Mapping[str, Any]) -> int:
     """The epoch of a result (Tune's training_iteration when it has no 'epochs')."""
     for k in ("epochs", "training_iteration"):
-        if math.isfinite(_num(result.get(k))):
-            return int(_num(result[k]))
+        if math.isfinite(finite_float(result.get(k))):
+            return int(finite_float(result[k]))
     return 0
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from nas.config import ExperimentConfig, config_from_dict
 from nas.objective import Objective
+from nas.monitor import finite_float
 from nas.pareto import hypervolume, pareto_front
 from search_spaces.architecture import Architecture
 from search_spaces.catalog import load_space
@@ -38,23 +39,13 @@ COLORS = {"trial": "#9aa5b1", "stopped": "#d0d5da", "front": "#1f77b4", "winner"
 
 
 # ============================================================ plain helpers
-def _num(v: Any) -> float:
-    if isinstance(v, bool) or v is None or v == "":
-        return math.nan
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan
-
-
 def _fmt(v: Any, spec: str = ".4f") -> str:
-    x = _num(v)
+    x = finite_float(v)
     return "–" if math.isnan(x) else format(x, spec)
 
 
 def _int(v: Any) -> str:
-    x = _num(v)
+    x = finite_float(v)
     return "–" if math.isnan(x) else f"{int(round(x)):,d}"
 
 
@@ -129,8 +120,8 @@ def normalise_distill(doc: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     for w in (doc or {}).get("winners", []) or []:
         after = w.get("kd_acc", w.get("test_accuracy_after"))
         out.append({"rank": int(w.get("rank", len(out) + 1)), "key": str(w.get("key", "")),
-                    "before": _num(w.get("test_accuracy_before")), "after": _num(after),
-                    "baseline": _num(w.get("baseline_acc"))})
+                    "before": finite_float(w.get("test_accuracy_before")), "after": finite_float(after),
+                    "baseline": finite_float(w.get("baseline_acc"))})
     return out
 
 
@@ -153,10 +144,10 @@ def load_run(run_dir: str | Path) -> Run:
     for i, r in enumerate(rows):
         t: dict[str, Any] = dict(r)
         for k in NUMERIC:
-            t[k] = _num(r.get(k))
+            t[k] = finite_float(r.get(k))
         t["status"] = r.get("status") or "failed"
         t["order"] = _order(r.get("trial_id", ""), i)
-        lat = _num(r.get(col)) if col else math.nan
+        lat = finite_float(r.get(col)) if col else math.nan
         if math.isnan(lat) and t.get("key"):
             if t["key"] not in cache:
                 try:
@@ -312,9 +303,9 @@ def render_rgb(fig) -> np.ndarray:
 
 
 def _front(points: Sequence[Mapping[str, Any]], cost: str) -> list[Mapping[str, Any]]:
-    idx = pareto_front([{"accuracy": _num(p.get("accuracy")), cost: _num(p.get(cost))} for p in points],
+    idx = pareto_front([{"accuracy": finite_float(p.get("accuracy")), cost: finite_float(p.get(cost))} for p in points],
                        [("accuracy", "max"), (cost, "min")])
-    return sorted((points[i] for i in idx), key=lambda p: (_num(p.get(cost)), -_num(p.get("accuracy"))))
+    return sorted((points[i] for i in idx), key=lambda p: (finite_float(p.get(cost)), -finite_float(p.get("accuracy"))))
 
 
 def pareto_figure(results: Sequence[Mapping[str, Any]], *, winners: Sequence[Mapping[str, Any]] = (),
@@ -328,32 +319,32 @@ def pareto_figure(results: Sequence[Mapping[str, Any]], *, winners: Sequence[Map
     """
     fig, axes = _figure(11, 4.4, ncols=2)
     for ax, cost, label in ((axes[0][0], "latency_ms", latency_label), (axes[0][1], "params", "parameters")):
-        pts = [r for r in results if math.isfinite(_num(r.get("accuracy"))) and math.isfinite(_num(r.get(cost)))]
+        pts = [r for r in results if math.isfinite(finite_float(r.get("accuracy"))) and math.isfinite(finite_float(r.get(cost)))]
         full = [r for r in pts if r.get("status", "ok") == "ok"]
         part = [r for r in pts if r.get("status", "ok") != "ok"]
         if full:
-            ax.scatter([_num(r[cost]) for r in full], [_num(r["accuracy"]) for r in full], s=18,
+            ax.scatter([finite_float(r[cost]) for r in full], [finite_float(r["accuracy"]) for r in full], s=18,
                        color=COLORS["trial"], label=f"trials ({len(full)})", zorder=2)
         if part:
-            ax.scatter([_num(r[cost]) for r in part], [_num(r["accuracy"]) for r in part], s=14, marker="v",
+            ax.scatter([finite_float(r[cost]) for r in part], [finite_float(r["accuracy"]) for r in part], s=14, marker="v",
                        color=COLORS["stopped"], label=f"stopped early ({len(part)})", zorder=1)
         front = _front(full, cost)
         if front:
-            ax.step([_num(p[cost]) for p in front], [_num(p["accuracy"]) for p in front], where="post",
+            ax.step([finite_float(p[cost]) for p in front], [finite_float(p["accuracy"]) for p in front], where="post",
                     color=COLORS["front"], lw=1.5, zorder=3)
-            ax.scatter([_num(p[cost]) for p in front], [_num(p["accuracy"]) for p in front], s=90,
+            ax.scatter([finite_float(p[cost]) for p in front], [finite_float(p["accuracy"]) for p in front], s=90,
                        facecolor="none", edgecolor=COLORS["front"], lw=1.5, label="Pareto front", zorder=4)
-        wins = [w for w in winners if math.isfinite(_num(w.get(cost))) and math.isfinite(_num(w.get("accuracy")))]
+        wins = [w for w in winners if math.isfinite(finite_float(w.get(cost))) and math.isfinite(finite_float(w.get("accuracy")))]
         if wins:
-            ax.scatter([_num(w[cost]) for w in wins], [_num(w["accuracy"]) for w in wins], marker="*", s=150,
+            ax.scatter([finite_float(w[cost]) for w in wins], [finite_float(w["accuracy"]) for w in wins], marker="*", s=150,
                        color=COLORS["winner"], edgecolor="black", lw=0.5, label="winners (val)", zorder=6)
             for w in wins:
-                ax.annotate(f"#{w['rank']} {w['key']}", (_num(w[cost]), _num(w["accuracy"])), fontsize=7,
+                ax.annotate(f"#{w['rank']} {w['key']}", (finite_float(w[cost]), finite_float(w["accuracy"])), fontsize=7,
                             xytext=(5, 5), textcoords="offset points", color=COLORS["winner"])
-        kd = [d for d in distill if math.isfinite(_num(d.get(cost)))]
+        kd = [d for d in distill if math.isfinite(finite_float(d.get(cost)))]
         if kd:
             for i, d in enumerate(kd):
-                x, b, a = _num(d[cost]), _num(d.get("before")), _num(d.get("after"))
+                x, b, a = finite_float(d[cost]), finite_float(d.get("before")), finite_float(d.get("after"))
                 if math.isfinite(b):
                     ax.scatter([x], [b], marker="o", s=30, facecolor="white", edgecolor=COLORS["kd"], zorder=5,
                                label="winners, test before KD" if i == 0 else None)
@@ -362,11 +353,11 @@ def pareto_figure(results: Sequence[Mapping[str, Any]], *, winners: Sequence[Map
                                label="winners, test after KD" if i == 0 else None)
                 if math.isfinite(a) and math.isfinite(b):
                     ax.annotate("", (x, a), (x, b), arrowprops={"arrowstyle": "->", "color": COLORS["kd"], "lw": 1})
-        refs = [r for r in references if math.isfinite(_num(r.get(cost))) and math.isfinite(_num(r.get("accuracy")))]
+        refs = [r for r in references if math.isfinite(finite_float(r.get(cost))) and math.isfinite(finite_float(r.get("accuracy")))]
         for i, r in enumerate(refs):
-            ax.scatter([_num(r[cost])], [_num(r["accuracy"])], marker="D", s=55, color=COLORS["reference"],
+            ax.scatter([finite_float(r[cost])], [finite_float(r["accuracy"])], marker="D", s=55, color=COLORS["reference"],
                        edgecolor="black", lw=0.5, zorder=6, label="hand-designed (val)" if i == 0 else None)
-            ax.annotate(str(r["name"]).split(" (")[0], (_num(r[cost]), _num(r["accuracy"])), fontsize=7,
+            ax.annotate(str(r["name"]).split(" (")[0], (finite_float(r[cost]), finite_float(r["accuracy"])), fontsize=7,
                         xytext=(5, -10), textcoords="offset points", color=COLORS["reference"])
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
@@ -389,7 +380,7 @@ def best_so_far_figure(trials: Sequence[Mapping[str, Any]]):
     xs = np.arange(1, len(done) + 1)
     full = np.array([t["status"] == "ok" for t in done], dtype=bool)
     for metric, color in (("score", COLORS["front"]), ("accuracy", COLORS["winner"])):
-        vals = np.array([_num(t.get(metric)) for t in done], dtype=float)
+        vals = np.array([finite_float(t.get(metric)) for t in done], dtype=float)
         if not len(vals) or np.isnan(vals).all():
             continue
         # the best-so-far lines count fully trained trials only (like the winners); dots show all
@@ -512,7 +503,7 @@ def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None)
           f"- latency: predicted on `{run.profile}` ({run.latency_source})"]
     L += [f"- note: {n}" for n in sorted(run.notes)]
     if ok:
-        best = max(ok, key=lambda t: _num(t["score"]) if math.isfinite(_num(t["score"])) else -math.inf)
+        best = max(ok, key=lambda t: finite_float(t["score"]) if math.isfinite(finite_float(t["score"])) else -math.inf)
         L.append(f"- best score {_fmt(best['score'])} (`{best['key']}`, validation accuracy {_fmt(best['accuracy'])}); "
                  f"best validation accuracy {_fmt(max(t['accuracy'] for t in ok))}")
     L += ["", "## Accuracy vs cost", "",
@@ -524,7 +515,7 @@ def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None)
         front = _front(ok, cost)
         if not front:
             continue
-        pts = [{"accuracy": t["accuracy"], cost: t[cost]} for t in ok if math.isfinite(_num(t[cost]))]
+        pts = [{"accuracy": t["accuracy"], cost: t[cost]} for t in ok if math.isfinite(finite_float(t[cost]))]
         ref = (min(p["accuracy"] for p in pts), max(p[cost] for p in pts))
         hv = hypervolume(pts, ref, [("accuracy", "max"), (cost, "min")])
         L += [f"Pareto front, accuracy vs {'latency' if cost == 'latency_ms' else 'params'} "
@@ -576,9 +567,9 @@ def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None)
             w = winners[0]
             L += ["", "Winner #1 against each reference:", ""]
             for r in run.references:
-                L.append(f"- vs {r['name']}: validation accuracy {_num(w.get('accuracy')) - r['accuracy']:+.4f}, "
-                         f"params ×{_num(w.get('params')) / r['params']:.2f}, "
-                         f"latency ×{_num(w.get('latency_ms')) / r['latency_ms']:.2f}")
+                L.append(f"- vs {r['name']}: validation accuracy {finite_float(w.get('accuracy')) - r['accuracy']:+.4f}, "
+                         f"params ×{finite_float(w.get('params')) / r['params']:.2f}, "
+                         f"latency ×{finite_float(w.get('latency_ms')) / r['latency_ms']:.2f}")
         L.append("")
     L += ["## Progress over trials", "", "![best so far](best_so_far.png)", ""]
     if top is not None:

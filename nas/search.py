@@ -131,7 +131,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
     from evaluators.datasets import load_dataset
     from evaluators.train import save_variables, train
 
-    done = (finished or {}).get(tune.get_context().get_trial_id())
+    done = _finished_before(finished, config, exp)
     if done is not None and _report_again(exp, done):
         return
     _enable_compilation_cache()
@@ -186,7 +186,8 @@ FINISHED_LOG = "finished.jsonl"
 class FinishedLog(tune.Callback):
     """Appends every finished trial's result to RUN_DIR/finished.jsonl at once. Tune snapshots its
     experiment state only every ~10 s, so a killed driver (SIGKILL, lost machine) would otherwise
-    lose, and `--resume` re-run, the trials that finished since the last snapshot."""
+    lose, and `--resume` re-run, the trials that finished since the last snapshot. Must come before
+    the callbacks that announce a finished trial."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / FINISHED_LOG
@@ -211,8 +212,25 @@ class FinishedLog(tune.Callback):
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the kill
                 continue
-            records[rec["trial_id"]] = rec["result"]
+            records[rec["trial_id"]] = records[_suggestion_id(rec["result"])] = rec["result"]
         return records
+
+
+def _suggestion_id(result: dict[str, Any]) -> str:
+    return f"{result.get(SUGGESTION, '')}:{result.get('key', '')}"
+
+
+def _finished_before(finished: dict[str, dict] | None, config: dict[str, Any], exp: Experiment) -> dict | None:
+    """The recorded result of this trial, if it finished before the driver was killed: by trial id, or,
+    for a trial the last state snapshot did not hold (the restored searcher suggests it again, under a
+    new id), by suggestion number and architecture."""
+    if not finished:
+        return None
+    done = finished.get(tune.get_context().get_trial_id())
+    if done is None:
+        done = finished.get(_suggestion_id({SUGGESTION: config.get(SUGGESTION, 0),
+                                            "key": exp.space.from_choices(config).key}))
+    return done
 
 
 def _report_again(exp: Experiment, result: dict[str, Any]) -> bool:

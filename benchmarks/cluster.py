@@ -67,7 +67,7 @@ def _tune_results(tune_dir: Path) -> tuple[float, list[dict]]:
 
 def training_run(cpus: int, trials: int, epochs: int, out: Path) -> dict:
     cores = {"head": {0}, "worker": {1 % os.cpu_count()}}
-    env = {"NAS_JAX_CACHE": tempfile.mkdtemp(prefix="nas-bench-jax-")}  # no compile reuse across runs
+    env = {"NAS_JAX_CACHE": str(out / f"jax-cache-{cpus}")}  # a fresh one per run: no compile reuse across runs
     with LocalCluster(with_worker=cpus == 2, cores=cores, env=env, log_dir=out / f"logs-{cpus}") as cluster:
         _search(cluster, QUICKSTART, [f"output_dir={out}", f"name=bench{cpus}", f"num_trials={trials}",
                                       f"train.epochs={epochs}", "max_concurrent=2", "resources.cpu=1", "top_k=1"])

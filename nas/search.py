@@ -645,7 +645,8 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
                 name=cfg.name if cfg.storage_path else "tune", storage_path=storage, verbose=0,
                 callbacks=[FinishedLog(run_dir), monitor, CSVLoggerCallback(), JsonLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # keep every epoch's checkpoint: num_to_keep forces an experiment snapshot per checkpoint
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             ),
         )
     try:

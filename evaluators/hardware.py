@@ -139,17 +139,10 @@ def profile_from_dict(d: Mapping[str, Any], source: str = "<python>") -> Profile
 
 
 def profile_from_yaml(path: str | Path) -> Profile:
-    """Parse one profile file."""
-    import yaml
+    """Parse one profile file (a missing file or bad YAML is a one-line error naming it)."""
+    from search_spaces.catalog import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise NasError(f"{path}: file not found")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise NasError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
-    return profile_from_dict(doc or {}, source=str(path))
+    return profile_from_dict(read_yaml(path) or {}, source=str(path))
 
 
 PROFILES: Registry[Profile] = Registry("hardware profile")

@@ -41,11 +41,32 @@ def depthwise_reference(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndar
                                     feature_group_count=x.shape[-1])
 
 
-def _pad_same(x: jnp.ndarray, kh: int, kw: int, stride: int) -> tuple[jnp.ndarray, int, int]:
-    """x padded for a SAME k x k convolution, and the output height and width."""
-    oh, pt, pb = same_padding(x.shape[1], kh, stride)
-    ow, pl, pr = same_padding(x.shape[2], kw, stride)
-    return jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))), oh, ow
+Pads = tuple[int, int, int, int]  # top, bottom, left, right; negative = crop
+
+
+def _same_pads(x: jnp.ndarray, kh: int, kw: int, stride: int) -> Pads:
+    _, pt, pb = same_padding(x.shape[1], kh, stride)
+    _, pl, pr = same_padding(x.shape[2], kw, stride)
+    return pt, pb, pl, pr
+
+
+def _pad(x: jnp.ndarray, kh: int, kw: int, stride: int, pads: Pads) -> tuple[jnp.ndarray, int, int]:
+    """x padded (or cropped, for negative pads), and the output height and width."""
+    pt, pb, pl, pr = pads
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    return xp, (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+
+
+def _live_taps(size: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """(first tap, last tap, pad before, pad after) of a SAME convolution restricted to the taps
+    that read at least one real (not padding) position. On small maps most taps of a large kernel
+    only read padding (a 7x7 kernel on a 2x2 map: 9 of 49 taps are live, on 1x1 just one); they
+    add zeros, so dropping them is exact and shrinks the compiled program."""
+    out, before, _ = same_padding(size, kernel, stride)
+    live = [i for i in range(kernel) if any(0 <= i + stride * a - before < size for a in range(out))]
+    first, last = live[0], live[-1]
+    pad_before = before - first
+    return first, last, pad_before, (out - 1) * stride + (last - first + 1) - size - pad_before
 
 
 def _shifted_sum(xp: jnp.ndarray, w: jnp.ndarray, stride: int, oh: int, ow: int,
@@ -67,12 +88,14 @@ def _shifted_sum(xp: jnp.ndarray, w: jnp.ndarray, stride: int, oh: int, ow: int,
     return acc
 
 
-def _depthwise_fwd_value(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:
-    xp, oh, ow = _pad_same(x, w.shape[0], w.shape[1], stride)
+def _depthwise_fwd_value(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads: Pads | None = None) -> jnp.ndarray:
+    pads = pads if pads is not None else _same_pads(x, w.shape[0], w.shape[1], stride)
+    xp, oh, ow = _pad(x, w.shape[0], w.shape[1], stride, pads)
     return _shifted_sum(xp, w[:, :, 0], stride, oh, ow)
 
 
-def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, wd: int) -> jnp.ndarray:
+def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, wd: int,
+                          pads: Pads) -> jnp.ndarray:
     """d loss / d x of the SAME depthwise convolution, by phases of the padded input.
 
     Padded position p = q*s + r receives g[q - t] * w[r + s*t] for t >= 0: per phase r a
@@ -80,8 +103,7 @@ def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, w
     """
     n, oh, ow, c = g.shape
     kh, kw = w.shape[:2]
-    _, pt, pb = same_padding(h, kh, stride)
-    _, pl, pr = same_padding(wd, kw, stride)
+    pt, _, pl, _ = pads
     s = stride
     qh, qw = -(-(pt + h) // s), -(-(pl + wd) // s)  # phase rows/cols covering the real input
     rows = []
@@ -109,9 +131,10 @@ def _batch_chunk(n: int, per_item_bytes: int) -> int:
     return max(d for d in range(1, n + 1) if n % d == 0 and d <= target)
 
 
-def _depthwise_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, stride: int) -> jnp.ndarray:
+def _depthwise_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, stride: int,
+                           pads: Pads) -> jnp.ndarray:
     """d loss / d w (kh x kw x 1 x C): per tap, the sum over batch and space of shifted x * g."""
-    xp, oh, ow = _pad_same(x, kh, kw, stride)
+    xp, oh, ow = _pad(x, kh, kw, stride, pads)
     n, c = x.shape[0], x.shape[-1]
 
     def taps(xb: jnp.ndarray, gb: jnp.ndarray) -> jnp.ndarray:
@@ -133,19 +156,19 @@ def _depthwise_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, str
     return dw.reshape(kh, kw, 1, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:
-    return _depthwise_fwd_value(x, w, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads: Pads) -> jnp.ndarray:
+    return _depthwise_fwd_value(x, w, stride, pads)
 
 
-def _depthwise_fwd(x, w, stride):
-    return _depthwise_fwd_value(x, w, stride), (x, w)
+def _depthwise_fwd(x, w, stride, pads):
+    return _depthwise_fwd_value(x, w, stride, pads), (x, w)
 
 
-def _depthwise_bwd(stride, res, g):
+def _depthwise_bwd(stride, pads, res, g):
     x, w = res
-    dx = _depthwise_input_grad(g, w[:, :, 0], stride, x.shape[1], x.shape[2])
-    dw = _depthwise_weight_grad(x, g, w.shape[0], w.shape[1], stride)
+    dx = _depthwise_input_grad(g, w[:, :, 0], stride, x.shape[1], x.shape[2], pads)
+    dw = _depthwise_weight_grad(x, g, w.shape[0], w.shape[1], stride, pads)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -153,8 +176,11 @@ _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def depthwise_fast(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:
-    """Depthwise k x k SAME convolution (HWIO kernel k x k x 1 x C) as shifted multiply-adds."""
-    return _depthwise(x, w, stride)
+    """Depthwise k x k SAME convolution (HWIO kernel k x k x 1 x C) as shifted multiply-adds,
+    over the live taps only (see `_live_taps`); the dropped taps' weights get zero gradient."""
+    i0, i1, pt, pb = _live_taps(x.shape[1], w.shape[0], stride)
+    j0, j1, pl, pr = _live_taps(x.shape[2], w.shape[1], stride)
+    return _depthwise(x, w[i0:i1 + 1, j0:j1 + 1], stride, (pt, pb, pl, pr))
 
 
 def depthwise_shifted(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:

@@ -23,13 +23,16 @@ from search_spaces.space import SearchSpace
 
 TINY = {
     "name": "tiny",
-    "input": {"resolution": 8, "channels": 1},
+    # 16x16 and widths 8..48 / head 16..256: latencies spread far beyond timing noise, so the
+    # rank test below measures the predictor, not the machine's jitter (at 8x8 and <= 32
+    # channels every network ran in tens of microseconds and tau was noise: 0.20 once in CI).
+    "input": {"resolution": 16, "channels": 1},
     "num_classes": 10,
     "stem": {"kernel": 3, "channels": 8, "stride": 1},
-    "stages": [{"stride": 2, "channels": [8, 16], "depth": [1, 2],
+    "stages": [{"stride": 2, "channels": [8, 48], "depth": [1, 2],
                 "ops": [{"block": "ds", "kernel": [3, 5]}, {"block": "mb", "kernel": 3, "expansion": [3, 6]},
                         {"block": "skip"}]}],
-    "head": {"channels": [16, 32]},
+    "head": {"channels": [16, 256]},
 }
 
 
@@ -262,7 +265,7 @@ def test_calibrate_and_validate_a_tiny_space_for_real(tmp_path):
     space = SearchSpace.from_dict(TINY)
     path = tmp_path / "lat.json"
     seen = []
-    table = calibrate(space, cache_path=path, fit_samples=4, budget_s=0.03,
+    table = calibrate(space, cache_path=path, fit_samples=4, budget_s=0.08,
                       progress=lambda d, t, w: seen.append((d, t)))
     assert len(table.entries) == 23 and seen[-1][0] == seen[-1][1]
     assert table.null_ms > 0 and "tiny" in table.constants
@@ -270,10 +273,11 @@ def test_calibrate_and_validate_a_tiny_space_for_real(tmp_path):
     seen.clear()
     calibrate(space, cache_path=path, fit_samples=4, progress=lambda d, t, w: seen.append(w))
     assert seen == []
-    res = validate(space, cache_path=path, n=12, budget_s=0.05)
-    assert res["meta"]["n"] == 12 and res["meta"]["calibration_seconds"] == 0
+    res = validate(space, cache_path=path, n=20, budget_s=0.1)  # 190 pairs: tau's spread shrinks
+    assert res["meta"]["n"] == 20 and res["meta"]["calibration_seconds"] == 0
     for pred in ("analytic", "lut"):
         assert set(res[pred]) == {"kendall_tau", "spearman", "mape", "within_10pct"}
+    print("tiny space validation:", {k: round(v, 3) for k, v in res["lut"].items()})
     assert res["lut"]["kendall_tau"] > 0.5  # loose: CI machines are noisy
 
 

@@ -159,7 +159,7 @@ def test_calibrate_refuses_a_stale_cache_unless_told_to_recalibrate(tmp_path, mo
     monkeypatch.setattr(L, "arch_callable", lambda a, rt: None)
     t = calibrate(SearchSpace.from_dict(TINY), cache_path=path, recalibrate=True, fit_samples=3)
     assert t.fingerprint == fingerprint("onnxruntime") and len(t.entries) == 23
-    assert "stem_k3_relu_c1>8_s1_r8" in load_table(path).entries
+    assert "stem_k3_relu_c1>8_s1_r16" in load_table(path).entries
 
 
 def test_calibrate_only_for_this_machine_and_known_runtimes():

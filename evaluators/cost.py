@@ -9,6 +9,7 @@ executed one at a time at batch 1, of input + output + any residual input kept a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -84,8 +85,12 @@ class CostReport:
         return d
 
 
+@functools.lru_cache(maxsize=8192)
 def analytic_cost(arch: Architecture) -> CostReport:
-    """Per-layer and total cost of `arch`, computed from its operator list."""
+    """Per-layer and total cost of `arch`, computed from its operator list.
+
+    Memoised per Architecture (a frozen, hashable value): the objective reads several costs of
+    the same candidate, and strategies screen every key of small spaces for feasibility."""
     ops = network_ops(arch)
     names = layer_names(arch)
     layers = []

@@ -339,15 +339,3 @@ def cached_outputs(teacher: Teacher, data, cache_dir: str | Path) -> tuple[np.nd
         np.savez(f, key=teacher.key, logits=logits, features=feats)
     tmp.replace(path)
     return logits, feats, path, False
-
-
-def cached_logits(teacher: Teacher, x: np.ndarray, path: Path) -> np.ndarray:
-    """Teacher logits on `x`, computed once and kept at `path` (keyed by the teacher's fingerprint)."""
-    fp = teacher.fingerprint()
-    if path.exists():
-        with np.load(path) as z:
-            if "fingerprint" in z.files and str(z["fingerprint"]) == fp and z["logits"].shape[0] == len(x):
-                return z["logits"]
-    logits = teacher.logits(x)
-    np.savez(path, key=teacher.key, fingerprint=fp, logits=logits)
-    return logits

@@ -4,9 +4,9 @@ Every layer a space can produce has a *signature* (block type, kernel, expansion
 activation, channels in/out, stride, input resolution; plus stem and head entries).
 `calibrate` builds a one-layer model per distinct signature, measures it on this machine at
 batch 1 in a runtime (ONNX Runtime on the CPU by default, or jitted JAX), and stores the
-medians in a JSON cache keyed by signature. Predicted latency of a network = sum over its
-layers of (layer time - the runtime's fixed per-call overhead, measured on a trivial model)
-+ a constant fitted on a few measured whole networks.
+medians in a JSON cache keyed by signature. Predicted latency of a network = slope x sum over
+its layers of (layer time - the runtime's fixed per-call overhead, measured on a trivial model)
++ a constant; slope and constant are fitted (least squares) on 20 measured whole networks.
 
 The cache records the machine (CPU model, core count) and library versions; loading one that
 does not match raises `NasError` (recalibrate explicitly) - it is never used silently. It is
@@ -47,7 +47,7 @@ FORMAT = 2  # 2: activations exported as native ONNX ops (fuse_activations)
 RUNTIMES = ("onnxruntime", "jax")
 CALIBRATABLE = ("host",)  # calibrate() measures on this machine: only its own profile makes sense
 CACHE_ENV = "COMPACT_NAS_CACHE_DIR"
-FIT_SAMPLES = 20  # whole networks measured to fit the constant term
+FIT_SAMPLES = 20  # whole networks measured to fit the slope and constant
 Progress = Callable[[int, int, str], None]
 
 
@@ -288,7 +288,7 @@ def default_cache_path(profile: str = "host", runtime: str = "onnxruntime") -> P
 
 @dataclass
 class LatencyTable:
-    """Measured per-layer latencies (raw medians, ms) for one profile and runtime, plus fitted constants."""
+    """Measured per-layer latencies (raw medians, ms) for one profile and runtime, plus the fitted slope and constant per space."""
 
     profile: str
     runtime: str
@@ -297,6 +297,7 @@ class LatencyTable:
     entries: dict[str, float] = field(default_factory=dict)
     constants: dict[str, float] = field(default_factory=dict)  # per space name, ms
     path: Path | None = None
+    scales: dict[str, float] = field(default_factory=dict)  # per space name, fitted slope on the layer sum
 
     def layer_ms(self, sig: LayerSig) -> float | None:
         """Latency charged to one layer in a network (raw median minus the per-call overhead)."""
@@ -310,6 +311,10 @@ class LatencyTable:
             return self.constants[space]
         return float(np.median(list(self.constants.values()))) if self.constants else self.null_ms
 
+    def scale(self, space: str) -> float:
+        """Fitted slope on the sum of layer entries (1.0 for a space fitted before slopes were kept)."""
+        return self.scales.get(space, 1.0)
+
     def missing(self, arch: Architecture) -> list[LayerSig]:
         return [s for s in arch_signatures(arch) if not s.identity and s.key() not in self.entries]
 
@@ -317,14 +322,16 @@ class LatencyTable:
         return not self.missing(arch)
 
     def predict(self, arch: Architecture) -> LatencyEstimate:
-        """Sum of the layers' entries + the fitted constant; raises NasError when a layer is missing."""
+        """Fitted slope x sum of the layers' entries + the fitted constant (each layer's share in the
+        breakdown is its entry x the slope); raises NasError when a layer is missing."""
         missing = self.missing(arch)
         if missing:
             raise NasError(f"{self.path or 'latency table'}: no entry for layer '{missing[0].key()}' "
                            f"({len(missing)} missing); run calibrate() for space '{arch.space}'")
         names = layer_names(arch)
         sigs = arch_signatures(arch)
-        layers = [LayerLatency(i, names[i], self.layer_ms(s) or 0.0, source="lut", signature=s.key())
+        k = self.scale(arch.space)
+        layers = [LayerLatency(i, names[i], k * (self.layer_ms(s) or 0.0), source="lut", signature=s.key())
                   for i, s in enumerate(sigs)]
         layers.append(LayerLatency(len(names) - 1, names[-1], 0.0, source="lut", signature="(in head)"))
         c = self.constant_ms(arch.space)
@@ -333,7 +340,8 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "profile": self.profile, "runtime": self.runtime, "fingerprint": self.fingerprint,
-                "null_ms": self.null_ms, "constants": self.constants, "entries": dict(sorted(self.entries.items()))}
+                "null_ms": self.null_ms, "constants": self.constants, "scales": self.scales,
+                "entries": dict(sorted(self.entries.items()))}
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write atomically (temporary file in the same directory, fsync, rename)."""
@@ -372,6 +380,12 @@ def load_table(path: str | Path, *, profile: str | None = None, runtime: str | N
     for k, t in required.items():
         if not isinstance(d.get(k), t):
             raise NasError(f"{path}: corrupt latency table: key '{k}' missing or of the wrong type; {hint}")
+    scales = d.get("scales", {})  # absent in tables written before slopes were fitted: calibrate() refits
+    if not isinstance(scales, dict):
+        raise NasError(f"{path}: corrupt latency table: key 'scales' of the wrong type; {hint}")
+    for k, v in scales.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise NasError(f"{path}: corrupt latency table: scale '{k}' = {v!r}, allowed a finite number > 0; {hint}")
     if d["format"] != FORMAT:
         raise NasError(f"{path}: latency table format {d['format']}, this version reads {FORMAT}; {hint}")
     for k, v in list(d["entries"].items()) + list(d["constants"].items()) + [("null_ms", d["null_ms"])]:
@@ -392,7 +406,8 @@ def load_table(path: str | Path, *, profile: str | None = None, runtime: str | N
                                f"{here.get(k)!r} here; {hint}")
     return LatencyTable(d["profile"], d["runtime"], d["fingerprint"], float(d["null_ms"]),
                         {k: float(v) for k, v in d["entries"].items()},
-                        {k: float(v) for k, v in d["constants"].items()}, path)
+                        {k: float(v) for k, v in d["constants"].items()}, path,
+                        {k: float(v) for k, v in scales.items()})
 
 
 # ================================================================ calibrate
@@ -429,7 +444,7 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
       progress: called as `progress(done, total, what)` after each measurement.
       recalibrate: re-measure this space's layers; a stale or corrupt cache is replaced instead of raising.
       archs: calibrate only the layers of these architectures (for spaces too large to measure whole).
-      fit_samples: whole networks measured to fit the constant term.
+      fit_samples: whole networks measured to fit the slope and constant.
       seed: seed of those networks.
       budget_s: time spent repeating each layer measurement (median).
       passes: measure every layer this many times, spread in time, keeping the minimum median.
@@ -466,8 +481,9 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
         for s in wanted:
             table.entries.pop(s.key(), None)
         table.constants.pop(space.name, None)
+        table.scales.pop(space.name, None)
     todo = sorted((s for s in wanted if s.key() not in table.entries), key=LayerSig.key)
-    refit = bool(todo) or space.name not in table.constants or recalibrate
+    refit = bool(todo) or space.name not in table.constants or space.name not in table.scales or recalibrate
     total = passes * (len(todo) + (len(fit) if refit else 0)) + 1
     done = 0
 
@@ -494,10 +510,26 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
     if refit:
         measured = measure_passes([lambda a=a: arch_callable(a, runtime) for a in fit], passes, 2 * budget_s,
                                   lambda i, ms: tick(f"fit {fit[i].key}"))
-        resid = [m - sum(table.layer_ms(s) or 0.0 for s in arch_signatures(a)) for a, m in zip(fit, measured)]
-        table.constants[space.name] = float(np.median(resid))
+        sums = [sum(table.layer_ms(s) or 0.0 for s in arch_signatures(a)) for a in fit]
+        table.scales[space.name], table.constants[space.name] = fit_affine(sums, measured)
     table.save(path)
     return table
+
+
+def fit_affine(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
+    """(slope, constant) of measured ~ slope x layer-sum + constant, least squares over whole networks.
+
+    Layers timed alone are not exactly their share of a network (cold inputs, per-call copies that
+    grow with tensor size): on mobile_small the plain sum over-predicted large nets and
+    under-predicted small ones by up to 20% (slope ~0.89). A slope outside [0.5, 2] or fewer than
+    3 networks with spread means the fit is not to be trusted: slope 1, median residual instead.
+    """
+    x, y = np.asarray(sums, float), np.asarray(measured, float)
+    if len(x) >= 3 and np.ptp(x) > 0.05 * max(float(np.mean(x)), 1e-9):
+        slope, const = np.polyfit(x, y, 1)
+        if 0.5 <= slope <= 2.0:
+            return float(slope), float(const)
+    return 1.0, float(np.median(y - x)) if len(x) else 0.0
 
 
 def measure_passes(makers: Sequence[Callable[[], Any]], passes: int, budget_s: float,
@@ -623,7 +655,7 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
     if len(archs) < 3:
         raise NasError(f"space '{space.name}': only {len(archs)} architectures to validate on; need at least 3")
     t_cal = 0.0
-    if table is None or any(not table.covers(a) for a in archs) or space.name not in table.constants:
+    if table is None or any(not table.covers(a) for a in archs) or space.name not in table.scales:
         if table is None and not calibrate_missing:
             raise NasError(f"{path}: latency table not found; run calibrate() (nas hw calibrate) first")
         if calibrate_missing:

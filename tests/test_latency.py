@@ -125,6 +125,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     (lambda d: d["entries"].update(x=-1), "entry 'x' = -1"),
     (lambda d: d["entries"].update(x="fast"), "entry 'x' = 'fast'"),
     (lambda d: d.update(runtime="jax"), "for runtime 'jax', not 'onnxruntime'"),
+    (lambda d: d.update(scales={"tiny": -0.5}), "scale 'tiny' = -0.5"),
     (lambda d: d.update(profile="rpi4"), "for profile 'rpi4', not 'host'"),
 ])
 def test_bad_or_stale_cache_is_refused_with_one_line(tmp_path, edit, needle):
@@ -190,6 +191,34 @@ def test_predict_uses_analytic_without_a_calibration_and_lut_with_one(tmp_path):
     rec = latency_record(arch, ["host", "rpi4"])
     assert rec["latency_method@host"] == "lut" and rec["latency_method@rpi4"] == "analytic"
     assert rec["latency_ms@host"] == pytest.approx(est.total_ms)
+
+
+def test_predict_applies_the_fitted_slope_to_every_layer(tmp_path):
+    space = SearchSpace.from_dict(TINY)
+    arch = space.sample(np.random.default_rng(0))
+    entries = {s.key(): 0.1 for s in space_signatures(space)}
+    path = _table(tmp_path / "lat.json", entries=entries, scales={"tiny": 0.5}).save()
+    est = latency_breakdown(arch, "host", lut_path=path)
+    n_real = sum(not s.identity for s in arch_signatures(arch))
+    assert est.total_ms == pytest.approx(0.5 * n_real * 0.09 + 0.02)
+    assert sum(l.latency_ms for l in est.layers) + est.constant_ms == pytest.approx(est.total_ms)
+
+
+def test_a_table_written_before_slopes_loads_with_slope_one(tmp_path):
+    path = tmp_path / "lat.json"
+    d = _table(path).to_dict()
+    del d["scales"]
+    path.write_text(json.dumps(d))
+    t = load_table(path)
+    assert t.scales == {} and t.scale("tiny") == 1.0
+
+
+def test_affine_fit_recovers_slope_and_constant_and_falls_back_when_degenerate():
+    sums = [0.1, 0.2, 0.3, 0.5]
+    slope, const = L.fit_affine(sums, [0.9 * x + 0.01 for x in sums])
+    assert slope == pytest.approx(0.9) and const == pytest.approx(0.01)
+    assert L.fit_affine([0.2, 0.2, 0.2], [0.25, 0.27, 0.26]) == (1.0, pytest.approx(0.06))  # no spread
+    assert L.fit_affine([0.1, 0.2, 0.3], [0.9, 0.5, 0.1]) == (1.0, pytest.approx(0.3))  # slope < 0.5: refused
 
 
 def test_predict_falls_back_to_analytic_when_the_lut_lacks_a_layer(tmp_path):
@@ -268,7 +297,7 @@ def test_calibrate_and_validate_a_tiny_space_for_real(tmp_path):
     table = calibrate(space, cache_path=path, fit_samples=4, budget_s=0.08,
                       progress=lambda d, t, w: seen.append((d, t)))
     assert len(table.entries) == 23 and seen[-1][0] == seen[-1][1]
-    assert table.null_ms > 0 and "tiny" in table.constants
+    assert table.null_ms > 0 and "tiny" in table.constants and 0.5 <= table.scale("tiny") <= 2.0
     # re-running reuses the cache: nothing is measured
     seen.clear()
     calibrate(space, cache_path=path, fit_samples=4, progress=lambda d, t, w: seen.append(w))

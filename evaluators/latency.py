@@ -433,7 +433,7 @@ def sample_archs(space: SearchSpace, n: int, seed: int, exclude: Iterable[str] =
 def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "onnxruntime", *,
               cache_path: str | Path | None = None, progress: Progress | None = None, recalibrate: bool = False,
               archs: Sequence[Architecture] | None = None, fit_samples: int = FIT_SAMPLES, seed: int = 0,
-              budget_s: float = 0.15, passes: int = 2) -> LatencyTable:
+              budget_s: float = 0.15, passes: int = 3) -> LatencyTable:
     """Measure every layer configuration of `space` on this machine and store the look-up table.
 
     Args:
@@ -447,7 +447,8 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
       fit_samples: whole networks measured to fit the slope and constant.
       seed: seed of those networks.
       budget_s: time spent repeating each layer measurement (median).
-      passes: measure every layer this many times, spread in time, keeping the minimum median.
+      passes: measure every layer this many times, spread in time, keeping the minimum median
+        (ONNX Runtime: a fresh session each pass).
 
     Returns:
       The `LatencyTable` (also saved). Re-running reuses every entry already in the cache.
@@ -458,6 +459,7 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
     """
     space = _space(space)
     _check_runtime(runtime)
+    fresh = runtime == "onnxruntime"  # a new session per pass (cheap; see measure_passes)
     get_profile(profile)
     if profile not in CALIBRATABLE:
         raise NasError(f"profile '{profile}': calibrate() measures this machine; allowed: {', '.join(CALIBRATABLE)} "
@@ -494,7 +496,7 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
             progress(done, total, what)
 
     if todo or refit or table.null_ms <= 0:
-        table.null_ms = measure_passes([lambda: null_callable(runtime)], 3, budget_s)[0]
+        table.null_ms = measure_passes([lambda: null_callable(runtime)], 3, budget_s, rebuild=fresh)[0]
         tick("runtime overhead")
     last_save = [time.monotonic()]
 
@@ -506,10 +508,10 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
             table.save(path)
             last_save[0] = time.monotonic()
 
-    measure_passes([lambda s=s: unit_callable(s, runtime) for s in todo], passes, budget_s, record)
+    measure_passes([lambda s=s: unit_callable(s, runtime) for s in todo], passes, budget_s, record, rebuild=fresh)
     if refit:
         measured = measure_passes([lambda a=a: arch_callable(a, runtime) for a in fit], passes, 2 * budget_s,
-                                  lambda i, ms: tick(f"fit {fit[i].key}"))
+                                  lambda i, ms: tick(f"fit {fit[i].key}"), rebuild=fresh)
         sums = [sum(table.layer_ms(s) or 0.0 for s in arch_signatures(a)) for a in fit]
         table.scales[space.name], table.constants[space.name] = fit_affine(sums, measured)
     table.save(path)
@@ -533,12 +535,15 @@ def fit_affine(sums: Sequence[float], measured: Sequence[float]) -> tuple[float,
 
 
 def measure_passes(makers: Sequence[Callable[[], Any]], passes: int, budget_s: float,
-                   on_result: Callable[[int, float], None] | None = None) -> list[float]:
-    """Build each callable once (`makers[i]()`), time it `passes` times over the whole list (the
+                   on_result: Callable[[int, float], None] | None = None, *, rebuild: bool = False) -> list[float]:
+    """Time each callable (`makers[i]()` builds it) `passes` times over the whole list (the
     passes minutes apart on a big list) and keep the minimum of the medians per item.
 
     Other processes only ever add time, and a burst of load on this shared machine slows every
     repetition inside one median, so the minimum over passes spread in time is the robust one.
+    With `rebuild`, every pass builds the callable anew: an ONNX Runtime session can be slow
+    for its whole life (seen here: 6 of 50 mobile_small nets 40-75% slower in both passes of one
+    validation, at full speed in another), so only a fresh session per pass escapes it.
     """
     fns: list[Any] = [None] * len(makers)
     best = [math.inf] * len(makers)
@@ -549,7 +554,7 @@ def measure_passes(makers: Sequence[Callable[[], Any]], passes: int, budget_s: f
             best[i] = min(best[i], median_ms(fns[i], budget_s=budget_s))
             if on_result:
                 on_result(i, best[i])
-            if p == passes - 1:
+            if rebuild or p == passes - 1:
                 fns[i] = None  # free sessions / executables
     return best
 
@@ -632,7 +637,7 @@ def load_average() -> tuple[float, float, float]:
 
 def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "onnxruntime", n: int = 50, *,
              cache_path: str | Path | None = None, seed: int = 1, calibrate_missing: bool = True,
-             progress: Progress | None = None, budget_s: float = 0.3, passes: int = 2) -> dict[str, Any]:
+             progress: Progress | None = None, budget_s: float = 0.3, passes: int = 3) -> dict[str, Any]:
     """Measure `n` sampled architectures end to end and score both predictors against them.
 
     Each architecture is timed in `passes` passes over the whole sample (minimum of the medians).
@@ -665,7 +670,8 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
     count = iter(range(1, passes * len(archs) + 1))
     measured = measure_passes([lambda a=a: arch_callable(a, runtime) for a in archs], passes, budget_s,
                               lambda i, ms: progress and progress(next(count), passes * len(archs),
-                                                                  f"measure {archs[i].key}"))
+                                                                  f"measure {archs[i].key}"),
+                              rebuild=runtime == "onnxruntime")
     samples = [{"key": a.key, "measured_ms": m, "analytic_ms": analytic_latency(a, profile).total_ms,
                 "lut_ms": table.predict(a).total_ms if table.covers(a) else float("nan")}
                for a, m in zip(archs, measured)]

@@ -14,8 +14,9 @@ Tune's experiment start to the last trial's result), trials per minute, and the 
 Ray's per-trial overhead is everything a trial slot spends outside the trial function:
   * per trial, training search: (makespan x CPUs - sum of in-trial wall times) / trials
     (placement, actor start and its imports, dispatch, result reporting, idle gaps);
-  * with table trials (a look-up, ~1 ms of work), max_concurrent 1, reused actor: the median gap
-    between consecutive results minus the trial's own time (scheduling + reporting);
+  * with table trials (a look-up, tens of ms of work), max_concurrent 1, reused actor: the median
+    gap from one trial's end to the next one's start (reporting + scheduling), from each trial's
+    own float start time (`started_at`) and wall time;
   * the first trial's actor start: experiment start -> the first trial function call.
 
     python benchmarks/cluster.py --trials 6 --epochs 2 --json runs/bench_cluster.json
@@ -80,7 +81,7 @@ def training_run(cpus: int, trials: int, epochs: int, out: Path) -> dict:
     return {"cpus": cpus, "trials": trials, "epochs": epochs, "makespan_s": makespan,
             "trials_per_min": trials / makespan * 60, "in_trial_s": in_trial,
             "overhead_per_trial_s": (makespan * cpus - in_trial) / trials,
-            "first_trial_start_s": min(r["timestamp"] - float(r["wall_s"]) for r in results) - start,
+            "first_trial_start_s": min(r["started_at"] for r in results) - start,
             "nodes": len({r["node_id"] for r in rows}), "keys": [r["key"] for r in rows]}
 
 
@@ -91,11 +92,11 @@ def table_run(trials: int, out: Path) -> dict:
                                  "resources.cpu=1", "top_k=1"])
     cluster.remove()
     start, results = _tune_results(out / "benchtable" / "tune")
-    results.sort(key=lambda r: r["timestamp"])
-    gaps = [b["timestamp"] - a["timestamp"] - b["wall_s"] for a, b in zip(results, results[1:])]
+    results.sort(key=lambda r: r["started_at"])  # Tune's own "timestamp" is in whole seconds
+    gaps = [b["started_at"] - (a["started_at"] + a["wall_s"]) for a, b in zip(results, results[1:])]
     return {"trials": trials, "per_trial_overhead_s": statistics.median(gaps),
             "per_trial_overhead_p90_s": statistics.quantiles(gaps, n=10)[-1],
-            "first_trial_start_s": results[0]["timestamp"] - results[0]["wall_s"] - start,
+            "first_trial_start_s": results[0]["started_at"] - start,
             "trial_work_s": statistics.median(r["wall_s"] for r in results)}
 
 

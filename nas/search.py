@@ -139,7 +139,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
     arch = exp.space.from_choices(config)
     costs = exp.objective.costs(arch)
     base = {"key": arch.key, SUGGESTION: config.get(SUGGESTION, 0), **_cost_metrics(costs),
-            "node_id": ray.get_runtime_context().get_node_id()}
+            "node_id": ray.get_runtime_context().get_node_id(), "started_at": start}  # Tune's timestamp is whole s
     violations = exp.objective.violations(costs)
     if violations:  # the searcher filters these; a hand-made config may still get here
         tune.report({**base, "status": "infeasible", "error": "; ".join(violations), METRIC: -1.0,

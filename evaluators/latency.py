@@ -532,7 +532,7 @@ def fit_affine(sums: Sequence[float], measured: Sequence[float]) -> tuple[float,
         slope, const = np.polyfit(x, y, 1)
         if 0.5 <= slope <= 2.0:
             return float(slope), float(const)
-    return 1.0, float(np.median(y - x)) if len(x) else 0.0
+    return 1.0, (float(np.median(y - x)) if len(x) else 0.0)
 
 
 def measure_passes(makers: Sequence[Callable[[], Any]], passes: int, budget_s: float,

@@ -52,6 +52,12 @@ def _reader(name: str, x: np.ndarray, batch: int) -> Any:
     return Reader()
 
 
+def _has_subgraphs(g: "onnx.GraphProto") -> bool:
+    import onnx
+
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute)
+
+
 def drop_zero_points(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """Remove all-zero zero points of DequantizeLinear nodes whose input is a constant (the
     symmetric weights' and the biases'): the input is optional and defaults to 0 of the input's
@@ -64,6 +70,8 @@ def drop_zero_points(model: "onnx.ModelProto") -> "onnx.ModelProto":
         if (n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[0] in inits
                 and n.input[2] in inits and not numpy_helper.to_array(inits[n.input[2]]).any()):
             del n.input[2]
+    if _has_subgraphs(g):
+        return model  # subgraphs may read outer initializers: keep them all
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     kept = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
@@ -72,16 +80,14 @@ def drop_zero_points(model: "onnx.ModelProto") -> "onnx.ModelProto":
 
 
 def compact(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """Drop `value_info`, doc strings and opset imports of domains no node uses, and give nodes
-    and internal tensors short names (graph inputs and outputs keep theirs). Same graph, same
+    """Drop `value_info`, doc strings, node names and opset imports of domains no node uses, and
+    give internal tensors short names (graph inputs and outputs keep theirs). Same graph, same
     results, smaller file."""
-    import onnx
-
     g = model.graph
     del g.value_info[:]
     g.ClearField("doc_string")
     model.ClearField("doc_string")
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+    if _has_subgraphs(g):
         return model  # subgraphs see outer names: leave the names alone
     domains = {n.domain for n in g.node} | {""}
     kept = [o for o in model.opset_import if o.domain in domains]

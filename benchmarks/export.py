@@ -147,8 +147,8 @@ def main(argv=None) -> int:
               f"{r['ort_over_jax_b1']:>8.2f}  {r['ort_int8_ms']['batch1']:>8.3f}{r['int8_over_fp32']['batch1']:>9.2f}"
               f"{r['jax_ms']['batch32']:>8.3f}{r['ort_fp32_ms']['batch32']:>8.3f}{r['ort_int8_ms']['batch32']:>9.3f}"
               f"{r['int8_over_fp32']['batch32']:>10.2f}")
-    print("where the bytes go (weights = conv/dense kernels; per_channel = BatchNorm vectors in fp32, weight scales, "
-          "zero points, int32 biases and their scales in int8; graph = nodes and names):")
+    print("where the bytes go (weights = conv/dense kernels; per_channel = BatchNorm vectors in fp32, weight scales "
+          "and fp32 biases of the folded BatchNorm in int8; graph = nodes, names, activation scales):")
     for r in rows:
         print(f"  {r['key']:<18} fp32 {r['payload_fp32']}  int8 {r['payload_int8']}")
     size_ok = all(r["size_ratio"] >= SIZE_TARGET for r in rows)

@@ -28,6 +28,7 @@ from distill import STUDENTS, TEACHER  # noqa: E402
 
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.train import KDConfig, TrainConfig, train  # noqa: E402
+from nas.distill import mean_std  # noqa: E402
 from nas.teacher import cached_outputs, resolve_teacher  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
 
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             base = np.asarray(val["no-KD"])
             for arm, v in val.items():
                 gain = np.asarray(v) - base
-                rows.append({"student": name, "epochs": epochs, "arm": arm, "val_mean": float(np.mean(v)),
-                             "gain_mean": float(gain.mean()), "gain_std": float(gain.std(ddof=1)) if len(v) > 1 else 0.0,
-                             "won": int((gain > 0).sum()), "per_seed": [float(x) for x in v]})
-                print(f"{name:7s} {epochs:2d} ep  {arm:12s} val {np.mean(v):.4f}  gain {gain.mean():+.4f} "
-                      f"({int((gain > 0).sum())}/{len(v)})  [{time.perf_counter() - t0:.0f}s, "
-                      f"load {os.getloadavg()[0]:.1f}]", flush=True)
+                (val_mean, _), (gain_mean, gain_std) = mean_std(v), mean_std(list(gain))
+                won = int((gain > 0).sum())
+                rows.append({"student": name, "epochs": epochs, "arm": arm, "val_mean": val_mean,
+                             "gain_mean": gain_mean, "gain_std": gain_std, "won": won,
+                             "per_seed": [float(x) for x in v]})
+                print(f"{name:7s} {epochs:2d} ep  {arm:12s} val {val_mean:.4f}  gain {gain_mean:+.4f} "
+                      f"({won}/{len(v)})  [{time.perf_counter() - t0:.0f}s, load {os.getloadavg()[0]:.1f}]", flush=True)
     (out / "distill_sweep.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     return 0
 

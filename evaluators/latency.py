@@ -47,6 +47,7 @@ FORMAT = 2  # 2: activations exported as native ONNX ops (fuse_activations)
 RUNTIMES = ("onnxruntime", "jax")
 CALIBRATABLE = ("host",)  # calibrate() measures on this machine: only its own profile makes sense
 CACHE_ENV = "COMPACT_NAS_CACHE_DIR"
+REBUILD_EACH_PASS = ("onnxruntime",)  # runtimes timed with a fresh callable every pass (see measure_passes)
 FIT_SAMPLES = 20  # whole networks measured to fit the slope and constant
 Progress = Callable[[int, int, str], None]
 
@@ -459,7 +460,7 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
     """
     space = _space(space)
     _check_runtime(runtime)
-    fresh = runtime == "onnxruntime"  # a new session per pass (cheap; see measure_passes)
+    fresh = runtime in REBUILD_EACH_PASS
     get_profile(profile)
     if profile not in CALIBRATABLE:
         raise NasError(f"profile '{profile}': calibrate() measures this machine; allowed: {', '.join(CALIBRATABLE)} "
@@ -672,7 +673,7 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
     measured = measure_passes([lambda a=a: arch_callable(a, runtime) for a in archs], passes, budget_s,
                               lambda i, ms: progress and progress(next(count), passes * len(archs),
                                                                   f"measure {archs[i].key}"),
-                              rebuild=runtime == "onnxruntime")
+                              rebuild=runtime in REBUILD_EACH_PASS)
     samples = [{"key": a.key, "measured_ms": m, "analytic_ms": analytic_latency(a, profile).total_ms,
                 "lut_ms": table.predict(a).total_ms if table.covers(a) else float("nan")}
                for a, m in zip(archs, measured)]

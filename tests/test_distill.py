@@ -18,7 +18,7 @@ import yaml
 
 from evaluators.datasets import load_dataset
 from evaluators.losses import cross_entropy, kd_loss
-from evaluators.train import HINT, TrainConfig, initialize, make_loss, predict_logits, save_variables
+from evaluators.train import HINT, KDConfig, TrainConfig, initialize, make_loss, predict_logits, save_variables
 from nas.config import config_from_dict
 from nas.distill import DistillConfig, mean_std, run_distill
 from nas.teacher import Teacher, ensemble_logits, resolve_teacher, search_candidates
@@ -98,6 +98,12 @@ def test_distill_config_defaults_and_schedule():
     assert (cfg.schedule, cfg.warmup_epochs, cfg.epochs, cfg.batch_size) == ("warmup_cosine", 1, 4, 32)
     assert d.kd().beta == 0.5 and d.seeds == 5
     assert DistillConfig.from_dict(None).student_train(TrainConfig()).schedule == "cosine"
+
+
+def test_distill_stage_and_trainer_share_the_kd_defaults():
+    # nas.distill keeps JAX out of its import, so it repeats KDConfig's defaults: they must agree
+    d, kd = DistillConfig(), KDConfig()
+    assert (d.temperature, d.alpha, d.beta) == (kd.temperature, kd.alpha, kd.beta) == (2.0, 0.5, 0.0)
 
 
 @pytest.mark.parametrize("bad, match", [

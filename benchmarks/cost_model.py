@@ -6,9 +6,12 @@ end-to-end measurements of N sampled architectures (batch 1, median, one thread)
 
     python benchmarks/cost_model.py                       # all spaces, both runtimes
     python benchmarks/cost_model.py --spaces mobile_small --runtimes onnxruntime --n 50 --json
+    python benchmarks/cost_model.py --timeline 150         # how steady is this machine right now?
 
 Run it on a quiet machine: the load average is printed with every row because other
-processes inflate and scatter the timings.
+processes inflate and scatter the timings. `--timeline S` times one network in 0.25 s windows for
+S seconds and reports the bursts of slowdown that a shared host adds even when this VM is idle
+(the reason the measurements keep the minimum of many short windows, see `measure_passes`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from evaluators.latency import RUNTIMES, calibrate, default_cache_path, load_average, validate  # noqa: E402
+from evaluators.latency import (  # noqa: E402
+    RUNTIMES, arch_callable, calibrate, default_cache_path, load_average, median_ms, sample_archs, validate)
 from search_spaces.catalog import SPACES  # noqa: E402
 
 # Per space: n for (onnxruntime, jax), or a reason to skip.
@@ -40,6 +45,26 @@ def _progress(prefix: str):
     return show
 
 
+def timeline(seconds: float, window_s: float = 0.25, space: str = "mobile_small") -> dict[str, float]:
+    """Time one network (ONNX Runtime, batch 1) in consecutive windows; bursts = windows >= 1.3x the fastest."""
+    fn = arch_callable(sample_archs(SPACES.get(space), 1, 1)[0], "onnxruntime")
+    t0, ms = time.monotonic(), []
+    while time.monotonic() - t0 < seconds:
+        ms.append(median_ms(fn, budget_s=window_s, warmup=2))
+    rel = [m / min(ms) for m in ms]
+    slow = [r >= 1.3 for r in rel]
+    runs, run = [], 0
+    for s in slow + [False]:
+        if s:
+            run += 1
+        elif run:
+            runs.append(run * window_s)
+            run = 0
+    return {"windows": len(ms), "fastest_ms": min(ms), "slow_fraction": sum(slow) / len(ms),
+            "median_slowdown_in_bursts": statistics.median([r for r in rel if r >= 1.3]) if runs else 1.0,
+            "bursts": len(runs), "longest_burst_s": max(runs, default=0.0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spaces", nargs="+", default=SPACES.names())
@@ -48,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="host")
     ap.add_argument("--json", action="store_true", help="print all results as JSON at the end")
     ap.add_argument("--recalibrate", action="store_true", help="discard cached layer measurements first")
+    ap.add_argument("--timeline", type=float, metavar="SECONDS", help="only measure the machine's steadiness")
     args = ap.parse_args(argv)
+    if args.timeline:
+        t = timeline(args.timeline)
+        print(f"{t['windows']} windows of 0.25 s, fastest {t['fastest_ms']:.4f} ms: {t['slow_fraction']:.0%} of them "
+              f">= 1.3x slower, in {t['bursts']} bursts (longest {t['longest_burst_s']:.1f} s, median slowdown "
+              f"{t['median_slowdown_in_bursts']:.2f}x)  load {'/'.join(f'{x:.1f}' for x in load_average())}")
+        if args.json:
+            print(json.dumps(t))
+        return 0
 
     results = []
     print(f"{'space':<14} {'runtime':<11} {'n':>3}  {'predictor':<8} {'tau':>6} {'rho':>6} {'MAPE%':>7} "

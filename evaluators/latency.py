@@ -49,6 +49,8 @@ CALIBRATABLE = ("host",)  # calibrate() measures on this machine: only its own p
 CACHE_ENV = "COMPACT_NAS_CACHE_DIR"
 REBUILD_EACH_PASS = ("onnxruntime",)  # runtimes timed with a fresh callable every pass (see measure_passes)
 FIT_SAMPLES = 20  # whole networks measured to fit the slope and constant
+ROUNDS = 10  # short timing windows per item per pass, spread over the pass (see measure_passes)
+TIMING = f"min of medians, {ROUNDS} windows per pass"  # in the fingerprint: tables timed otherwise are stale
 Progress = Callable[[int, int, str], None]
 
 
@@ -266,7 +268,7 @@ def fingerprint(runtime: str) -> dict[str, Any]:
     """What a measurement depends on besides the layer: machine, library versions, runtime settings."""
     _check_runtime(runtime)
     fp: dict[str, Any] = {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-                          "runtime": runtime, "threads": 1, "jax": jax.__version__}
+                          "runtime": runtime, "threads": 1, "timing": TIMING, "jax": jax.__version__}
     if runtime == "onnxruntime":
         import jax2onnx
         import onnxruntime
@@ -537,27 +539,31 @@ def fit_affine(sums: Sequence[float], measured: Sequence[float]) -> tuple[float,
 
 
 def measure_passes(makers: Sequence[Callable[[], Any]], passes: int, budget_s: float,
-                   on_result: Callable[[int, float], None] | None = None, *, rebuild: bool = False) -> list[float]:
-    """Time each callable (`makers[i]()` builds it) `passes` times over the whole list (the
-    passes minutes apart on a big list) and keep the minimum of the medians per item.
+                   on_result: Callable[[int, float], None] | None = None, *, rebuild: bool = False,
+                   rounds: int = ROUNDS) -> list[float]:
+    """Time each callable (`makers[i]()` builds it) and keep the minimum of many short medians.
 
-    Other processes only ever add time, and a burst of load on this shared machine slows every
-    repetition inside one median, so the minimum over passes spread in time is the robust one.
-    With `rebuild`, every pass builds the callable anew: an ONNX Runtime session can be slow
-    for its whole life (seen here: 6 of 50 mobile_small nets 40-75% slower in both passes of one
-    validation, at full speed in another), so only a fresh session per pass escapes it.
+    Each pass builds the callables (all of them at once), then goes `rounds` times round the
+    whole list, spending `budget_s / rounds` on each item per round; `on_result(i, best)` follows
+    an item's last round of a pass. The machine's host (a shared VM) has bursts of 1.7-2x
+    slowdown lasting 0.25-5 s, about 40% of the time (measured: one network timed in 0.25 s
+    windows for 150 s, `benchmarks/cost_model.py --timeline`); one median over a single window
+    lands inside such a burst often, but the minimum over windows spread across a whole pass
+    almost never does. With `rebuild`, every pass builds the callables anew: an ONNX Runtime
+    session is a fresh allocation whose speed can differ from the last one's.
     """
     fns: list[Any] = [None] * len(makers)
     best = [math.inf] * len(makers)
+    rng = np.random.default_rng(0)
     for p in range(passes):
-        for i, make in enumerate(makers):
-            if fns[i] is None:
-                fns[i] = make()
-            best[i] = min(best[i], median_ms(fns[i], budget_s=budget_s))
-            if on_result:
-                on_result(i, best[i])
-            if rebuild or p == passes - 1:
-                fns[i] = None  # free sessions / executables
+        fns = [f if f is not None else make() for f, make in zip(fns, makers)]
+        for r in range(rounds):
+            for i in rng.permutation(len(makers)).tolist():
+                best[i] = min(best[i], median_ms(fns[i], budget_s=budget_s / rounds, min_reps=15, warmup=5))
+                if r == rounds - 1 and on_result:
+                    on_result(i, best[i])
+        if rebuild or p == passes - 1:
+            fns = [None] * len(makers)  # free sessions / executables
     return best
 
 

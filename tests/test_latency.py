@@ -4,6 +4,7 @@ block type, predict_latency_ms, and one real calibrate + validate run on a tiny 
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -120,6 +121,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     (lambda d: d["fingerprint"].update(cpu="Other CPU 9000"), "stale latency table: cpu = 'Other CPU 9000'"),
     (lambda d: d["fingerprint"].update(onnxruntime="0.1.0"), "stale latency table: onnxruntime = '0.1.0'"),
     (lambda d: d["fingerprint"].update(cores=64), "stale latency table: cores = 64"),
+    (lambda d: d["fingerprint"].pop("timing"), "stale latency table: timing = None when measured"),
     (lambda d: d.update(format=0), "format 0"),
     (lambda d: d.pop("entries"), "key 'entries' missing"),
     (lambda d: d["entries"].update(x=-1), "entry 'x' = -1"),
@@ -144,6 +146,27 @@ def test_truncated_cache_is_refused(tmp_path):
     path.write_text(path.read_text()[:40])
     with pytest.raises(NasError, match="corrupt latency table"):
         load_table(path)
+
+
+def _busy(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def test_timing_windows_spread_over_a_pass_escape_a_burst_of_load():
+    start = [0.0]
+
+    def make():  # every call takes 0.2 ms, or 0.4 ms during a burst of load in the first 0.3 s of the pass
+        start[0] = start[0] or time.perf_counter()
+        return lambda: _busy(0.4 if time.perf_counter() - start[0] < 0.3 else 0.2)
+
+    # one 0.2 s window per item: the first item timed is inside the burst
+    assert max(L.measure_passes([make] * 4, 1, 0.2, rounds=1)) >= 0.4
+    # ten windows per item spread over the pass: the later ones see the machine at full speed
+    start[0], seen = 0.0, []
+    best = L.measure_passes([make] * 4, 1, 0.2, lambda i, ms: seen.append(i), rounds=10)
+    assert max(best) < 0.3 and sorted(seen) == [0, 1, 2, 3]
 
 
 def test_calibrate_refuses_a_stale_cache_unless_told_to_recalibrate(tmp_path, monkeypatch):

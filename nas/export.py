@@ -681,33 +681,41 @@ def _cost(arch: Architecture) -> dict[str, Any]:
 
 def _measure_latencies(stage: Path, arch: Architecture, variables: Any, x: np.ndarray,
                        fmt: Mapping[str, Any], budget: float) -> dict[str, dict[str, float]]:
-    """Median ms at batch 1 and 32: jitted JAX (fast implementation) and ONNX Runtime (one thread)."""
+    """Ms at batch 1 and 32: jitted JAX (fast implementation) and ONNX Runtime (one thread).
+
+    Each figure is the minimum of ten short medians, the windows of all figures interleaved over
+    the whole measurement (`evaluators.latency.measure_passes`): bursts of host load then slow
+    no figure, and the ratios between formats compare like with like.
+    """
     if budget <= 0:
         return {}
     import jax
     import jax.numpy as jnp
 
-    from evaluators.latency import median_ms
+    from evaluators.latency import measure_passes
     from evaluators.onnx_export import ort_session
     from search_spaces.model import build_model
 
     batches = {"batch1": x[:1], "batch32": np.resize(x, (32, *x.shape[1:])).astype(np.float32)}
-    out: dict[str, dict[str, float]] = {}
     net = build_model(arch, "fast")
     v = jax.tree.map(jnp.asarray, {k: variables[k] for k in ("params", "batch_stats") if k in variables})
     f = jax.jit(lambda a: net.apply(v, a, train=False))
-    out["jax"] = {}
+    which, makers = [], []
     for b, xb in batches.items():
         xd = jax.device_put(xb)
-        out["jax"][b] = median_ms(lambda: f(xd).block_until_ready(), budget_s=budget, min_reps=10, warmup=3)
+        which.append(("jax", b))
+        makers.append(lambda xd=xd: lambda: f(xd).block_until_ready())
     for format in ("onnx", "int8"):
         if fmt.get(format, {}).get("file"):
             sess = ort_session(str(stage / FILES[format]), threads=1)
             name = sess.get_inputs()[0].name
-            out[format] = {}
             for b, xb in batches.items():
                 feed = {name: np.ascontiguousarray(xb)}
-                out[format][b] = median_ms(lambda: sess.run(None, feed), budget_s=budget, min_reps=10, warmup=3)
+                which.append((format, b))
+                makers.append(lambda sess=sess, feed=feed: lambda: sess.run(None, feed))
+    out: dict[str, dict[str, float]] = {}
+    for (format, b), ms in zip(which, measure_passes(makers, 1, budget)):
+        out.setdefault(format, {})[b] = ms
     return out
 
 
@@ -845,7 +853,7 @@ def model_card(arch: Architecture, m: Mapping[str, Any], cost: Mapping[str, Any]
         mach = m.get("machine", {})
         L += ["", f"Measured on the export machine ({mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
               f"load average {mach.get('load_average')} at export; ONNX Runtime {mach.get('onnxruntime')} with one "
-              f"thread, JAX {mach.get('jax')} jitted), median:", "",
+              f"thread, JAX {mach.get('jax')} jitted), minimum of ten short medians spread over the measurement:", "",
               "| runtime | batch 1 | batch 32 |", "|---|---|---|"]
         for k, label in (("jax", "JAX jit (flax weights)"), ("onnx", "ONNX Runtime fp32"),
                          ("int8", "ONNX Runtime int8")):

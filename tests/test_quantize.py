@@ -58,3 +58,56 @@ def test_compact_keeps_only_used_opset_domains_and_no_names(fp32, tmp_path):
     m = onnx.load(str(_quantize(path, x, tmp_path / "q.onnx")))
     assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"} | {n.domain for n in m.graph.node}
     assert not any(n.name or n.doc_string for n in m.graph.node) and not m.graph.value_info
+
+
+def _unpacked(path, x, out, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(Q, "pack_float16", lambda model: model)
+        return _quantize(path, x, out)
+
+
+def test_float16_packing_keeps_the_outputs_and_saves_four_bytes_a_channel(fp32, tmp_path, monkeypatch):
+    path, x = fp32
+    packed, full = _quantize(path, x, tmp_path / "packed.onnx"), _unpacked(path, x, tmp_path / "full.onnx", monkeypatch)
+    g = onnx.load(str(full)).graph
+    scales = {n.input[1] for n in g.node if n.op_type == "DequantizeLinear"}
+    channels = sum(int(np.prod(t.dims)) for t in g.initializer if t.name in scales and len(t.dims) == 1 and t.dims[0] > 1)
+    assert channels > 100
+    assert full.stat().st_size - packed.stat().st_size >= 4 * channels - 600  # 2 + 2 bytes a channel, minus 2 nodes
+    a, b, f = run(ort_session(str(packed)), x), run(ort_session(str(full)), x), run(ort_session(str(path)), x)
+    # float16 constants move a few activations by one int8 step: far less than int8 itself moves them
+    # (random weights and inputs: near-tied logits; accuracy on real data is in benchmarks/export.py)
+    same = lambda u, v: (u.argmax(-1) == v.argmax(-1)).mean()  # noqa: E731
+    assert np.abs(a - b).mean() <= 0.25 * np.abs(b - f).mean() and same(a, b) >= same(b, f)
+    ops = [n.op_type for n in onnx.load(str(packed)).graph.node]
+    assert ops[:2] == ["Cast", "Split"] and ops.count("Cast") == 1
+
+
+def test_a_constant_float16_cannot_hold_stays_float32(fp32, tmp_path, monkeypatch):
+    path, x = fp32
+    m = onnx.load(str(_unpacked(path, x, tmp_path / "full.onnx", monkeypatch)))
+    g = m.graph
+    bias = next(n.input[2] for n in g.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3)
+    t = next(t for t in g.initializer if t.name == bias)
+    big = onnx.numpy_helper.to_array(t).copy()
+    big[0] = 1e6  # beyond float16's 65504
+    t.CopyFrom(onnx.numpy_helper.from_array(big, bias))
+    packed = Q.pack_float16(m)
+    kept = {t.name: t for t in packed.graph.initializer}
+    assert kept[bias].data_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in kept.values())
+
+
+def test_compact_changes_no_output_and_keeps_one_copy_of_each_scalar(fp32, tmp_path, monkeypatch):
+    path, x = fp32
+    small = _quantize(path, x, tmp_path / "small.onnx")
+    with monkeypatch.context() as m:
+        m.setattr(Q, "compact", lambda model: model)
+        full = _quantize(path, x, tmp_path / "full.onnx")
+    np.testing.assert_array_equal(run(ort_session(str(small)), x), run(ort_session(str(full)), x))
+    g = onnx.load(str(small)).graph
+    scalars = [onnx.numpy_helper.to_array(t) for t in g.initializer if np.prod(t.dims) <= 1]
+    assert len({(a.dtype.str, a.tobytes()) for a in scalars}) == len(scalars) > 0
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    assert convs and not any(a.name in ("dilations", "strides") and set(a.ints) == {1} for n in convs for a in n.attribute)
+    assert small.stat().st_size < full.stat().st_size

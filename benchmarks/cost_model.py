@@ -32,6 +32,7 @@ import time  # noqa: E402
 from evaluators.latency import (  # noqa: E402
     RUNTIMES, arch_callable, calibrate, default_cache_path, load_average, median_ms, sample_archs, validate)
 from search_spaces.catalog import SPACES  # noqa: E402
+from search_spaces.errors import NasError  # noqa: E402
 
 # Per space: n for (onnxruntime, jax), or a reason to skip.
 DEFAULT_N = {"mnas_imagenet": {"onnxruntime": 20, "jax": 10}}
@@ -94,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             n = min(args.n, DEFAULT_N.get(space, {}).get(rt, args.n))
             t0 = time.monotonic()
-            calibrate(space, args.profile, rt, recalibrate=args.recalibrate,
-                      progress=_progress(f"calibrate {space}/{rt}"))
-            t_cal = time.monotonic() - t0
-            res = validate(space, args.profile, rt, n=n, progress=_progress(f"validate {space}/{rt}"))
+            try:
+                calibrate(space, args.profile, rt, recalibrate=args.recalibrate,
+                          progress=_progress(f"calibrate {space}/{rt}"))
+                t_cal = time.monotonic() - t0
+                res = validate(space, args.profile, rt, n=n, progress=_progress(f"validate {space}/{rt}"))
+            except NasError as e:  # e.g. a stale cache without --recalibrate: keep the rows already measured
+                print(f"error: {space}/{rt}: {e}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps(results, indent=1))
+                return 2
             res["meta"]["calibration_seconds"] += t_cal
             res["meta"]["cache"] = str(default_cache_path(args.profile, rt))
             results.append(res)

@@ -546,7 +546,7 @@ def measure_passes(makers: Sequence[Callable[[], Any]], passes: int, budget_s: f
     Each pass builds the callables (all of them at once), then goes `rounds` times round the
     whole list, spending `budget_s / rounds` on each item per round; `on_result(i, best)` follows
     an item's last round of a pass. The machine's host (a shared VM) has bursts of 1.7-2x
-    slowdown lasting 0.25-5 s, about 40% of the time (measured: one network timed in 0.25 s
+    slowdown lasting 0.25-6 s, about a third of the time (measured: one network timed in 0.25 s
     windows for 150 s, `benchmarks/cost_model.py --timeline`); one median over a single window
     lands inside such a burst often, but the minimum over windows spread across a whole pass
     almost never does. With `rebuild`, every pass builds the callables anew: an ONNX Runtime

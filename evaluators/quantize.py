@@ -105,9 +105,11 @@ def pack_float16(model: "onnx.ModelProto", *, rtol: float = 1e-3) -> "onnx.Model
         for k, name in enumerate(n.input):
             users.setdefault(name, []).append((n, k))
 
+    graph_inputs = {v.name for v in g.input}
+
     def per_channel(name: str) -> bool:  # used only as a constant weight's scale or as a bias
         t = inits.get(name)
-        if t is None or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 1 or t.dims[0] < 2:
+        if t is None or name in graph_inputs or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 1 or t.dims[0] < 2:
             return False
         return all((n.op_type == "DequantizeLinear" and k == 1 and n.input[0] in inits)
                    or (n.op_type in ("Conv", "Gemm") and k == 2) for n, k in users.get(name, []))

@@ -527,7 +527,7 @@ def fit_affine(sums: Sequence[float], measured: Sequence[float]) -> tuple[float,
     Layers timed alone are not exactly their share of a network (cold inputs, per-call copies and
     cache effects that grow with tensor size): on mobile_small the plain sum over-predicted large
     nets and under-predicted small ones by up to 20% in one validation; the fitted slopes seen
-    here are 0.97-1.04 (mobile_small) and 1.25 (macro_cifar). A slope outside [0.5, 2] or fewer than
+    here are 0.93-1.04 (mobile_small) and 1.25-1.26 (macro_cifar). A slope outside [0.5, 2] or fewer than
     3 networks with spread means the fit is not to be trusted: slope 1, median residual instead.
     """
     x, y = np.asarray(sums, float), np.asarray(measured, float)

@@ -109,7 +109,8 @@ def pack_float16(model: "onnx.ModelProto", *, rtol: float = 1e-3) -> "onnx.Model
 
     def per_channel(name: str) -> bool:  # used only as a constant weight's scale or as a bias
         t = inits.get(name)
-        if t is None or name in graph_inputs or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 1 or t.dims[0] < 2:
+        if (t is None or name in graph_inputs or t.data_type != onnx.TensorProto.FLOAT
+                or len(t.dims) != 1 or t.dims[0] < 2):
             return False
         return all((n.op_type == "DequantizeLinear" and k == 1 and n.input[0] in inits)
                    or (n.op_type in ("Conv", "Gemm") and k == 2) for n, k in users.get(name, []))
@@ -125,8 +126,10 @@ def pack_float16(model: "onnx.ModelProto", *, rtol: float = 1e-3) -> "onnx.Model
     if len(names) < 2:
         return model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    packed, sizes = _unique(set(inits) | set(users), "packed_f16"), [len(p) for p in parts]
-    kept = [t for t in g.initializer if t.name not in set(names)]
+    taken = set(inits) | set(users) | graph_inputs | {o for n in g.node for o in n.output} | {v.name for v in g.output}
+    packed, sizes = _unique(taken, "packed_f16"), [len(p) for p in parts]
+    moved = set(names)
+    kept = [t for t in g.initializer if t.name not in moved]
     del g.initializer[:]
     g.initializer.extend(kept)
     g.initializer.append(numpy_helper.from_array(np.concatenate(parts), packed))

@@ -100,12 +100,14 @@ def jax_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
     model = build_model(arch, cfg.conv_impl)
     tx = jtrain.OPTIMIZERS.get(cfg.optimizer)(jtrain.SCHEDULES.get(cfg.schedule)(cfg, 100), cfg)
     v = jtrain.initialize(arch, seed=0, conv_impl=cfg.conv_impl)
-    state = jtrain.TrainState.create(apply_fn=model.apply, params=v["params"], tx=tx, batch_stats=v["batch_stats"],
-                                     key=jax.random.PRNGKey(0))
+    packing = jtrain.Packing.of(v["params"])
+    state = jtrain.TrainState.create(apply_fn=model.apply, params=jax.device_put(packing.pack(v["params"])), tx=tx,
+                                     batch_stats=v["batch_stats"], key=jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = {"x": jnp.asarray(rng.standard_normal(input_shape(arch, BATCH), np.float32)),
              "y": jnp.asarray(rng.integers(0, arch.num_classes, BATCH).astype(np.int32))}
-    step = jax.jit(functools.partial(jtrain.train_step, loss_fn=jtrain.make_loss(cfg)), donate_argnums=0)
+    step = jax.jit(functools.partial(jtrain.train_step, loss_fn=jtrain.make_loss(cfg), packing=packing),
+                   donate_argnums=0)
     step = step.lower(state, batch, {}).compile()
     box = [state]
 

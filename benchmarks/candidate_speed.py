@@ -129,7 +129,8 @@ def jax_infer(arch: Architecture, batch: int):
 
 
 def jax_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str, float]:
-    jtrain._programs.cache_clear()  # a new candidate: nothing compiled yet
+    jtrain._programs.cache_clear()  # a new candidate: nothing compiled or traced yet
+    jtrain.variable_shapes.cache_clear()
     jax.clear_caches()
     t = time.perf_counter()
     res = jtrain.train(arch, data, jtrain.TrainConfig(epochs=epochs, batch_size=BATCH))

@@ -240,21 +240,29 @@ class TrainState(train_state.TrainState):
     key: jax.Array
 
 
+@functools.lru_cache(maxsize=16)
+def variable_shapes(arch: Architecture, conv_impl: str = "fast") -> Variables:
+    """{'params', 'batch_stats'} of `arch` as ShapeDtypeStructs (plain dicts; do not modify). Cached:
+    tracing the Flax model is a noticeable part of a new candidate's start-up, and initialisation,
+    checks and compilation all need the shapes."""
+    return _plain(jax.eval_shape(lambda inp: build_model(arch, conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
+                                 jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
+
+
 def initialize(arch: Architecture, *, seed: int = 0, conv_impl: str = "fast") -> Variables:
     """Fresh {'params', 'batch_stats'} as NumPy arrays, deterministic in `seed`.
 
     Shapes come from `jax.eval_shape(model.init)`; values are NumPy draws from the model's
     declared initialisers (falls back to a jitted `model.init` for a leaf it does not know).
     """
-    model = build_model(arch, conv_impl)
-    x = jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)
-    shapes = jax.eval_shape(lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False), x)
-    flat = flax.traverse_util.flatten_dict(_plain(shapes))
+    flat = flax.traverse_util.flatten_dict(variable_shapes(arch, conv_impl))
     out = {}
     for path, spec in sorted(flat.items()):
         value = _init_leaf(path, tuple(spec.shape), seed)
         if value is None:  # a leaf this module does not know: use the model's own initialisers
-            real = jax.jit(lambda inp: model.init(jax.random.PRNGKey(seed), inp, train=False))(jnp.zeros(x.shape))
+            model = build_model(arch, conv_impl)
+            real = jax.jit(lambda inp: model.init(jax.random.PRNGKey(seed), inp, train=False))(
+                jnp.zeros(input_shape(arch, 1), jnp.float32))
             return jax.tree.map(np.asarray, _plain(real))
         out[path] = value.astype(spec.dtype)
     return flax.traverse_util.unflatten_dict(out)
@@ -293,10 +301,7 @@ def check_variables(arch: Architecture, variables: Mapping[str, Any], what: str 
                     conv_impl: str = "fast") -> Variables:
     """{'params', 'batch_stats'} of `variables` after checking their tree and shapes fit `arch`
     (raises `NasError` naming `what` and the first mismatching entry)."""
-    expected = _plain(jax.eval_shape(
-        lambda inp: build_model(arch, conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
-        jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
-    return _check_variables(variables, expected, what)
+    return _check_variables(variables, variable_shapes(arch, conv_impl), what)
 
 
 def _check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> Variables:
@@ -477,9 +482,7 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
     tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps), cfg)
-    shapes = _plain(jax.eval_shape(
-        lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False),
-        jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
+    shapes = variable_shapes(arch, cfg.conv_impl)
     trained = dict(shapes["params"])
     if teacher_features is not None:
         trained[HINT] = {"kernel": jax.ShapeDtypeStruct((arch.head.channels, teacher_features), jnp.float32)}
@@ -613,10 +616,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     if init_variables is None:
         variables = initialize(arch, seed=cfg.seed, conv_impl=cfg.conv_impl)
     else:
-        expected = _plain(jax.eval_shape(
-            lambda inp: build_model(arch, cfg.conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
-            jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
-        variables = _check_variables(init_variables, expected, "init_variables")
+        variables = _check_variables(init_variables, variable_shapes(arch, cfg.conv_impl), "init_variables")
     trained = dict(variables["params"])
     if teacher_features is not None:
         kernel = _init_leaf(("params", HINT, "kernel"), (arch.head.channels, teacher_features.shape[1]), cfg.seed)

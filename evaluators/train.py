@@ -85,10 +85,13 @@ def _warmup_cosine(cfg: "TrainConfig", steps_per_epoch: int) -> Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, end_value=0.0)
 
 
-def _decay_mask(packed: Mapping[str, Any]) -> dict[str, bool]:
-    """Weight decay applies to conv and dense kernels only (the packed 'kernels' vector, see
-    `Packing`), not to biases or BatchNorm."""
-    return {group: group == "kernels" for group in packed}
+def _decay_mask(params: Mapping[str, Any]) -> Any:
+    """Weight decay applies to conv and dense kernels only, not to biases or BatchNorm: the
+    'kernels' vector of packed parameters (see `Packing`), or the leaves of more than one axis
+    of a parameter tree."""
+    if set(params) == set(GROUPS):
+        return {group: group == "kernels" for group in params}
+    return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def _with_decay(cfg: "TrainConfig", tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -335,7 +338,7 @@ class Packing:
     model's tree (static slices, fused into their consumers). XLA:CPU compiles a kernel per
     parameter leaf and per optimizer update otherwise, and compile time follows the number of
     kernels: packing cut a mobile_small candidate's epoch program from 429 to 334 kernels and
-    its compile by about a fifth, with steps as fast (benchmarks/candidate_speed.py).
+    its compile by about a fifth, with steps as fast (same-process A/B; README, candidate speed).
     """
 
     leaves: tuple[tuple[tuple[str, ...], str, int, tuple[int, ...]], ...]  # (path, group, offset, shape)

@@ -119,6 +119,9 @@ def test_weight_decay_reaches_kernels_only(arch, name):
     updates, _ = tx.update({g: np.zeros_like(v) for g, v in packed.items()}, tx.init(packed), packed)
     assert np.all(np.asarray(updates["others"]) == 0)
     assert np.all(np.sign(np.asarray(updates["kernels"])) == -np.sign(packed["kernels"]))
+    tree_updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)  # unpacked
+    for (path, u), (_, p) in zip(_leaves(tree_updates), _leaves(params)):
+        assert np.all(np.sign(np.asarray(u)) == (-np.sign(p) if p.ndim > 1 else 0)), path
 
 
 # ------------------------------------------------------------------ training

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from search_spaces.architecture import Architecture, Layer
 from search_spaces.errors import SpaceError
-from search_spaces.ops import IMPLS, KERNELS
+from search_spaces.ops import IMPLS, KERNELS, batch_norm_train
 
 ACT_FNS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": jax.nn.relu,
@@ -28,6 +28,28 @@ ACT_FNS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 # mobile_small net scored chance (0.096) on digits after 2 epochs; 0.5 gave 0.94 after one.
 BN_MOMENTUM = 0.5
 BN_EPS = 1e-5
+
+
+class BatchNormTrain(nn.Module):
+    """Training-mode BatchNorm on `ops.batch_norm_train`, with the variables of `nn.BatchNorm`
+    (params scale/bias, batch_stats mean/var) and its running-average update, so the two share
+    one parameter tree: the fast blocks train with this, and evaluate with `nn.BatchNorm`."""
+
+    momentum: float
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
 
 
 class ConvBN(nn.Module):
@@ -48,7 +70,10 @@ class ConvBN(nn.Module):
         w = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal",
                                                                   in_axis=-2, out_axis=-1), shape)
         x = KERNELS[self.impl][self.kind](x, w.astype(x.dtype), self.stride)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name="bn")(x)
+        if train and self.impl == "fast":
+            x = BatchNormTrain(BN_MOMENTUM, BN_EPS, name="bn")(x)
+        else:
+            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name="bn")(x)
         return ACT_FNS[self.act](x) if self.act else x
 
 

@@ -211,3 +211,44 @@ KERNELS = {
     "fast": {"dwconv": depthwise_fast, "pwconv": pointwise_fast, "conv": conv_reference},
     "reference": {"dwconv": depthwise_reference, "pwconv": pointwise_reference, "conv": conv_reference},
 }
+
+
+# ==================================================================== BatchNorm, training mode
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
+                     eps: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(y, batch mean, batch variance) of BatchNorm over all axes but the last, as Flax computes
+    it (biased variance E[x^2] - E[x]^2), with a hand-written backward pass: two plain reductions
+    and one fused elementwise pass. Autodiff of the same formula made XLA:CPU emit several more
+    passes; BatchNorm was 17-25% of a train step."""
+    return _bn_fwd(x, scale, bias, eps)[0]
+
+
+def _bn_stats(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.maximum(jnp.mean(x * x, axis=axes) - mean * mean, 0.0)
+    return mean, var
+
+
+def _bn_fwd(x, scale, bias, eps):
+    mean, var = _bn_stats(x)
+    inv = lax.rsqrt(var + eps)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _bn_bwd(eps, res, cts):
+    x, mean, inv, scale = res
+    g = cts[0]
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    xhat = (x - mean) * inv
+    dbias = jnp.sum(g, axis=axes)
+    dscale = jnp.sum(g * xhat, axis=axes)
+    dx = (scale * inv / n) * (n * g - dbias - xhat * dscale)
+    dx = dx + (cts[1] + 2.0 * cts[2] * (x - mean)) / n  # zero unless a loss uses the statistics
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)

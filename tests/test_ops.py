@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from search_spaces.catalog import SPACES
-from search_spaces.model import build_model, input_shape
+from search_spaces.model import BN_EPS, BN_MOMENTUM, BatchNormTrain, build_model, input_shape
 from search_spaces.ops import KERNELS, same_padding
 
 TOL = 1e-5
@@ -129,6 +129,42 @@ def _covering_arch():
                 best = arch
     assert best is not None, "no covering architecture in 500 samples"
     return best
+
+
+@pytest.mark.parametrize("shape", [(64, 7, 7, 24), (8, 1, 1, 40)])
+def test_batch_norm_train_matches_flax(shape):
+    """Training-mode BatchNorm: outputs, running statistics and gradients (x, scale, bias) equal
+    nn.BatchNorm's with the same variables."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape, np.float32) * 3 + 1)
+    c = shape[-1]
+    variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
+                            "bias": jnp.asarray(rng.standard_normal(c), jnp.float32)},
+                 "batch_stats": {"mean": jnp.asarray(rng.standard_normal(c), jnp.float32),
+                                 "var": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32)}}
+    g = jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(x.size / c))
+    fast = BatchNormTrain(BN_MOMENTUM, BN_EPS)
+    ref = nn.BatchNorm(use_running_average=False, momentum=BN_MOMENTUM, epsilon=BN_EPS)
+
+    @jax.jit
+    def run(params, x):
+        out = {}
+        for name, module in (("fast", fast), ("reference", ref)):
+            def f(p, xx):
+                return module.apply({**variables, "params": p}, xx, mutable=["batch_stats"])
+            y, stats = f(params, x)
+            _, pullback = jax.vjp(lambda p, xx: f(p, xx)[0], params, x)
+            out[name] = (y, stats["batch_stats"], pullback(g))
+        return out
+
+    out = run(variables["params"], x)
+    (yf, sf, (pf, xf)), (yr, sr, (pr, xr)) = out["fast"], out["reference"]
+    _assert_close(yf, yr, "y")
+    for k in ("mean", "var"):
+        _assert_close(sf[k], sr[k], f"running {k}")
+    _assert_close(xf, xr, "dx")
+    for k in ("scale", "bias"):
+        _assert_close(pf[k], pr[k], f"d{k}", scale=True)
 
 
 def test_fast_and_reference_models_agree():

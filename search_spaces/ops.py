@@ -14,6 +14,9 @@ Depthwise, fast form (`depthwise_fast`, a `jax.custom_vjp`):
   weight grad  dw[i] = sum_{n,o} xp[o*s + i] * g[o]  one variadic reduction with k*k outputs,
                        run over cache-sized slices of the batch in a `lax.scan` (one pass over
                        the whole batch was 1.5-4x slower, and adds up long float32 sums)
+
+BatchNorm in training mode (`batch_norm_train`, a `jax.custom_vjp`) has a hand-written backward
+pass too; `model.BatchNormTrain` uses it with `nn.BatchNorm`'s variables.
 """
 
 from __future__ import annotations

@@ -222,8 +222,8 @@ def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
                      eps: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """(y, batch mean, batch variance) of BatchNorm over all axes but the last, as Flax computes
     it (biased variance E[x^2] - E[x]^2), with a hand-written backward pass: two plain reductions
-    and one fused elementwise pass. Autodiff of the same formula made XLA:CPU emit several more
-    passes; BatchNorm was 17-25% of a train step."""
+    and one elementwise expression. BatchNorm was 17-25% of a train step; against autodiff of
+    `nn.BatchNorm` this compiled the step 3-22% faster and ran it up to 4% faster (README)."""
     return _bn_fwd(x, scale, bias, eps)[0]
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from search_spaces.catalog import SPACES
 from search_spaces.model import BN_EPS, BN_MOMENTUM, BatchNormTrain, build_model, input_shape
-from search_spaces.ops import KERNELS, same_padding
+from search_spaces.ops import KERNELS, batch_norm_train, same_padding
 
 TOL = 1e-5
 DW = KERNELS["fast"]["dwconv"], KERNELS["reference"]["dwconv"]
@@ -165,6 +165,19 @@ def test_batch_norm_train_matches_flax(shape):
     _assert_close(xf, xr, "dx")
     for k in ("scale", "bias"):
         _assert_close(pf[k], pr[k], f"d{k}", scale=True)
+    # the statistics are outputs too: their gradient is that of E[x] and E[x^2] - E[x]^2
+    u, v = jnp.asarray(rng.standard_normal((2, c), np.float32))
+
+    def stats_loss(x, stats):
+        mean, var = stats(x)
+        return jnp.sum(mean * u + var * v)
+
+    def flax_stats(x):
+        return jnp.mean(x, axis=(0, 1, 2)), jnp.mean(x * x, axis=(0, 1, 2)) - jnp.mean(x, axis=(0, 1, 2)) ** 2
+
+    got = jax.grad(stats_loss)(x, lambda x: batch_norm_train(x, variables["params"]["scale"],
+                                                             variables["params"]["bias"], BN_EPS)[1:])
+    _assert_close(got, jax.grad(stats_loss)(x, flax_stats), "d statistics / dx", scale=True)
 
 
 def test_fast_and_reference_models_agree():

@@ -150,10 +150,9 @@ def test_batch_norm_train_matches_flax(shape):
     def run(params, x):
         out = {}
         for name, module in (("fast", fast), ("reference", ref)):
-            def f(p, xx):
-                return module.apply({**variables, "params": p}, xx, mutable=["batch_stats"])
-            y, stats = f(params, x)
-            _, pullback = jax.vjp(lambda p, xx: f(p, xx)[0], params, x)
+            y, pullback, stats = jax.vjp(
+                lambda p, xx: module.apply({**variables, "params": p}, xx, mutable=["batch_stats"]),
+                params, x, has_aux=True)
             out[name] = (y, stats["batch_stats"], pullback(g))
         return out
 

@@ -127,7 +127,7 @@ def pack_float16(model: "onnx.ModelProto", *, rtol: float = 1e-3) -> "onnx.Model
         return model
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     taken = set(inits) | set(users) | graph_inputs | {o for n in g.node for o in n.output} | {v.name for v in g.output}
-    packed, sizes = _unique(taken, "packed_f16"), [len(p) for p in parts]
+    packed, sizes = _unique(taken, "packed_f16", ("", "_f32", "_sizes")), [len(p) for p in parts]
     moved = set(names)
     kept = [t for t in g.initializer if t.name not in moved]
     del g.initializer[:]
@@ -144,8 +144,9 @@ def pack_float16(model: "onnx.ModelProto", *, rtol: float = 1e-3) -> "onnx.Model
     return model
 
 
-def _unique(taken: set[str], name: str) -> str:
-    while name in taken:
+def _unique(taken: set[str], name: str, suffixes: tuple[str, ...] = ("",)) -> str:
+    """`name`, lengthened until no name + suffix is taken."""
+    while any(name + s in taken for s in suffixes):
         name += "_"
     return name
 

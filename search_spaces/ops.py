@@ -12,7 +12,7 @@ Depthwise, fast form (`depthwise_fast`, a `jax.custom_vjp`):
                        stride-1 shifted multiply-add of g with a sub-kernel w[r::s], so no
                        tap ever touches the zeros a dilated g would hold
   weight grad  dw[i] = sum_{n,o} xp[o*s + i] * g[o]  one variadic reduction with k*k outputs,
-                       run over cache-sized slices of the batch in a `lax.scan` (one pass over
+                       run over cache-sized slices of the batch in a `fori_loop` (one pass over
                        the whole batch was 1.5-4x slower, and adds up long float32 sums)
 
 BatchNorm in training mode (`batch_norm_train`, a `jax.custom_vjp`) has a hand-written backward
@@ -80,14 +80,16 @@ def _shifted_sum(xp: jnp.ndarray, w: jnp.ndarray, stride: int, oh: int, ow: int,
     """
     n, c = xp.shape[0], xp.shape[-1]
     kh, kw = w.shape[:2]
+    out = (n, oh, ow, c)
     acc = None
     for i in range(kh):
         for j in range(kw):
             a, b = (kh - 1 - i, kw - 1 - j) if flip else (i, j)
             patch = lax.slice(xp, (0, a, b, 0), (n, a + (oh - 1) * stride + 1, b + (ow - 1) * stride + 1, c),
                               (1, stride, stride, 1))
-            term = patch * w[i, j]
-            acc = term if acc is None else acc + term
+            tap = lax.broadcast_in_dim(lax.slice(w, (i, j, 0), (i + 1, j + 1, c)), out, (1, 2, 3))
+            term = lax.mul(patch, tap)
+            acc = term if acc is None else lax.add(acc, term)
     return acc
 
 
@@ -113,19 +115,20 @@ def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, w
     for r in range(s):
         cols = []
         for rc in range(s):
-            sub = w[r::s, rc::s]
-            th, tw = sub.shape[:2]
+            th, tw = len(range(r, kh, s)), len(range(rc, kw, s))
             if th == 0 or tw == 0:
                 cols.append(jnp.zeros((n, qh, qw, c), g.dtype))
                 continue
-            gp = jnp.pad(g, ((0, 0), (th - 1, max(qh - oh, 0)), (tw - 1, max(qw - ow, 0)), (0, 0)))
+            sub = lax.slice(w, (r, rc, 0), (kh, kw, c), (s, s, 1))
+            gp = lax.pad(g, jnp.zeros((), g.dtype),
+                         ((0, 0, 0), (th - 1, max(qh - oh, 0), 0), (tw - 1, max(qw - ow, 0), 0), (0, 0, 0)))
             cols.append(_shifted_sum(gp, sub, 1, qh, qw, flip=True))
         rows.append(cols[0] if s == 1 else jnp.stack(cols, axis=3))
     if s == 1:
         full = rows[0]
     else:
         full = jnp.stack(rows, axis=2).reshape(n, qh * s, qw * s, c)  # interleave the phases
-    return full[:, pt:pt + h, pl:pl + wd, :]
+    return lax.slice(full, (0, pt, pl, 0), (n, pt + h, pl + wd, c))
 
 
 def _batch_chunk(n: int, per_item_bytes: int) -> int:
@@ -134,16 +137,15 @@ def _batch_chunk(n: int, per_item_bytes: int) -> int:
     return max(d for d in range(1, n + 1) if n % d == 0 and d <= target)
 
 
-def _depthwise_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, stride: int,
-                           pads: Pads) -> jnp.ndarray:
-    """d loss / d w (kh x kw x 1 x C): per tap, the sum over batch and space of shifted x * g."""
-    xp, oh, ow = _pad(x, kh, kw, stride, pads)
-    n, c = x.shape[0], x.shape[-1]
+def _depthwise_weight_grad(xp: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, stride: int) -> jnp.ndarray:
+    """d loss / d w (kh x kw x 1 x C) from the padded input xp: per tap, the sum over batch and
+    space of shifted xp * g."""
+    n, oh, ow, c = g.shape
 
     def taps(xb: jnp.ndarray, gb: jnp.ndarray) -> jnp.ndarray:
         products = tuple(
-            lax.slice(xb, (0, i, j, 0), (xb.shape[0], i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                      (1, stride, stride, 1)) * gb
+            lax.mul(lax.slice(xb, (0, i, j, 0), (xb.shape[0], i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                              (1, stride, stride, 1)), gb)
             for i in range(kh) for j in range(kw))
         # One variadic reduction: a single loop over the slice that feeds all k*k sums, instead of
         # k*k separate reduction kernels (2-3x slower, and each one compiled on its own).
@@ -155,9 +157,12 @@ def _depthwise_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, str
     if b == n:
         dw = taps(xp, g)
     else:
-        xs = xp.reshape(n // b, b, *xp.shape[1:])
-        gs = g.reshape(n // b, b, *g.shape[1:])
-        dw = lax.scan(lambda acc, xg: (acc + taps(*xg), None), jnp.zeros((kh * kw, c), g.dtype), (xs, gs))[0]
+        # Slicing the batch in place (not reshaping it into chunks) lets the loop read the padded
+        # input the forward pass wrote; a reshaped operand was a second copy of it.
+        def chunk(i, acc):
+            return acc + taps(lax.dynamic_slice_in_dim(xp, i * b, b), lax.dynamic_slice_in_dim(g, i * b, b))
+
+        dw = lax.fori_loop(0, n // b, chunk, jnp.zeros((kh * kw, c), g.dtype))
     return dw.reshape(kh, kw, 1, c)
 
 
@@ -167,14 +172,19 @@ def _depthwise(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads: Pads) -> jnp.n
 
 
 def _depthwise_fwd(x, w, stride, pads):
-    return _depthwise_fwd_value(x, w, stride, pads), (x, w)
+    # The residual is the padded input the forward pass reads anyway: keeping x instead made the
+    # weight gradient pad it again, a second full copy of the layer's input per step.
+    xp, oh, ow = _pad(x, w.shape[0], w.shape[1], stride, pads)
+    return _shifted_sum(xp, w[:, :, 0], stride, oh, ow), (xp, w)
 
 
 def _depthwise_bwd(stride, pads, res, g):
-    x, w = res
-    dx = _depthwise_input_grad(g, w[:, :, 0], stride, x.shape[1], x.shape[2], pads)
-    dw = _depthwise_weight_grad(x, g, w.shape[0], w.shape[1], stride, pads)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    xp, w = res
+    pt, pb, pl, pr = pads
+    h, wd = xp.shape[1] - pt - pb, xp.shape[2] - pl - pr
+    dx = _depthwise_input_grad(g, w[:, :, 0], stride, h, wd, pads)
+    dw = _depthwise_weight_grad(xp, g, w.shape[0], w.shape[1], stride)
+    return dx.astype(xp.dtype), dw.astype(w.dtype)
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)

@@ -244,11 +244,13 @@ class TrainState(train_state.TrainState):
 
 
 @functools.lru_cache(maxsize=16)
-def variable_shapes(arch: Architecture, conv_impl: str = "fast") -> Variables:
+def variable_shapes(arch: Architecture) -> Variables:
     """{'params', 'batch_stats'} of `arch` as ShapeDtypeStructs (plain dicts; do not modify). Cached:
     tracing the Flax model is a noticeable part of a new candidate's start-up, and initialisation,
-    checks and compilation all need the shapes."""
-    return _plain(jax.eval_shape(lambda inp: build_model(arch, conv_impl).init(jax.random.PRNGKey(0), inp, train=False),
+    checks and compilation all need the shapes. Both convolution implementations declare the same
+    variables (tests/test_ops.py runs one tree through both), so this traces the reference form,
+    whose single convolution ops trace faster than the fast form's shifted multiply-adds."""
+    return _plain(jax.eval_shape(lambda inp: build_model(arch, "reference").init(jax.random.PRNGKey(0), inp, train=False),
                                  jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
 
 
@@ -258,7 +260,7 @@ def initialize(arch: Architecture, *, seed: int = 0, conv_impl: str = "fast") ->
     Shapes come from `jax.eval_shape(model.init)`; values are NumPy draws from the model's
     declared initialisers (falls back to a jitted `model.init` for a leaf it does not know).
     """
-    flat = flax.traverse_util.flatten_dict(variable_shapes(arch, conv_impl))
+    flat = flax.traverse_util.flatten_dict(variable_shapes(arch))
     out = {}
     for path, spec in sorted(flat.items()):
         value = _init_leaf(path, tuple(spec.shape), seed)
@@ -300,11 +302,10 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-def check_variables(arch: Architecture, variables: Mapping[str, Any], what: str = "variables",
-                    conv_impl: str = "fast") -> Variables:
+def check_variables(arch: Architecture, variables: Mapping[str, Any], what: str = "variables") -> Variables:
     """{'params', 'batch_stats'} of `variables` after checking their tree and shapes fit `arch`
     (raises `NasError` naming `what` and the first mismatching entry)."""
-    return _check_variables(variables, variable_shapes(arch, conv_impl), what)
+    return _check_variables(variables, variable_shapes(arch), what)
 
 
 def _check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> Variables:
@@ -485,7 +486,7 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
     tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps), cfg)
-    shapes = variable_shapes(arch, cfg.conv_impl)
+    shapes = variable_shapes(arch)
     trained = dict(shapes["params"])
     if teacher_features is not None:
         trained[HINT] = {"kernel": jax.ShapeDtypeStruct((arch.head.channels, teacher_features), jnp.float32)}
@@ -619,7 +620,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     if init_variables is None:
         variables = initialize(arch, seed=cfg.seed, conv_impl=cfg.conv_impl)
     else:
-        variables = _check_variables(init_variables, variable_shapes(arch, cfg.conv_impl), "init_variables")
+        variables = _check_variables(init_variables, variable_shapes(arch), "init_variables")
     trained = dict(variables["params"])
     if teacher_features is not None:
         kernel = _init_leaf(("params", HINT, "kernel"), (arch.head.channels, teacher_features.shape[1]), cfg.seed)

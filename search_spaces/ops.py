@@ -111,6 +111,11 @@ def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, w
     pt, _, pl, _ = pads
     s = stride
     qh, qw = -(-(pt + h) // s), -(-(pl + wd) // s)  # phase rows/cols covering the real input
+    # One padded g serves every phase (phase (r, rc) reads it from row th_max - th, column
+    # tw_max - tw on): padding it per phase cost s*s copies of g and as many compiled kernels.
+    th_max, tw_max = -(-kh // s), -(-kw // s)
+    gp = lax.pad(g, jnp.zeros((), g.dtype),
+                 ((0, 0, 0), (th_max - 1, max(qh - oh, 0), 0), (tw_max - 1, max(qw - ow, 0), 0), (0, 0, 0)))
     rows = []
     for r in range(s):
         cols = []
@@ -120,9 +125,8 @@ def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, w
                 cols.append(jnp.zeros((n, qh, qw, c), g.dtype))
                 continue
             sub = lax.slice(w, (r, rc, 0), (kh, kw, c), (s, s, 1))
-            gp = lax.pad(g, jnp.zeros((), g.dtype),
-                         ((0, 0, 0), (th - 1, max(qh - oh, 0), 0), (tw - 1, max(qw - ow, 0), 0), (0, 0, 0)))
-            cols.append(_shifted_sum(gp, sub, 1, qh, qw, flip=True))
+            view = lax.slice(gp, (0, th_max - th, tw_max - tw, 0), gp.shape)
+            cols.append(_shifted_sum(view, sub, 1, qh, qw, flip=True))
         rows.append(cols[0] if s == 1 else jnp.stack(cols, axis=3))
     if s == 1:
         full = rows[0]

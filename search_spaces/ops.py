@@ -93,10 +93,12 @@ def _shifted_sum(xp: jnp.ndarray, w: jnp.ndarray, stride: int, oh: int, ow: int,
     return acc
 
 
-def _depthwise_fwd_value(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads: Pads | None = None) -> jnp.ndarray:
+def _depthwise_forward(x: jnp.ndarray, w: jnp.ndarray, stride: int,
+                       pads: Pads | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(output, padded input) of the shifted-sum depthwise convolution."""
     pads = pads if pads is not None else _same_pads(x, w.shape[0], w.shape[1], stride)
     xp, oh, ow = _pad(x, w.shape[0], w.shape[1], stride, pads)
-    return _shifted_sum(xp, w[:, :, 0], stride, oh, ow)
+    return _shifted_sum(xp, w[:, :, 0], stride, oh, ow), xp
 
 
 def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, wd: int,
@@ -172,14 +174,14 @@ def _depthwise_weight_grad(xp: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, st
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x: jnp.ndarray, w: jnp.ndarray, stride: int, pads: Pads) -> jnp.ndarray:
-    return _depthwise_fwd_value(x, w, stride, pads)
+    return _depthwise_forward(x, w, stride, pads)[0]
 
 
 def _depthwise_fwd(x, w, stride, pads):
     # The residual is the padded input the forward pass reads anyway: keeping x instead made the
     # weight gradient pad it again, a second full copy of the layer's input per step.
-    xp, oh, ow = _pad(x, w.shape[0], w.shape[1], stride, pads)
-    return _shifted_sum(xp, w[:, :, 0], stride, oh, ow), (xp, w)
+    y, xp = _depthwise_forward(x, w, stride, pads)
+    return y, (xp, w)
 
 
 def _depthwise_bwd(stride, pads, res, g):
@@ -204,7 +206,7 @@ def depthwise_fast(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:
 
 def depthwise_shifted(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:
     """The same forward as `depthwise_fast`, differentiated by JAX (kept for comparison)."""
-    return _depthwise_fwd_value(x, w, stride)
+    return _depthwise_forward(x, w, stride)[0]
 
 
 def pointwise_reference(x: jnp.ndarray, w: jnp.ndarray, stride: int) -> jnp.ndarray:

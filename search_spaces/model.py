@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from search_spaces.architecture import Architecture, Layer
 from search_spaces.errors import SpaceError
-from search_spaces.ops import IMPLS, KERNELS, batch_norm_train
+from search_spaces.ops import IMPLS, KERNELS, batch_norm_train, bn_moments
 
 ACT_FNS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": jax.nn.relu,
@@ -28,12 +28,20 @@ ACT_FNS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 # mobile_small net scored chance (0.096) on digits after 2 epochs; 0.5 gave 0.94 after one.
 BN_MOMENTUM = 0.5
 BN_EPS = 1e-5
+# The collection in which `BatchNormTrain` records each batch's count, sum and sum of squares
+# when it is mutable (and 'batch_stats' is not), instead of updating the running averages.
+MOMENTS = "moments"
 
 
 class BatchNormTrain(nn.Module):
     """Training-mode BatchNorm on `ops.batch_norm_train`, with the variables of `nn.BatchNorm`
     (params scale/bias, batch_stats mean/var) and its running-average update, so the two share
-    one parameter tree: the fast blocks train with this, and evaluate with `nn.BatchNorm`."""
+    one parameter tree: the fast blocks train with this, and evaluate with `nn.BatchNorm`.
+
+    Applied with `mutable=[MOMENTS]` instead of `mutable=["batch_stats"]`, it leaves the running
+    averages alone and returns this batch's 'sum' and 'sumsq' per channel and their 'count' (an
+    int, the values each channel's sums cover): a compiled
+    epoch folds all its steps' moments into the averages at once (`evaluators.train.train_epoch`)."""
 
     momentum: float
     epsilon: float
@@ -45,8 +53,16 @@ class BatchNormTrain(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
-        if not self.is_initializing():
+        y, total, total_sq = batch_norm_train(x, scale, bias, self.epsilon)
+        if self.is_initializing():
+            return y
+        count = x.size // c
+        if self.is_mutable_collection(MOMENTS):
+            self.put_variable(MOMENTS, "count", count)  # a Python int: static, not an array
+            self.put_variable(MOMENTS, "sum", total)
+            self.put_variable(MOMENTS, "sumsq", total_sq)
+        if self.is_mutable_collection("batch_stats"):
+            mean, var = bn_moments(count, total, total_sq)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y

@@ -164,15 +164,15 @@ def test_batch_norm_train_matches_flax(shape):
     _assert_close(xf, xr, "dx")
     for k in ("scale", "bias"):
         _assert_close(pf[k], pr[k], f"d{k}", scale=True)
-    # the statistics are outputs too: their gradient is that of E[x] and E[x^2] - E[x]^2
+    # the sums are outputs too: their gradient is that of sum(x) and sum(x^2)
     u, v = jnp.asarray(rng.standard_normal((2, c), np.float32))
 
     def stats_loss(x, stats):
-        mean, var = stats(x)
-        return jnp.sum(mean * u + var * v)
+        total, total_sq = stats(x)
+        return jnp.sum(total * u + total_sq * v)
 
     def flax_stats(x):
-        return jnp.mean(x, axis=(0, 1, 2)), jnp.mean(x * x, axis=(0, 1, 2)) - jnp.mean(x, axis=(0, 1, 2)) ** 2
+        return jnp.sum(x, axis=(0, 1, 2)), jnp.sum(x * x, axis=(0, 1, 2))
 
     got = jax.grad(stats_loss)(x, lambda x: batch_norm_train(x, variables["params"]["scale"],
                                                              variables["params"]["bias"], BN_EPS)[1:])

@@ -7,15 +7,17 @@ reused (compilation dominates the runtime on a small CPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evaluators.datasets import load_dataset
+from evaluators.datasets import epoch_indices, load_dataset
 from evaluators.train import (
-    OPTIMIZERS, SCHEDULES, KDConfig, Packing, TrainConfig, TrainingDiverged, evaluate, initialize, load_variables,
-    predict_logits, save_variables, train,
+    OPTIMIZERS, SCHEDULES, KDConfig, Packing, TrainConfig, TrainingDiverged, TrainState, evaluate, initialize,
+    load_variables, make_loss, predict_logits, save_variables, train, train_epoch,
 )
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError
@@ -106,6 +108,50 @@ def test_packing_round_trips_every_parameter_exactly(arch):
     assert _identical(packing.unpack(packed), params)  # NumPy
     traced = jax.jit(packing.unpack)(packed)  # inside a compiled step
     assert _identical(jax.device_get(traced), params)
+
+
+def test_packing_inside_a_step_matches_packing_on_the_host(arch):
+    """`pack_traced` (gradients in a step) lays leaves out as `pack` does; `by_name` puts every
+    running mean before every running variance, each in path order."""
+    variables = initialize(arch, seed=0)
+    packing = Packing.of(variables["params"])
+    for g, v in jax.jit(packing.pack_traced)(variables["params"]).items():
+        assert np.array_equal(np.asarray(v), packing.pack(variables["params"])[g])
+    stats = Packing.of(variables["batch_stats"], by_name=True)
+    half = len(stats.leaves) // 2
+    assert [path[-1] for path, *_ in stats.leaves] == ["mean"] * half + ["var"] * half
+    layers = [path[:-1] for path, *_ in stats.leaves]
+    assert layers[:half] == layers[half:] == sorted(layers[:half])
+    assert _identical(stats.unpack(stats.pack(variables["batch_stats"])), variables["batch_stats"])
+
+
+def test_epoch_folds_batch_moments_into_running_statistics_as_per_step_updates_would(arch, digits):
+    """The compiled epoch updates BatchNorm's running averages once, from every step's moments;
+    parameters, losses and running statistics equal those of one `train_step` after another."""
+    model = build_model(arch)
+    tx = OPTIMIZERS.get(CFG.optimizer)(SCHEDULES.get(CFG.schedule)(CFG, 8), CFG)
+    variables = initialize(arch, seed=0)
+    packing = Packing.of(variables["params"])
+    stats = Packing.of(variables["batch_stats"], by_name=True)
+    data = {"x": jnp.asarray(digits.x_train), "y": jnp.asarray(digits.y_train)}
+    idx = jnp.asarray(epoch_indices(len(digits.y_train), CFG.batch_size, np.random.default_rng(0))[:8])
+    out = {}
+    for name, packed_stats in (("per step", None), ("folded", stats)):
+        state = TrainState.create(apply_fn=model.apply, params=packing.pack(variables["params"]), tx=tx,
+                                  batch_stats=variables["batch_stats"] if packed_stats is None else
+                                  stats.pack(variables["batch_stats"]), key=jax.random.PRNGKey(0))
+        epoch = jax.jit(functools.partial(train_epoch, loss_fn=make_loss(CFG), packing=packing, stats=packed_stats))
+        state, losses = epoch(state, data, idx, {})
+        running = state.batch_stats if packed_stats is None else stats.unpack(jax.device_get(state.batch_stats))
+        out[name] = (np.asarray(losses), jax.device_get(state.params), jax.device_get(running))
+    (la, pa, ra), (lb, pb, rb) = out["per step"], out["folded"]
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    for g in pa:
+        np.testing.assert_allclose(pb[g], pa[g], rtol=1e-4, atol=1e-6)
+    assert jax.tree.structure(rb) == jax.tree.structure(ra)
+    for (path, b), (_, a) in zip(_leaves(rb), _leaves(ra)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=str(path))
+    assert not _identical(ra, variables["batch_stats"])  # the statistics did move
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS.names()))

@@ -250,7 +250,8 @@ def variable_shapes(arch: Architecture) -> Variables:
     checks and compilation all need the shapes. Both convolution implementations declare the same
     variables (tests/test_ops.py runs one tree through both), so this traces the reference form,
     whose single convolution ops trace faster than the fast form's shifted multiply-adds."""
-    return _plain(jax.eval_shape(lambda inp: build_model(arch, "reference").init(jax.random.PRNGKey(0), inp, train=False),
+    model = build_model(arch, "reference")
+    return _plain(jax.eval_shape(lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False),
                                  jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
 
 
@@ -427,8 +428,9 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], hparams: Map
 
 def _step(state: TrainState, batch_stats: Any, batch: Mapping[str, jnp.ndarray], hparams: Mapping[str, jnp.ndarray],
           loss_fn: LossFn, packing: Packing | None, collection: str) -> tuple[TrainState, jnp.ndarray, Any]:
-    """The optimizer step (with `batch_stats`, the running-statistics tree), returning the model's `collection` ('batch_stats': updated running
-    statistics; `MOMENTS`: this batch's BatchNorm moments) instead of storing it in the state.
+    """The optimizer step, given the running-statistics tree `batch_stats`; returns the model's
+    `collection` ('batch_stats': updated running statistics; `MOMENTS`: this batch's BatchNorm
+    sums) instead of storing it in the state.
 
     Packed parameters are unpacked before differentiation and the gradient tree packed with one
     concatenation per vector: differentiating through the unpacking instead made XLA write each

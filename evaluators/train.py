@@ -471,12 +471,12 @@ def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.nda
     if stats is None:
         return jax.lax.scan(lambda st, rows: train_step(st, batch(rows), hparams, loss_fn, packing), state, idx)
 
-    counts = []  # per channel, in the order of the packed means: static, filled while tracing the body
+    layers = [path[:-1] for path, *_ in stats.leaves if path[-1] == "mean"]  # the packed means' order
+    counts = []  # per channel, in that order: static, filled while tracing the body
 
     def body(st, rows):
         st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(rows), hparams, loss_fn, packing, MOMENTS)
         flat = flax.traverse_util.flatten_dict(moments)
-        layers = sorted({p[:-1] for p in flat})  # path order: the order of the packed means and variances
         counts[:] = [np.full(flat[(*k, "sum")].shape, flat[(*k, "count")], np.float32) for k in layers]
         return st, (loss, jnp.concatenate([flat[(*k, "sum")] for k in layers] + [flat[(*k, "sumsq")] for k in layers]))
 

@@ -17,6 +17,7 @@ biases 0, BatchNorm scale 1): a jitted `model.init` costs seconds per new archit
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -570,15 +571,20 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     names = _hparams(KDConfig(), teacher_features is not None) if teacher_classes is not None else {}
     hparams = {k: scalar for k in names}
-    opt_init = jax.jit(tx.init).lower(state.params).compile()
-    epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats),
-                    donate_argnums=0).lower(
-        state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
     k, b = val_batches
     evaluate = jax.jit(functools.partial(eval_split, model)).lower(
         {"params": shapes["params"], "batch_stats": shapes["batch_stats"]},
         jax.ShapeDtypeStruct((k, b, *hwc), jnp.float32), jax.ShapeDtypeStruct((k, b), jnp.int32),
-        jax.ShapeDtypeStruct((k, b), jnp.float32)).compile(opts)
+        jax.ShapeDtypeStruct((k, b), jnp.float32))
+    # XLA compiles the validation program in a second thread while this one traces the epoch:
+    # tracing is single-threaded Python, so the other core was idle for that second or two.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        evaluate = pool.submit(evaluate.compile, opts)
+        opt_init = jax.jit(tx.init).lower(state.params).compile()
+        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats),
+                        donate_argnums=0).lower(
+            state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
+        evaluate = evaluate.result()
     return _Programs(model, tx, packing, stats, opt_init, epoch, evaluate, time.perf_counter() - t0)
 
 

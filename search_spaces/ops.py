@@ -78,16 +78,18 @@ def _shifted_sum(xp: jnp.ndarray, w: jnp.ndarray, stride: int, oh: int, ow: int,
 
     With flip, tap (i, j) reads xp at (kh-1-i, kw-1-j): a correlation with the flipped kernel.
     """
-    n, c = xp.shape[0], xp.shape[-1]
+    lead, c = xp.shape[:-3], xp.shape[-1]  # any leading (batch) dimensions
+    z, one = (0,) * len(lead), (1,) * len(lead)
     kh, kw = w.shape[:2]
-    out = (n, oh, ow, c)
+    out = (*lead, oh, ow, c)
     acc = None
     for i in range(kh):
         for j in range(kw):
             a, b = (kh - 1 - i, kw - 1 - j) if flip else (i, j)
-            patch = lax.slice(xp, (0, a, b, 0), (n, a + (oh - 1) * stride + 1, b + (ow - 1) * stride + 1, c),
-                              (1, stride, stride, 1))
-            tap = lax.broadcast_in_dim(lax.slice(w, (i, j, 0), (i + 1, j + 1, c)), out, (1, 2, 3))
+            patch = lax.slice(xp, (*z, a, b, 0), (*lead, a + (oh - 1) * stride + 1, b + (ow - 1) * stride + 1, c),
+                              (*one, stride, stride, 1))
+            tap = lax.broadcast_in_dim(lax.slice(w, (i, j, 0), (i + 1, j + 1, c)), out,
+                                       tuple(range(len(lead), len(out))))
             term = lax.mul(patch, tap)
             acc = term if acc is None else lax.add(acc, term)
     return acc
@@ -95,10 +97,18 @@ def _shifted_sum(xp: jnp.ndarray, w: jnp.ndarray, stride: int, oh: int, ow: int,
 
 def _depthwise_forward(x: jnp.ndarray, w: jnp.ndarray, stride: int,
                        pads: Pads | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(output, padded input) of the shifted-sum depthwise convolution."""
+    """(output, padded input) of the shifted-sum depthwise convolution; the padded input comes as
+    (slices, batch slice, height, width, channels), the weight gradient's cache-sized batch slices.
+
+    The forward pass reads the same sliced view: when it read the plain padded input, XLA wrote the
+    padded input (with the BatchNorm and activation before it) twice, once in each shape."""
     pads = pads if pads is not None else _same_pads(x, w.shape[0], w.shape[1], stride)
     xp, oh, ow = _pad(x, w.shape[0], w.shape[1], stride, pads)
-    return _shifted_sum(xp, w[:, :, 0], stride, oh, ow), xp
+    n, c = x.shape[0], x.shape[-1]
+    # A symbolic batch (shape-polymorphic export) is one slice: only the weight gradient reads them.
+    b = _batch_chunk(n, (xp[0].size + oh * ow * c) * xp.dtype.itemsize) if isinstance(n, int) else n
+    xp = xp.reshape(n // b, b, *xp.shape[1:])
+    return _shifted_sum(xp, w[:, :, 0], stride, oh, ow).reshape(n, oh, ow, c), xp
 
 
 def _depthwise_input_grad(g: jnp.ndarray, w: jnp.ndarray, stride: int, h: int, wd: int,
@@ -144,21 +154,18 @@ def _batch_chunk(n: int, per_item_bytes: int) -> int:
 
 
 def _depthwise_weight_grad(xp: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int, stride: int) -> jnp.ndarray:
-    """d loss / d w (kh x kw x 1 x C) from the padded input xp: per tap, the sum over batch and
-    space of shifted xp * g."""
-    n, oh, ow, c = g.shape
-    b = _batch_chunk(n, xp[0].size * xp.dtype.itemsize + g[0].size * g.dtype.itemsize)
-    m = n // b
-    # The batch as m cache-sized slices (a free reshape, reading the padded input the forward pass
-    # wrote): one variadic reduction computes all k*k sums per slice (k*k separate reductions were
-    # 2-3x slower and each one compiled on its own; one pass over the whole batch was 1.5-4x slower
-    # and adds up long float32 sums), then the m partial sums are added. A `fori_loop` over the
-    # slices ran as fast but compiled 5-6 more kernels per layer (the loop, its zero accumulator
-    # and the addition): the whole epoch program compiled 12% faster without it.
-    xr = xp.reshape(m, b, *xp.shape[1:])
+    """d loss / d w (kh x kw x 1 x C) from the padded input in batch slices, xp (m, b, H, W, C) (see
+    `_depthwise_forward`): per tap, the sum over batch and space of shifted xp * g."""
+    m, b = xp.shape[:2]
+    _, oh, ow, c = g.shape
+    # One variadic reduction computes all k*k sums per cache-sized batch slice (k*k separate
+    # reductions were 2-3x slower and each one compiled on its own; one pass over the whole batch
+    # was 1.5-4x slower and adds up long float32 sums), then the m partial sums are added. A
+    # `fori_loop` over the slices ran as fast but compiled 5-6 more kernels per layer (the loop,
+    # its zero accumulator and the addition): the epoch program compiled 12% faster without it.
     gr = g.reshape(m, b, oh, ow, c)
     products = tuple(
-        lax.mul(lax.slice(xr, (0, 0, i, j, 0), (m, b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+        lax.mul(lax.slice(xp, (0, 0, i, j, 0), (m, b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
                           (1, 1, stride, stride, 1)), gr)
         for i in range(kh) for j in range(kw))
     sums = lax.reduce(products, (jnp.zeros((), g.dtype),) * len(products),
@@ -181,7 +188,7 @@ def _depthwise_fwd(x, w, stride, pads):
 def _depthwise_bwd(stride, pads, res, g):
     xp, w = res
     pt, pb, pl, pr = pads
-    h, wd = xp.shape[1] - pt - pb, xp.shape[2] - pl - pr
+    h, wd = xp.shape[-3] - pt - pb, xp.shape[-2] - pl - pr
     dx = _depthwise_input_grad(g, w[:, :, 0], stride, h, wd, pads)
     dw = _depthwise_weight_grad(xp, g, w.shape[0], w.shape[1], stride)
     return dx.astype(xp.dtype), dw.astype(w.dtype)

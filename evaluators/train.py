@@ -572,19 +572,19 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     names = _hparams(KDConfig(), teacher_features is not None) if teacher_classes is not None else {}
     hparams = {k: scalar for k in names}
     k, b = val_batches
-    evaluate = jax.jit(functools.partial(eval_split, model)).lower(
+    lowered_eval = jax.jit(functools.partial(eval_split, model)).lower(
         {"params": shapes["params"], "batch_stats": shapes["batch_stats"]},
         jax.ShapeDtypeStruct((k, b, *hwc), jnp.float32), jax.ShapeDtypeStruct((k, b), jnp.int32),
         jax.ShapeDtypeStruct((k, b), jnp.float32))
     # XLA compiles the validation program in a second thread while this one traces the epoch:
     # tracing is single-threaded Python, so the other core was idle for that second or two.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        evaluate = pool.submit(evaluate.compile, opts)
+        compiling_eval = pool.submit(lowered_eval.compile, opts)
         opt_init = jax.jit(tx.init).lower(state.params).compile()
         epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats),
                         donate_argnums=0).lower(
             state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
-        evaluate = evaluate.result()
+        evaluate = compiling_eval.result()
     return _Programs(model, tx, packing, stats, opt_init, epoch, evaluate, time.perf_counter() - t0)
 
 

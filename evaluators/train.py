@@ -43,7 +43,7 @@ from evaluators.datasets import Dataset, epoch_indices, pad_batches
 from evaluators.losses import check_kd, cross_entropy, distillation, hint_loss
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
-from search_spaces.model import BN_MOMENTUM, MOMENTS, build_model, input_shape
+from search_spaces.model import BN_MOMENTUM, MOMENTS, Net, build_model, input_shape
 from search_spaces.ops import IMPLS, bn_moments
 from search_spaces.registry import Registry
 
@@ -250,8 +250,9 @@ def variable_shapes(arch: Architecture) -> Variables:
     tracing the Flax model is a noticeable part of a new candidate's start-up, and initialisation,
     checks and compilation all need the shapes. Both convolution implementations declare the same
     variables (tests/test_ops.py runs one tree through both), so this traces the reference form,
-    whose single convolution ops trace faster than the fast form's shifted multiply-adds."""
-    model = build_model(arch, "reference")
+    whose single convolution ops trace faster than the fast form's shifted multiply-adds, with
+    zeros initialisers (`Net.zero_init`): only the shapes are kept."""
+    model = Net(arch, "reference", zero_init=True)
     return _plain(jax.eval_shape(lambda inp: model.init(jax.random.PRNGKey(0), inp, train=False),
                                  jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32)))
 

@@ -221,3 +221,19 @@ def test_unknown_impl_is_rejected():
 def test_fast_blocks_are_the_default():
     assert build_model(_covering_arch()).impl == "fast"
     assert isinstance(build_model(_covering_arch()), nn.Module)
+
+
+def test_zero_init_model_declares_the_same_variables_all_zero_params():
+    """`Net.zero_init` (used to trace parameter shapes cheaply) changes values, never the tree."""
+    from search_spaces.model import Net
+
+    arch = _covering_arch()
+    x = jnp.zeros((1, 12, 12, input_shape(arch)[-1]))
+    declared = build_model(arch, "reference").init(jax.random.key(0), x)
+    zeros = Net(arch, "reference", zero_init=True).init(jax.random.key(0), x)
+    spec = lambda tree: [(jax.tree_util.keystr(p), v.shape, v.dtype) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
+    assert spec(zeros) == spec(declared)
+    kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(zeros["params"]) if "kernel" in jax.tree_util.keystr(p)]
+    assert len(kernels) > 10 and all(not np.any(np.asarray(k)) for k in kernels)
+    assert any(np.any(np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(declared["params"])
+               if "kernel" in jax.tree_util.keystr(p))

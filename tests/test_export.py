@@ -172,6 +172,22 @@ def test_corrupt_flax_weights_and_unknown_format_are_refused(exported, tmp_path)
         load(bad, "onnx")
 
 
+
+def test_flax_weights_that_do_not_fit_the_architecture_are_refused_naming_the_entry(exported, tmp_path):
+    from evaluators.train import load_variables, save_variables
+
+    folder, _ = exported
+    bad = tmp_path / "m"
+    shutil.copytree(folder, bad)
+    weights = bad / "flax" / "variables.msgpack"
+    variables = load_variables(weights)
+    del variables["params"]["classifier"]["bias"]
+    save_variables(weights, variables)
+    (bad / "flax" / "manifest.json").unlink()  # a hand-edited folder: no checksum to fail first
+    with pytest.raises(NasError, match=r"/m: variables do not fit architecture '[^']+': "
+                                        r"\['params'\]\['classifier'\]\['bias'\] missing$"):
+        load(bad)
+
 # ---------------------------------------------------------------- failed checks
 def test_a_failed_numerical_check_is_reported_and_not_written_as_good(run_dir, tmp_path, monkeypatch):
     real = ex._onnx_model

@@ -260,14 +260,9 @@ def _leaves(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _expected_leaves(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    import jax
-    import jax.numpy as jnp
+    from evaluators.train import variable_shapes
 
-    from search_spaces.model import build_model, input_shape
-
-    shapes = jax.eval_shape(lambda x: build_model(arch).init(jax.random.PRNGKey(0), x, train=False),
-                            jax.ShapeDtypeStruct(input_shape(arch, 1), jnp.float32))
-    return {k: v for k, v in _leaves(dict(shapes)).items() if k.startswith(("['params']", "['batch_stats']"))}
+    return _leaves(variable_shapes(arch))
 
 
 def _check_tree(arch: Architecture, variables: Any, where: Path) -> None:

@@ -576,7 +576,9 @@ def _init_ray(cfg: ExperimentConfig, address: str | None) -> None:
         _check_reachable(address)
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        # address="local": a new local instance even where another cluster runs on this machine (without
+        # it Ray joins the cluster named in /tmp/ray/ray_current_cluster, and refuses num_cpus there)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, configure_logging=False)
 
 

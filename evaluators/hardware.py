@@ -29,8 +29,8 @@ OP_CLASSES = ("conv", "dwconv", "dense", "elementwise")  # conv = dense k x k an
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 KINDS = ("cpu", "gpu", "npu")
 _FIELDS = {"name", "description", "kind", "threads", "precisions", "default_precision", "compute_gflops",
-           "memory_bandwidth_gbs", "launch_overhead_us", "sources"}
-_REQUIRED = _FIELDS - {"description", "threads", "kind"}
+           "memory_bandwidth_gbs", "launch_overhead_us", "sources", "energy_pj"}
+_REQUIRED = _FIELDS - {"description", "threads", "kind", "energy_pj"}
 _FUSED = ("bn", "act")  # folded / fused into the preceding kernel
 
 
@@ -49,6 +49,7 @@ class Profile:
     kind: str = "cpu"
     threads: int = 1
     source: str = "<python>"
+    energy_pj: Mapping[str, Any] | None = None  # see evaluators.energy (optional: no energy cost without it)
 
     def peak(self, op_class: str, precision: str) -> float:
         """Peak GFLOP/s (GOP/s) of `op_class` at `precision`."""
@@ -66,6 +67,8 @@ class Profile:
         d["precisions"] = list(self.precisions)
         d["compute_gflops"] = {p: dict(v) for p, v in self.compute_gflops.items()}
         d["sources"] = dict(self.sources)
+        if self.energy_pj is None:
+            d.pop("energy_pj")
         return d
 
 
@@ -130,11 +133,16 @@ def profile_from_dict(d: Mapping[str, Any], source: str = "<python>") -> Profile
     launch = d["launch_overhead_us"]
     if isinstance(launch, bool) or not isinstance(launch, (int, float)) or not math.isfinite(launch) or launch < 0:
         raise NasError(f"{source}: launch_overhead_us: {launch!r}; allowed a number >= 0")
+    energy = None
+    if d.get("energy_pj") is not None:
+        from evaluators.energy import parse_energy  # energy figures are validated where they are used
+
+        energy = parse_energy(d["energy_pj"], precisions, sources, source)
     return Profile(
         name=name, precisions=tuple(precisions), default_precision=default, compute_gflops=table,
         memory_bandwidth_gbs=_positive(d["memory_bandwidth_gbs"], f"{source}: memory_bandwidth_gbs"),
         launch_overhead_us=float(launch), sources=dict(sources), description=str(d.get("description", "")),
-        kind=kind, threads=threads, source=source,
+        kind=kind, threads=threads, source=source, energy_pj=energy,
     )
 
 

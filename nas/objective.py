@@ -1,7 +1,8 @@
 """The search objective: accuracy times soft cost penalties, subject to hard constraints.
 
 Costs are looked up by name: `params`, `macs`, `activation_bytes`, `weight_bytes_fp32`,
-`weight_bytes_int8`, and `latency_ms@PROFILE` (predicted latency on a named hardware profile).
+`weight_bytes_int8`, `latency_ms@PROFILE` (predicted latency on a named hardware profile) and
+`energy_mj@PROFILE[:PRECISION]` (energy per inference, `evaluators.energy`).
 Soft penalty (MnasNet, Tan et al. 2019): score = acc * (cost / target) ** w with w = alpha when
 cost <= target and beta otherwise. Hard constraints are checked from the cost model *before*
 training, so an infeasible candidate is never trained.
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from evaluators.cost import analytic_cost
+from evaluators.energy import PREFIX as ENERGY_PREFIX
+from evaluators.energy import energy_mj, parse_cost_name
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.registry import Registry
@@ -34,8 +37,15 @@ def check_cost_name(name: str, where: str) -> None:
 
         PROFILES.get(name[len(LATENCY_PREFIX):])
         return
+    if name.startswith(ENERGY_PREFIX):
+        try:
+            parse_cost_name(name)
+        except NasError as e:
+            raise NasError(f"{where}: {e}") from None
+        return
     if name not in COSTS:
-        raise NasError(f"{where}: unknown cost '{name}'; allowed: {', '.join(COSTS.names())}, {LATENCY_PREFIX}PROFILE")
+        raise NasError(f"{where}: unknown cost '{name}'; allowed: {', '.join(COSTS.names())}, {LATENCY_PREFIX}PROFILE, "
+                       f"{ENERGY_PREFIX}PROFILE[:PRECISION]")
 
 
 def cost_value(name: str, arch: Architecture) -> float:
@@ -44,6 +54,8 @@ def cost_value(name: str, arch: Architecture) -> float:
         from evaluators.latency import predict_latency_ms
 
         return float(predict_latency_ms(arch, name[len(LATENCY_PREFIX):]))
+    if name.startswith(ENERGY_PREFIX):
+        return energy_mj(arch, name)
     return COSTS.get(name)(arch)
 
 

@@ -74,8 +74,10 @@ def _space(args):
 
 
 def _cost_args(p):
-    p.add_argument("--space", required=True, help="a registered space name or a YAML file")
-    p.add_argument("--arch", required=True, help="the architecture key")
+    p.add_argument("--space", help="a registered space name or a YAML file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="the architecture key (with --space)")
+    which.add_argument("--arch-file", help="an architecture.json (e.g. of a pruned model: widths outside the space)")
     p.add_argument("--json", action="store_true")
 
 
@@ -84,22 +86,34 @@ def _cost(args):
     from evaluators.cost import analytic_cost
     from search_spaces.catalog import load_space
 
+    from evaluators.energy import energy
     from evaluators.hardware import PROFILES
     from evaluators.latency import latency_breakdown
 
-    arch = load_space(args.space).decode(args.arch)
+    if args.arch_file:
+        from evaluators.prune import read_architecture
+
+        arch = read_architecture(args.arch_file)
+    else:
+        if not args.space:
+            raise NasError("--space: required with --arch (or give --arch-file)")
+        arch = load_space(args.space).decode(args.arch)
     report = analytic_cost(arch)
     latency = {p: latency_breakdown(arch, p) for p in PROFILES.names()}
+    energies = {f"{p}:{q}": energy(arch, p, q).total_mj for p in PROFILES.names()
+                if PROFILES.get(p).energy_pj is not None for q in PROFILES.get(p).precisions}
     if args.json:
         print(json.dumps({"space": arch.space, "key": arch.key, **report.to_dict(),
                           "latency_ms": {p: e.total_ms for p, e in latency.items()},
-                          "latency_method": {p: e.method for p, e in latency.items()}}, indent=2))
+                          "latency_method": {p: e.method for p, e in latency.items()},
+                          "energy_mj": energies}, indent=2))
         return
     print(f"{arch.space} {arch.key}: params {report.params:,d}  MACs {report.macs:,d}  "
           f"peak activations {report.activation_bytes:,d} B  weights fp32 {report.weight_bytes['fp32']:,d} B "
           f"int8 {report.weight_bytes['int8']:,d} B")
     print("  predicted latency (batch 1): " + "  ".join(f"{p} {e.total_ms:.3f} ms ({e.method})"
                                                         for p, e in latency.items()))
+    print("  energy per inference (batch 1): " + "  ".join(f"{k} {v:.4f} mJ" for k, v in energies.items()))
     for l in report.layers:
         print(f"  {l.index:3d} {l.name:<40} params {l.params:>10,d}  MACs {l.macs:>13,d}  out {l.output_shape}")
 
@@ -176,6 +190,19 @@ def _export_args(p):
     p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
 
 
+def _compress_args(p):
+    _run_dir_args(p)
+    p.add_argument("--winner", type=int, default=None, help="compress only winner K (rank; default every winner)")
+    p.add_argument("--prune", default=None, help="target: macs=F | params=F (F: fraction kept) | latency_ms@PROFILE=MS")
+    p.add_argument("--criterion", default=None, help="channel importance: l1, bn (BatchNorm scale), taylor")
+    p.add_argument("--steps", type=int, default=None, help="AGP pruning steps (1: one-shot)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs in total (with KD from the teacher)")
+    p.add_argument("--lowrank", action="store_true", help="low-rank factorization (not available yet: refused)")
+    p.add_argument("--qat", action="store_true", help="quantization-aware training (not available yet: refused)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compressed)")
+    p.add_argument("--force", action="store_true", help="replace an earlier result folder of the same name")
+
+
 def _report_args(p):
     _run_dir_args(p)
     p.add_argument("--no-references", action="store_true",
@@ -213,6 +240,15 @@ def _export(args):
                force=args.force, int8=args.int8, calibration_images=args.calibration_images)
 
 
+@command("compress", "prune a run's winners to a target and fine-tune them with distillation")(_compress_args)
+def _compress(args):
+    from nas.compress import compress_options, run_compress
+
+    run_compress(args.run_dir, winner=args.winner, out=args.out, force=args.force,
+                 options=compress_options(args.run_dir, prune=args.prune, criterion=args.criterion,
+                                          steps=args.steps, epochs=args.epochs, lowrank=args.lowrank, qat=args.qat))
+
+
 @command("report", "write report.md and plots for a finished run")(_report_args)
 def _report(args):
     from nas.report import write_report
@@ -220,7 +256,7 @@ def _report(args):
     print(f"report: {write_report(args.run_dir, references=not args.no_references)}")
 
 
-@command("run", "search, distill and export, in order")(_search_args)
+@command("run", "search, distill, compress (when compress.enabled) and export, in order")(_search_args)
 def _run(args):
     from nas.config import load_config
     from nas.distill import run_distill
@@ -230,11 +266,17 @@ def _run(args):
     from nas.distill import DistillConfig
     from nas.export import ExportConfig
 
+    from nas.compress import CompressConfig, run_compress
+
     cfg = load_config(args.config, args.overrides)
+    compress = CompressConfig.from_dict(cfg.compress, f"{cfg.source}: compress") if cfg.compress else None
     run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
     if DistillConfig.from_dict(cfg.distill).enabled:
         print("distillation:", flush=True)
         run_distill(run_dir)
+    if compress is not None and compress.enabled:
+        print("compression:", flush=True)
+        run_compress(run_dir, force=True)
     export = ExportConfig.from_dict(cfg.export)
     if export.enabled:
         print("export:", flush=True)

@@ -82,6 +82,7 @@ class ExperimentConfig:
     evaluator: EvaluatorConfig = EvaluatorConfig()
     distill: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.distill.DistillConfig
     export: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.export.ExportConfig
+    compress: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.compress.CompressConfig
     resources: Resources = Resources()
     source: str = "<dict>"
 

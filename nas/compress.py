@@ -1,0 +1,324 @@
+"""Compression stage: prune a run's winners to a target, fine-tune with distillation, write a model folder.
+
+`run_compress(run_dir, winner=N, prune='macs=0.5')` takes winner N's weights (its distilled
+weights when `nas distill` ran, else its search checkpoint), removes channels by importance
+(`evaluators.prune`) one-shot or over `steps` AGP steps, fine-tunes after each step with
+knowledge distillation from the run's teacher (the `distill.teacher` of the experiment, through
+the same `evaluators.train.train` path as `nas distill`), and writes one folder per winner,
+`RUN_DIR/compressed/NN-KEY-TAG/`:
+
+| file | what |
+|---|---|
+| architecture.json | {'architecture': the pruned network, 'pruned_from': the original, 'compression': the options} |
+| flax/variables.msgpack | the fine-tuned weights (Flax msgpack) |
+| model.onnx | the ONNX export (reference implementation, dynamic batch) |
+| metrics.json | params, MACs, bytes before/after and their ratios; test accuracy before/after; measured ONNX Runtime latency of both at batch 1 and 32 and the speedups; energy per profile |
+
+`nas.load(folder)` loads it like an export folder. Everything is validated before anything is
+trained or written; a folder is written under a hidden `.NAME.partial` name and renamed when done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from evaluators.cost import analytic_cost
+from evaluators.prune import CRITERIA, Target, agp_fractions, prune, pruned_key, taylor_grads
+from nas.distill import DistillConfig
+from nas.search import experiment_from_run_dir, load_winners
+from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
+
+TECHNIQUES = ("prune",)  # what this stage implements; lowrank and qat are refused by name (not built yet)
+NOT_BUILT = ("lowrank", "qat")
+TAYLOR_IMAGES = 512
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """The `compress:` section of an experiment (and the options of `nas compress`)."""
+
+    enabled: bool = False
+    prune: str | None = None  # macs=F | params=F | latency_ms@PROFILE=MS
+    criterion: str = "l1"
+    steps: int = 1  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
+    epochs: int = 3
+    learning_rate: float = 1e-3
+    kd: bool = True  # fine-tune with distillation from the run's teacher (else cross-entropy)
+    lowrank: bool = False
+    qat: bool = False
+    latency_budget_s: float = 0.3  # per measured figure (0: do not measure)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "compress") -> "CompressConfig":
+        """Validate; a bad key or value raises NasError naming `{source}.{key}` and what is allowed."""
+        if d is not None and not isinstance(d, Mapping):
+            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
+        d = dict(d or {})
+        allowed = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in allowed:
+                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
+        cfg = cls(**d)
+        for k in ("enabled", "kd", "lowrank", "qat"):
+            if not isinstance(getattr(cfg, k), bool):
+                raise NasError(f"{source}.{k}: expected true or false, got {getattr(cfg, k)!r}")
+        for k in NOT_BUILT:
+            if getattr(cfg, k):
+                raise NasError(f"{source}.{k}: technique not available in this version; allowed: "
+                               f"{', '.join(TECHNIQUES)}")
+        if cfg.prune is not None:
+            Target.parse(cfg.prune, f"{source}.prune")
+        if cfg.criterion not in CRITERIA:
+            raise NasError(f"{source}.criterion: unknown criterion '{cfg.criterion}'; allowed: {', '.join(CRITERIA)}")
+        for k in ("steps", "epochs"):
+            v = getattr(cfg, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "steps" else 0):
+                raise NasError(f"{source}.{k}: expected an integer >= {1 if k == 'steps' else 0}, got {v!r}")
+        for k in ("learning_rate", "latency_budget_s"):
+            v = getattr(cfg, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                    k == "learning_rate" and v == 0):
+                raise NasError(f"{source}.{k}: expected a number {'> 0' if k == 'learning_rate' else '>= 0'}, "
+                               f"got {v!r}")
+        if cfg.prune is None:
+            raise NasError(f"{source}.prune: no technique chosen; give a target: macs=F, params=F or "
+                           f"latency_ms@PROFILE=MS")
+        return cfg
+
+    def target(self) -> Target:
+        return Target.parse(self.prune)
+
+    def tag(self) -> str:
+        """Folder-name suffix, e.g. 'prune-macs50' (letters, digits and '-' only)."""
+        t = self.target()
+        v = f"{round(100 * t.value)}" if t.kind != "latency_ms" else f"{t.value:g}".replace(".", "p")
+        return f"prune-{t.kind.replace('_', '')}{t.profile}{v}-{self.criterion}"
+
+
+# ============================================================ the stage
+def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Mapping[str, Any] | None = None,
+                 out: str | Path | None = None, force: bool = False, printer=print) -> list[Path]:
+    """Compress winner `winner` (default: every winner) of `run_dir`; returns the folders written.
+
+    Args:
+      run_dir: a finished search's run directory.
+      winner: a winner's rank, or None for all.
+      options: the compress options (see `CompressConfig`); default the experiment's `compress:` section.
+      out: output folder (default RUN_DIR/compressed).
+      force: replace existing result folders of the same name.
+
+    Raises:
+      NasError: bad options, a run without winners or checkpoints, an unknown rank, an existing
+        result folder without `force`, a target the network cannot reach; nothing written.
+    """
+    from evaluators.datasets import load_dataset
+    from evaluators.train import evaluate, load_variables
+
+    from nas.teacher import cached_outputs, resolve_teacher, search_candidates
+
+    run_dir = Path(run_dir).resolve()
+    exp = experiment_from_run_dir(run_dir)
+    cfg = exp.cfg
+    raw = options if options is not None else getattr(cfg, "compress", None) or {}
+    c = CompressConfig.from_dict(raw, "compress" if options is not None else f"{cfg.source}: compress")
+    winners = load_winners(run_dir)
+    if winner is not None:
+        ranks = [w["rank"] for w in winners]
+        if winner not in ranks:
+            raise NasError(f"--winner: {winner}; allowed: {', '.join(map(str, ranks))}")
+        winners = [w for w in winners if w["rank"] == winner]
+    out = Path(out).resolve() if out else run_dir / "compressed"
+    target = c.target()
+    plans = []
+    for w in winners:
+        arch = Architecture.from_dict(w["architecture"])
+        folder = out / f"{w['rank']:02d}-{_safe(arch.key)}-{c.tag()}"
+        if folder.exists() and not force:
+            raise NasError(f"{folder}: already exists; use --force to replace it")
+        weights = run_dir / w["checkpoint"] / "distilled.msgpack"
+        if not weights.exists():
+            weights = run_dir / w["checkpoint"] / "variables.msgpack"
+        if not weights.exists():
+            raise NasError(f"{weights}: winner {w['rank']} has no checkpoint")
+        # the target must be reachable before anything is trained
+        from evaluators.prune import channel_groups, fix_counts, pruned_architecture
+
+        floor = pruned_architecture(arch, fix_counts(arch, {n: 1 for n in channel_groups(arch)}))
+        if target.cost_fn()(floor) > target.absolute(arch):
+            raise NasError(f"compress.prune: {target.label()} for winner {w['rank']} is below one channel per "
+                           f"layer ({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
+                           f"{target.kind} >= {target.cost_fn()(floor) / (1 if target.kind == 'latency_ms' else target.cost_fn()(arch)):.3g}")
+        plans.append((w, arch, weights, folder))
+
+    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
+                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+    d = DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
+    logits = None
+    teacher_info = None
+    if c.kd and c.epochs:
+        teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
+        teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / "teacher", printer,
+                                  candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
+        logits, _, _, _ = cached_outputs(teacher, data, run_dir / "teacher")
+        teacher_info = {"key": teacher.key, "kind": teacher.kind, "test_accuracy": teacher.test_accuracy}
+    kd = d.kd() if logits is not None else None
+
+    written = []
+    for w, arch, weights, folder in plans:
+        t0 = time.perf_counter()
+        variables = load_variables(weights)
+        acc_before = evaluate(arch, variables, data.x_test, data.y_test)[0]
+        small, sv, history = compress_one(arch, variables, data, c, exp.train, kd=kd, teacher_logits=logits,
+                                          printer=printer)
+        acc_after = evaluate(small, sv, data.x_test, data.y_test)[0]
+        metrics = {"rank": w["rank"], "key": small.key, "pruned_from": arch.key, "dataset": data.name,
+                   "weights_from": weights.name, "teacher": teacher_info,
+                   "options": dataclasses.asdict(c), "steps": history,
+                   "test_accuracy_before": acc_before, "test_accuracy": acc_after,
+                   "accuracy_drop_pt": 100 * (acc_before - acc_after)}
+        _write_folder(folder, arch, variables, small, sv, data, metrics, c, force)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        printer(f"winner {w['rank']} {arch.key} -> {small.key}: MACs x{metrics['ratios']['macs']:.2f} "
+                f"params x{metrics['ratios']['params']:.2f}, test accuracy {acc_before:.4f} -> {acc_after:.4f}"
+                + (f", ONNX Runtime speedup b1 {metrics['speedup']['batch1']:.2f}x b32 "
+                   f"{metrics['speedup']['batch32']:.2f}x" if metrics.get("speedup") else "")
+                + f" ({time.perf_counter() - t0:.1f}s) -> {folder}", flush=True)
+        written.append(folder)
+    return written
+
+
+def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, base_train: Any, *,
+                 kd: Any = None, teacher_logits: np.ndarray | None = None,
+                 printer=print) -> tuple[Architecture, Any, list[dict[str, Any]]]:
+    """Prune `arch` to `c.prune` over `c.steps` AGP steps, fine-tuning after each; returns
+    (pruned architecture, its variables, one record per step)."""
+    from evaluators.train import train
+
+    target = c.target()
+    cost = target.cost_fn()
+    full = cost(arch)
+    final = target.absolute(arch) / full
+    per_step = [c.epochs // c.steps + (1 if s < c.epochs % c.steps else 0) for s in range(c.steps)]
+    current, v = arch, variables
+    history = []
+    for s, frac in enumerate(agp_fractions(final, c.steps)):
+        grads = None
+        if c.criterion == "taylor":
+            n = min(TAYLOR_IMAGES, len(data.x_train))
+            grads = taylor_grads(current, v, data.x_train[:n], data.y_train[:n])
+        current, v, _ = prune(current, v, frac * full, cost, c.criterion, grads=grads)
+        current = dataclasses.replace(current, key=pruned_key(arch.key, cost(current) / full))
+        rec: dict[str, Any] = {"step": s + 1, "kept_fraction": cost(current) / full, "epochs": per_step[s]}
+        if per_step[s]:
+            tcfg = dataclasses.replace(base_train, epochs=per_step[s], learning_rate=c.learning_rate,
+                                       schedule="cosine", warmup_epochs=0)
+            res = train(current, data, tcfg, init_variables=v, teacher_logits=teacher_logits, kd=kd)
+            v = res.variables
+            rec["val_accuracy"] = res.val_accuracy
+        history.append(rec)
+        printer(f"  step {s + 1}/{c.steps}: {target.kind} kept {rec['kept_fraction']:.3f}"
+                + (f", val accuracy {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else ""), flush=True)
+    return current, v, history
+
+
+# ============================================================ the folder
+def _safe(key: str) -> str:
+    return re.sub(r"[^0-9A-Za-z-]", "-", key)
+
+
+def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Architecture, sv: Any, data,
+                  metrics: dict[str, Any], c: CompressConfig, force: bool) -> None:
+    import onnx
+
+    from evaluators.onnx_export import to_onnx
+    from evaluators.train import save_variables
+
+    stage = folder.parent / f".{folder.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        (stage / "architecture.json").write_text(json.dumps(
+            {"architecture": small.to_dict(), "pruned_from": arch.to_dict(),
+             "input": {"layout": "NHWC", "normalization_mean": list(map(float, data.mean)),
+                       "normalization_std": list(map(float, data.std))}}, indent=2))
+        save_variables(stage / "flax" / "variables.msgpack", sv)
+        model = to_onnx(small, sv)
+        for k, val in {"space": small.space, "key": small.key, "layout": "NHWC"}.items():
+            model.metadata_props.add(key=k, value=val)
+        onnx.save(model, str(stage / "model.onnx"))
+        before = to_onnx(arch, variables)
+        metrics.update(compression_report(arch, small, before, model, data.x_test, c.latency_budget_s))
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if folder.exists() and force:
+            shutil.rmtree(folder)
+        stage.rename(folder)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def compression_report(arch: Architecture, small: Architecture, before_onnx: Any, after_onnx: Any,
+                       x: np.ndarray, budget_s: float) -> dict[str, Any]:
+    """Params, MACs, fp32 bytes (analytic and ONNX file) before/after with ratios (before/after), and
+    the ONNX Runtime latency of both at batch 1 and 32, measured alternately in one process."""
+    a, b = analytic_cost(arch), analytic_cost(small)
+    sizes = {"before": len(before_onnx.SerializeToString()), "after": len(after_onnx.SerializeToString())}
+    rep: dict[str, Any] = {
+        "params": {"before": a.params, "after": b.params}, "macs": {"before": a.macs, "after": b.macs},
+        "weight_bytes_fp32": {"before": a.weight_bytes["fp32"], "after": b.weight_bytes["fp32"]},
+        "onnx_bytes": sizes,
+        "ratios": {"params": a.params / b.params, "macs": a.macs / b.macs,
+                   "onnx_bytes": sizes["before"] / sizes["after"]},
+    }
+    if budget_s > 0:
+        lat = measure_onnx_latency({"before": before_onnx, "after": after_onnx}, x, budget_s)
+        rep["latency_ms"] = lat
+        rep["speedup"] = {bk: lat["before"][bk] / lat["after"][bk] for bk in ("batch1", "batch32")}
+    return rep
+
+
+def measure_onnx_latency(models: Mapping[str, Any], x: np.ndarray, budget_s: float) -> dict[str, dict[str, float]]:
+    """{name: {'batch1': ms, 'batch32': ms}} for ONNX models (one thread), all figures interleaved
+    (`evaluators.latency.measure_passes`) so their ratios compare like with like."""
+    from evaluators.latency import measure_passes
+    from evaluators.onnx_export import ort_session
+
+    batches = {"batch1": np.ascontiguousarray(x[:1], np.float32),
+               "batch32": np.resize(x, (32, *x.shape[1:])).astype(np.float32)}
+    which, makers = [], []
+    for name, model in models.items():
+        for bk, xb in batches.items():
+            def make(model=model, xb=xb):
+                sess = ort_session(model, threads=1)
+                feed = {sess.get_inputs()[0].name: xb}
+                return lambda: sess.run(None, feed)
+
+            which.append((name, bk))
+            makers.append(make)
+    out: dict[str, dict[str, float]] = {}
+    for (name, bk), ms in zip(which, measure_passes(makers, 1, budget_s)):
+        out.setdefault(name, {})[bk] = ms
+    return out
+
+
+def compress_options(run_dir: str | Path, **given: Any) -> dict[str, Any]:
+    """The experiment's `compress:` section with the options given on the command line (None: not given)
+    laid over it; `lowrank`/`qat` count only when True."""
+    exp = experiment_from_run_dir(Path(run_dir).resolve())
+    base = dict(getattr(exp.cfg, "compress", None) or {})
+    for k, v in given.items():
+        if v is not None and (v is not False or k not in NOT_BUILT):
+            base[k] = v
+    return base

@@ -1,0 +1,129 @@
+"""`nas compress`: prune a winner, fine-tune it with distillation, write a folder `nas.load` loads.
+
+A run directory is built by hand around one small model trained on digits (no Ray search); the
+teacher is the run's best candidate (`distill.teacher: {best: true}`), so no extra network trains.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import nas
+from evaluators.cost import analytic_cost
+from nas.cli import main
+from nas.compress import run_compress
+from nas.config import config_from_dict
+from search_spaces.errors import NasError
+
+pytestmark = pytest.mark.slow  # trains a winner and fine-tunes its pruned copy (~2 min here)
+
+KEY = "100-100--100--1"
+QUIET = dict(printer=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from evaluators.datasets import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data):
+    from evaluators.train import TrainConfig, save_variables, train
+    from search_spaces.catalog import load_space
+
+    tmp = tmp_path_factory.mktemp("compressrun")
+    train_cfg = {"epochs": 3, "batch_size": 64, "learning_rate": 0.005}
+    cfg = config_from_dict({"name": "exp", "space": "mobile_small", "space_input": {"resolution": 8},
+                            "dataset": "digits", "seed": 0, "output_dir": str(tmp), "top_k": 1,
+                            "train": train_cfg, "objective": {"cost": None},
+                            "distill": {"teacher": {"best": True}}}, source="test")
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    arch = load_space("mobile_small").with_input(resolution=8).decode(KEY)
+    res = train(arch, data, TrainConfig.from_dict(train_cfg))
+    ck = run / "winners" / "01"
+    save_variables(ck / "variables.msgpack", res.variables)
+    (ck / "architecture.json").write_text(arch.to_json())
+    (run / "winners.json").write_text(json.dumps([{
+        "rank": 1, "key": arch.key, "space": arch.space, "trial_id": "t0", "score": res.val_accuracy,
+        "val_accuracy": res.val_accuracy, "params": 0, "macs": 0, "architecture": arch.to_dict(),
+        "checkpoint": "winners/01"}]))
+    return run
+
+
+@pytest.fixture(scope="module")
+def compressed(run_dir):
+    folders = run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2,
+                                                       "latency_budget_s": 0.02}, **QUIET)
+    assert len(folders) == 1
+    return folders[0]
+
+
+def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(compressed, data):
+    assert compressed.parent.name == "compressed" and compressed.name.startswith(f"01-{KEY}-prune-macs50")
+    for f in ("architecture.json", "flax/variables.msgpack", "model.onnx", "metrics.json"):
+        assert (compressed / f).is_file(), f
+    flax_model, onnx_model = nas.load(compressed), nas.load(compressed, format="onnx")
+    arch = flax_model.arch
+    assert arch.key.startswith(f"{KEY}~p0.") and onnx_model.arch == arch
+    m = json.loads((compressed / "metrics.json").read_text())
+    assert m["macs"]["after"] == analytic_cost(arch).macs <= 0.5 * m["macs"]["before"]
+    assert m["ratios"]["macs"] >= 2 and m["params"]["after"] == analytic_cost(arch).params
+    x = data.x_test[:64]
+    np.testing.assert_allclose(onnx_model(x), flax_model(x), atol=1e-4)
+    assert flax_model.accuracy(data.x_test, data.y_test) == pytest.approx(m["test_accuracy"])
+    assert len(m["steps"]) == 2 and m["steps"][-1]["kept_fraction"] <= 0.5
+    assert set(m["latency_ms"]) == {"before", "after"} and set(m["speedup"]) == {"batch1", "batch32"}
+    assert m["teacher"]["kind"] and m["accuracy_drop_pt"] == pytest.approx(
+        100 * (m["test_accuracy_before"] - m["test_accuracy"]))
+
+
+def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
+    assert main(["cost", "--arch-file", str(compressed / "architecture.json"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["key"] == nas.load(compressed).arch.key and "energy_mj" in doc and doc["latency_ms"]["rpi4"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prune", "macs=0.0001"], "below one channel per layer"),
+    (["--prune", "macs=0.5", "--criterion", "random"], "allowed: l1, bn, taylor"),
+    (["--prune", "flops=0.5"], "unknown target 'flops'"),
+    (["--prune", "macs=0.5", "--qat"], "compress.qat"),
+    (["--prune", "macs=0.5", "--lowrank"], "compress.lowrank"),
+    (["--prune", "macs=0.5", "--winner", "7"], "--winner: 7; allowed: 1"),
+    ([], "compress.prune: no technique chosen"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compress", str(run_dir), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_run_without_winners_or_checkpoints_is_refused(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("compressed"))
+    w = json.loads((run / "winners.json").read_text())
+    w[0]["checkpoint"] = None
+    (run / "winners.json").write_text(json.dumps(w))
+    with pytest.raises(NasError, match="no trained weights"):
+        run_compress(run, options={"prune": "macs=0.5"}, **QUIET)
+    (run / "winners.json").unlink()
+    with pytest.raises(NasError, match="no winners.json"):
+        run_compress(run, options={"prune": "macs=0.5"}, **QUIET)
+    assert not (run / "compressed").exists()
+
+
+def test_an_existing_result_is_refused_unless_forced(run_dir, compressed):
+    with pytest.raises(NasError, match="already exists; use --force"):
+        run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2}, **QUIET)

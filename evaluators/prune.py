@@ -234,17 +234,26 @@ def pruned_architecture(arch: Architecture, counts: Mapping[str, int], key: str 
     return out
 
 
-def fix_counts(arch: Architecture, counts: Mapping[str, int]) -> dict[str, int]:
-    """Nudge widths by one channel (up where possible, else down) until they keep the structure:
-    an mb expansion must differ from its input width, and a non-residual stride-1 mb/skip block
-    must keep different in and out widths."""
+def round_width(n: int, width: int, divisor: int) -> int:
+    """`n` rounded up to a multiple of `divisor` (at most `width`, at least 1)."""
+    if divisor <= 1:
+        return int(min(max(1, n), width))
+    return int(min(width, max(divisor, -(-n // divisor) * divisor)))
+
+
+def fix_counts(arch: Architecture, counts: Mapping[str, int], divisor: int = 1) -> dict[str, int]:
+    """Round widths up to multiples of `divisor`, then nudge them by `divisor` channels (up where
+    possible, else down) until they keep the structure: an mb expansion must differ from its input
+    width, and a non-residual stride-1 mb/skip block must keep different in and out widths."""
     groups = channel_groups(arch)
-    c = {n: int(min(max(1, counts.get(n, g.width)), g.width)) for n, g in groups.items()}
+    c = {n: round_width(counts.get(n, g.width), g.width, divisor) for n, g in groups.items()}
     tg = tensor_groups(arch)
+    step = max(1, divisor)
 
     def nudge(name: str, avoid: int) -> None:
         w = groups[name].width
-        c[name] = c[name] + 1 if c[name] + 1 <= w and c[name] + 1 != avoid else max(1, c[name] - 1)
+        up = min(w, c[name] + step)
+        c[name] = up if up != c[name] and up != avoid else max(1, c[name] - step)
 
     for _ in range(4 * len(c)):
         changed = False
@@ -262,30 +271,67 @@ def fix_counts(arch: Architecture, counts: Mapping[str, int]) -> dict[str, int]:
     raise NasError(f"prune: no widths near {counts} keep the structure of '{arch.key}'")
 
 
-def select(arch: Architecture, scores: Mapping[str, np.ndarray], cost: Callable[[Architecture], float],
-           target: float) -> tuple[dict[str, np.ndarray], Architecture]:
-    """The most important channels whose network costs at most `target`: remove channels in
-    increasing score order (one global ranking), as few as reach the target (binary search over
-    how many). Returns (kept indices per group, pruned architecture with the original key).
+def floor_architecture(arch: Architecture, min_keep: float = 0.0, divisor: int = 1) -> Architecture:
+    """The smallest network pruning may reach: every group at its floor (min_keep of its width, >= 1)."""
+    counts = {n: max(1, math.ceil(min_keep * g.width)) for n, g in channel_groups(arch).items()}
+    return pruned_architecture(arch, fix_counts(arch, counts, divisor))
 
-    Raises NasError if even one channel per group costs more than `target`."""
+
+def _savings(arch: Architecture, cost: Callable[[Architecture], float]) -> dict[str, float]:
+    """Per group, the cost one of its channels adds (removing half of the group, per channel removed)."""
+    full = cost(arch)
+    out = {}
+    for n, g in channel_groups(arch).items():
+        half = max(1, g.width // 2)
+        try:
+            out[n] = max(0.0, (full - cost(pruned_architecture(arch, fix_counts(arch, {n: half}))))) / max(
+                1, g.width - half)
+        except NasError:
+            out[n] = 0.0
+    return out
+
+
+def select(arch: Architecture, scores: Mapping[str, np.ndarray], cost: Callable[[Architecture], float],
+           target: float, *, min_keep: float = 0.0, divisor: int = 1,
+           cost_aware: bool = False) -> tuple[dict[str, np.ndarray], Architecture]:
+    """The most important channels whose network costs at most `target`: remove channels in
+    increasing order of priority (one global ranking), as few as reach the target (binary search
+    over how many). Returns (kept indices per group, pruned architecture with the original key).
+
+    Args:
+      min_keep: each group keeps at least this fraction of its width (and at least one channel).
+      divisor: kept widths are rounded up to multiples of it (ONNX Runtime's blocked CPU kernels
+        run widths that are not multiples of 8 far slower: a 50%-MACs network with ragged widths
+        ran 2-3x *slower* than the original, see benchmarks/compress.py).
+      cost_aware: priority = score / (the cost one channel of the group adds, relative to the
+        mean over groups): cheap channels (stem, head at 1x1) are kept, expensive ones go first.
+        Otherwise priority = score.
+
+    Raises NasError if the floor (min_keep, one channel per group) costs more than `target`."""
     groups = channel_groups(arch)
-    order = sorted(((float(s), name, j) for name, sc in scores.items() for j, s in enumerate(sc)),
+    weight = {n: 1.0 for n in groups}
+    if cost_aware:
+        sav = _savings(arch, cost)
+        mean = float(np.mean([v for v in sav.values() if v > 0] or [1.0]))
+        weight = {n: mean / sav[n] if sav[n] > 0 else 1e9 for n in groups}
+    order = sorted(((float(s) * weight[name], name, j) for name, sc in scores.items() for j, s in enumerate(sc)),
                    key=lambda t: (t[0], t[1], t[2]))
-    floor = pruned_architecture(arch, fix_counts(arch, {n: 1 for n in groups}))
+    floor_n = {n: max(1, math.ceil(min_keep * g.width)) for n, g in groups.items()}
+    floor = floor_architecture(arch, min_keep, divisor)
     if cost(floor) > target:
+        what = "one channel per group" if min_keep == 0 else f"min_keep {min_keep:g} of each group"
         raise NasError(f"prune: target {target:g} is below the smallest reachable {cost(floor):g} "
-                       f"(one channel per group); allowed a target >= {cost(floor):g}")
+                       f"({what}); allowed a target >= {cost(floor):g}")
 
     def keep_after(k: int) -> dict[str, np.ndarray]:
         dropped: dict[str, set[int]] = {n: set() for n in groups}
         for _, name, j in order[:k]:
-            if len(dropped[name]) < groups[name].width - 1:  # at least one channel stays
+            if len(dropped[name]) < groups[name].width - floor_n[name]:
                 dropped[name].add(j)
         return {n: np.array([j for j in range(g.width) if j not in dropped[n]]) for n, g in groups.items()}
 
     def build(keep: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Architecture]:
-        counts = fix_counts(arch, {n: len(v) for n, v in keep.items()})
+        counts = fix_counts(arch, {n: len(v) for n, v in keep.items()}, divisor)
         keep = {n: _resize(keep[n], counts[n], scores[n]) for n in keep}
         return keep, pruned_architecture(arch, counts)
 
@@ -442,13 +488,14 @@ def agp_fractions(final: float, steps: int) -> list[float]:
 
 def prune(arch: Architecture, variables: Mapping[str, Any], target: float,
           cost: Callable[[Architecture], float], criterion: str = "l1", *, grads: Any = None,
-          key: str | None = None) -> tuple[Architecture, dict[str, Any], dict[str, np.ndarray]]:
+          key: str | None = None, min_keep: float = 0.0, divisor: int = 1,
+          cost_aware: bool = False) -> tuple[Architecture, dict[str, Any], dict[str, np.ndarray]]:
     """One-shot prune `arch` to `cost(pruned) <= target` by `criterion`.
 
     Returns (pruned architecture with `key` (default: the original's), its sliced variables, the
     kept channel indices per group)."""
     scores = importance(arch, variables, criterion, grads)
-    keep, pruned = select(arch, scores, cost, target)
+    keep, pruned = select(arch, scores, cost, target, min_keep=min_keep, divisor=divisor, cost_aware=cost_aware)
     if key:
         pruned = dataclasses.replace(pruned, key=key)
     return pruned, slice_variables(arch, variables, keep), keep
@@ -475,3 +522,53 @@ def read_architecture(path: str) -> Architecture:
     except ValueError as e:
         raise NasError(f"{p}: not valid JSON ({e})") from None
     return Architecture.from_dict(doc.get("architecture", doc) if isinstance(doc, dict) else doc)
+
+
+def uniform_architecture(arch: Architecture, cost: Callable[[Architecture], float], target: float,
+                         divisor: int = 1) -> Architecture:
+    """The baseline pruning is judged against: every width of `arch` scaled by one factor (the
+    largest, to 1/256, whose network costs at most `target`), with the original key and fresh
+    weights to train. Raises NasError if one channel per group already costs more."""
+    groups = channel_groups(arch)
+
+    def at(s: float) -> Architecture:
+        return pruned_architecture(arch, fix_counts(arch, {n: max(1, round(s * g.width)) for n, g in groups.items()},
+                                                    divisor))
+
+    if cost(at(0.0)) > target:
+        raise NasError(f"prune: target {target:g} is below the smallest reachable {cost(at(0.0)):g}")
+    lo, hi = 0, 256  # s = k / 256; at(lo) meets the target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(at(mid / 256)) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return at(lo / 256)
+
+
+def recalibrate_bn(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray, *, batch_size: int = 256,
+                   batches: int = 8, seed: int = 0) -> dict[str, Any]:
+    """`variables` with BatchNorm running statistics re-estimated on rows of `x` (training-mode
+    forward passes, weights unchanged). Removing a layer's input channels shifts the statistics
+    of its output, and the stale ones of the unpruned network left a one-shot pruned network at
+    chance accuracy before any fine-tuning."""
+    import jax
+    import jax.numpy as jnp
+
+    from search_spaces.model import build_model
+
+    net = build_model(arch, "fast")
+
+    @jax.jit
+    def update(v, xb, key):
+        _, new = net.apply(v, xb, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+        return {"params": v["params"], "batch_stats": new["batch_stats"]}
+
+    v = jax.tree.map(jnp.asarray, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    for b in range(batches):
+        idx = rng.choice(len(x), min(batch_size, len(x)), replace=False)
+        v = update(v, jnp.asarray(x[idx]), jax.random.fold_in(key, b))
+    return jax.tree.map(np.asarray, v)

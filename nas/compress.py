@@ -33,7 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from evaluators.cost import analytic_cost
-from evaluators.prune import CRITERIA, Target, agp_fractions, prune, pruned_key, taylor_grads
+from evaluators.prune import CRITERIA, Target, agp_fractions, floor_architecture, prune, pruned_key,
+                              recalibrate_bn, taylor_grads
 from nas.distill import DistillConfig
 from nas.search import experiment_from_run_dir, load_winners
 from search_spaces.architecture import Architecture
@@ -51,6 +52,9 @@ class CompressConfig:
     enabled: bool = False
     prune: str | None = None  # macs=F | params=F | latency_ms@PROFILE=MS
     criterion: str = "l1"
+    min_keep: float = 0.25  # every group keeps at least this fraction of its channels
+    divisor: int = 8  # kept widths are multiples of this (ONNX Runtime's fast kernels; 1: any width)
+    cost_aware: bool = False  # rank channels by importance per unit of the target's cost (else importance only)
     steps: int = 1  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
     epochs: int = 3
     learning_rate: float = 1e-3
@@ -70,7 +74,7 @@ class CompressConfig:
             if k not in allowed:
                 raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
         cfg = cls(**d)
-        for k in ("enabled", "kd", "lowrank", "qat"):
+        for k in ("enabled", "kd", "lowrank", "qat", "cost_aware"):
             if not isinstance(getattr(cfg, k), bool):
                 raise NasError(f"{source}.{k}: expected true or false, got {getattr(cfg, k)!r}")
         for k in NOT_BUILT:
@@ -81,10 +85,12 @@ class CompressConfig:
             Target.parse(cfg.prune, f"{source}.prune")
         if cfg.criterion not in CRITERIA:
             raise NasError(f"{source}.criterion: unknown criterion '{cfg.criterion}'; allowed: {', '.join(CRITERIA)}")
-        for k in ("steps", "epochs"):
+        for k in ("steps", "epochs", "divisor"):
             v = getattr(cfg, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "steps" else 0):
-                raise NasError(f"{source}.{k}: expected an integer >= {1 if k == 'steps' else 0}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "epochs" else 1):
+                raise NasError(f"{source}.{k}: expected an integer >= {0 if k == 'epochs' else 1}, got {v!r}")
+        if isinstance(cfg.min_keep, bool) or not isinstance(cfg.min_keep, (int, float)) or not 0 <= cfg.min_keep < 1:
+            raise NasError(f"{source}.min_keep: {cfg.min_keep!r}; allowed a fraction in [0, 1)")
         for k in ("learning_rate", "latency_budget_s"):
             v = getattr(cfg, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
@@ -152,12 +158,11 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
         if not weights.exists():
             raise NasError(f"{weights}: winner {w['rank']} has no checkpoint")
         # the target must be reachable before anything is trained
-        from evaluators.prune import channel_groups, fix_counts, pruned_architecture
-
-        floor = pruned_architecture(arch, fix_counts(arch, {n: 1 for n in channel_groups(arch)}))
+        floor = floor_architecture(arch, c.min_keep, c.divisor)
         if target.cost_fn()(floor) > target.absolute(arch):
-            raise NasError(f"compress.prune: {target.label()} for winner {w['rank']} is below one channel per "
-                           f"layer ({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
+            what = "one channel per layer" if c.min_keep == 0 else f"compress.min_keep={c.min_keep:g} of each layer"
+            raise NasError(f"compress.prune: {target.label()} for winner {w['rank']} is below {what} "
+                           f"({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
                            f"{target.kind} >= {target.cost_fn()(floor) / (1 if target.kind == 'latency_ms' else target.cost_fn()(arch)):.3g}")
         plans.append((w, arch, weights, folder))
 
@@ -217,7 +222,9 @@ def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, ba
         if c.criterion == "taylor":
             n = min(TAYLOR_IMAGES, len(data.x_train))
             grads = taylor_grads(current, v, data.x_train[:n], data.y_train[:n])
-        current, v, _ = prune(current, v, frac * full, cost, c.criterion, grads=grads)
+        current, v, _ = prune(current, v, frac * full, cost, c.criterion, grads=grads, min_keep=c.min_keep,
+                              divisor=c.divisor, cost_aware=c.cost_aware)
+        v = recalibrate_bn(current, v, data.x_train)
         current = dataclasses.replace(current, key=pruned_key(arch.key, cost(current) / full))
         rec: dict[str, Any] = {"step": s + 1, "kept_fraction": cost(current) / full, "epochs": per_step[s]}
         if per_step[s]:

@@ -92,7 +92,7 @@ def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prune", "macs=0.0001"], "below one channel per layer"),
+    (["--prune", "macs=0.0001"], "below compress.min_keep=0.25"),
     (["--prune", "macs=0.5", "--criterion", "random"], "allowed: l1, bn, taylor"),
     (["--prune", "flops=0.5"], "unknown target 'flops'"),
     (["--prune", "macs=0.5", "--qat"], "compress.qat"),

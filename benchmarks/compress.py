@@ -1,0 +1,185 @@
+"""Compression targets on mnist5k: pruning to half the MACs, int8 on ONNX Runtime, prune + int8 chained.
+
+For each mobile_small key (default: the export benchmark's three, 28x28) in one process:
+
+  1. train the network from scratch (`--epochs`, seed 0): the *winner*, test accuracy acc0;
+  2. prune it to `--prune` (default macs=0.5, `--criterion`, `--steps` AGP steps) and fine-tune
+     `--finetune` epochs with KD from the winner (`nas.compress.compress_one`): acc_p;
+  3. the *uniform* baseline: every width scaled by one factor to the same MACs budget
+     (`evaluators.prune.uniform_architecture`), trained from scratch with the same budget
+     (epochs + finetune epochs, same KD teacher): acc_u;
+  4. int8: static post-training QDQ (`evaluators.quantize.quantize_static_int8`, percentile) of the
+     winner (PTQ), and quantization-aware training (`evaluators.qat`, `--qat-epochs` with KD from the
+     winner, exported QDQ with min/max calibration) of the winner and of the pruned network;
+  5. ONNX Runtime latency (one thread) of winner fp32 / pruned fp32 / winner int8 / pruned int8 at
+     batch 1 and 32, every figure interleaved with the others (`evaluators.latency.measure_passes`).
+
+Figures (each a ratio or difference measured in this one run; medians over keys in the summary):
+
+  prune_speedup_b32   winner fp32 ms / pruned fp32 ms at batch 32          target >= 1.6
+  prune_drop_pt       acc0 - acc_p, points                                 target <= 1
+  prune_vs_uniform_pt acc_p - acc_u, points                                target > 0
+  int8_speedup_b1/b32 winner fp32 ms / winner int8 ms                      target >= 1 (b1), > 1 (b32)
+  qat_drop_pt         winner fp32 - QAT int8 test accuracy (ORT), points   target <= 0.3 (ptq_drop_pt: PTQ's)
+  chain_ratio         winner fp32 ONNX bytes / pruned QAT int8 ONNX bytes  target >= 8
+  chain_drop_pt       acc0 - pruned QAT int8 accuracy (ORT), points        target <= 1.5
+
+The machine may be shared: the load average before/after is printed; only ratios are reported.
+
+    python benchmarks/compress.py --json
+    python benchmarks/compress.py --keys 1131001--11d7-1 --epochs 2 --finetune 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+DEFAULT_KEYS = ("1131001--11d7-1", "1142208--1146-1", "100-0114-0100-0")  # as benchmarks/export.py
+TARGETS = {"prune_speedup_b32": 1.6, "prune_drop_pt": 1.0, "prune_vs_uniform_pt": 0.0, "qat_drop_pt": 0.3,
+           "int8_speedup_b1": 1.0,
+           "int8_speedup_b32": 1.0, "chain_ratio": 8.0, "chain_drop_pt": 1.5}
+
+
+def ort_accuracy(model, x, y) -> float:
+    from evaluators.onnx_export import ort_session, run
+
+    sess = ort_session(model)
+    logits = np.concatenate([run(sess, x[i:i + 256]) for i in range(0, len(x), 256)])
+    return float((logits.argmax(-1) == y).mean())
+
+
+def one_key(key: str, args, data, printer=print) -> dict:
+    import onnx
+
+    from evaluators.cost import analytic_cost
+    from evaluators.onnx_export import to_onnx
+    from evaluators.prune import uniform_architecture
+    from evaluators.quantize import quantize_static_int8
+    from evaluators.train import KDConfig, TrainConfig, evaluate, predict_logits, train
+    from nas.compress import CompressConfig, compress_one, measure_onnx_latency
+    from search_spaces.catalog import load_space
+
+    arch = load_space("mobile_small").decode(key)
+    base = TrainConfig.from_dict({"epochs": args.epochs, "batch_size": 128, "learning_rate": 0.005})
+    t0 = time.perf_counter()
+    res = train(arch, data, base)
+    acc0 = evaluate(arch, res.variables, data.x_test, data.y_test)[0]
+    printer(f"{key}: winner trained, test {acc0:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    teacher = predict_logits(arch, res.variables, data.x_train)
+    kd = KDConfig()
+    c = CompressConfig.from_dict({"prune": args.prune, "criterion": args.criterion, "steps": args.steps,
+                                  "cost_aware": args.cost_aware,
+                                  "epochs": args.finetune, "learning_rate": args.finetune_lr})
+    small, sv, _ = compress_one(arch, res.variables, data, c, base, kd=kd, teacher_logits=teacher,
+                                printer=lambda *a, **k: None)
+    acc_p = evaluate(small, sv, data.x_test, data.y_test)[0]
+    target = c.target()
+    uni = uniform_architecture(arch, target.cost_fn(), target.absolute(arch), c.divisor)
+    ures = train(uni, data, dataclasses.replace(base, epochs=args.epochs + args.finetune), teacher_logits=teacher,
+                 kd=kd)
+    acc_u = evaluate(uni, ures.variables, data.x_test, data.y_test)[0]
+    printer(f"{key}: pruned {small.key} test {acc_p:.4f}; uniform {analytic_cost(uni).macs:,d} MACs test "
+            f"{acc_u:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    from evaluators.qat import export_variables, qat_train
+
+    models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv)}
+    for name, (a, v) in {"qat": (arch, res.variables), "pruned_qat": (small, sv)}.items():
+        folded, _, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher)
+        models[name] = to_onnx(a, export_variables(a, folded))
+    printer(f"{key}: QAT done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
+    with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
+        for name, method in (("fp32", "percentile"), ("pruned", "percentile"), ("qat", "minmax"),
+                             ("pruned_qat", "minmax")):
+            src, dst = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.int8.onnx"
+            onnx.save(models[name], str(src))
+            quantize_static_int8(src, dst, calib, method=method)
+            models[f"{name}_int8"] = onnx.load(str(dst))
+        for name in ("qat", "pruned_qat"):
+            models.pop(name)  # the fp32 form of a QAT network is not shipped
+    sizes = {k: len(m.SerializeToString()) for k, m in models.items()}
+    accs = {k: ort_accuracy(m, data.x_test, data.y_test) for k, m in models.items()}
+    lat = measure_onnx_latency({k: models[k] for k in ("fp32", "pruned", "fp32_int8", "pruned_qat_int8")},
+                               data.x_test, args.latency_budget)
+    row = {
+        "key": key, "pruned_key": small.key, "uniform": [l.out_channels for l in uni.layers],
+        "macs": analytic_cost(arch).macs, "macs_pruned": analytic_cost(small).macs, "macs_uniform": analytic_cost(uni).macs,
+        "acc0": acc0, "acc_pruned": acc_p, "acc_uniform": acc_u, "acc_ort": accs, "bytes": sizes, "latency_ms": lat,
+        "prune_speedup_b1": lat["fp32"]["batch1"] / lat["pruned"]["batch1"],
+        "prune_speedup_b32": lat["fp32"]["batch32"] / lat["pruned"]["batch32"],
+        "prune_drop_pt": 100 * (acc0 - acc_p), "prune_vs_uniform_pt": 100 * (acc_p - acc_u),
+        "ptq_drop_pt": 100 * (accs["fp32"] - accs["fp32_int8"]), "qat_drop_pt": 100 * (accs["fp32"] - accs["qat_int8"]),
+        "int8_speedup_b1": lat["fp32"]["batch1"] / lat["fp32_int8"]["batch1"],
+        "int8_speedup_b32": lat["fp32"]["batch32"] / lat["fp32_int8"]["batch32"],
+        "int8_size_ratio": sizes["fp32"] / sizes["fp32_int8"],
+        "qat_size_ratio": sizes["fp32"] / sizes["qat_int8"],
+        "chain_ratio": sizes["fp32"] / sizes["pruned_qat_int8"], "chain_drop_pt": 100 * (acc0 - accs["pruned_qat_int8"]),
+        "chain_ptq_drop_pt": 100 * (acc0 - accs["pruned_int8"]),
+        "chain_speedup_b32": lat["fp32"]["batch32"] / lat["pruned_qat_int8"]["batch32"],
+        "wall_s": time.perf_counter() - t0,
+    }
+    printer(f"{key}: " + ", ".join(f"{k} {row[k]:.2f}" for k in (
+        "prune_speedup_b1", "prune_speedup_b32", "prune_drop_pt", "prune_vs_uniform_pt", "ptq_drop_pt", "qat_drop_pt",
+        "int8_speedup_b1", "int8_speedup_b32", "chain_ratio", "chain_drop_pt")), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="mobile_small keys (28x28)")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs of the winner")
+    ap.add_argument("--prune", default="macs=0.5")
+    ap.add_argument("--criterion", default="l1", choices=("l1", "bn", "taylor"))
+    ap.add_argument("--cost-aware", action="store_true", help="rank channels per unit of MACs (see evaluators.prune)")
+    ap.add_argument("--steps", type=int, default=1, help="AGP steps (1: one-shot)")
+    ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs (KD from the winner)")
+    ap.add_argument("--finetune-lr", type=float, default=2e-3)
+    ap.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (KD from the winner)")
+    ap.add_argument("--latency-budget", type=float, default=1.0, help="seconds per latency figure")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = ap.parse_args(argv)
+
+    from evaluators.datasets import load_dataset
+    from evaluators.latency import load_average
+
+    load_before, t0 = load_average(), time.perf_counter()
+    data = load_dataset("mnist5k", seed=0)
+    rows = [one_key(k, args, data) for k in args.keys]
+    load_after = load_average()
+    med = {k: statistics.median(r[k] for r in rows) for k in TARGETS}
+    print(f"\ncompress benchmark: {len(rows)} mobile_small models on mnist5k (28x28), {len(data.y_test)} test images,"
+          f" prune {args.prune} ({args.criterion}, {args.steps} step(s), {args.finetune} KD epochs); ONNX Runtime one "
+          f"thread; load average {load_before[0]:.2f} -> {load_after[0]:.2f} ({os.cpu_count()} cores, shared "
+          f"machine), {time.perf_counter() - t0:.0f} s")
+    for k, t in TARGETS.items():
+        better = (med[k] <= t) if k.endswith("drop_pt") else (med[k] > t if k == "prune_vs_uniform_pt" else med[k] >= t)
+        print(f"  {k:<20} median {med[k]:7.2f}  (per key: {', '.join(f'{r[k]:.2f}' for r in rows)})  target "
+              f"{'<=' if k.endswith('drop_pt') else '>' if k == 'prune_vs_uniform_pt' else '>='} {t}: "
+              f"{'met' if better else 'NOT met'}")
+    print(f"  post-training int8 drop (ptq_drop_pt) median {statistics.median(r['ptq_drop_pt'] for r in rows):.2f}; "
+          f"chain with PTQ instead of QAT: drop median {statistics.median(r['chain_ptq_drop_pt'] for r in rows):.2f}")
+    if args.json:
+        out = {**med, "ptq_drop_pt": statistics.median(r["ptq_drop_pt"] for r in rows),
+               "prune_speedup_b1": statistics.median(r["prune_speedup_b1"] for r in rows),
+               "int8_size_ratio": statistics.median(r["int8_size_ratio"] for r in rows),
+               "rows": rows, "load_average": [load_before, load_after], "options": vars(args)}
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,15 +33,17 @@ from typing import Any, Mapping
 import numpy as np
 
 from evaluators.cost import analytic_cost
-from evaluators.prune import CRITERIA, Target, agp_fractions, floor_architecture, prune, pruned_key,
-                              recalibrate_bn, taylor_grads
+from evaluators.prune import (
+    CRITERIA, Target, agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads,
+)
 from nas.distill import DistillConfig
 from nas.search import experiment_from_run_dir, load_winners
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
-TECHNIQUES = ("prune",)  # what this stage implements; lowrank and qat are refused by name (not built yet)
-NOT_BUILT = ("lowrank", "qat")
+TECHNIQUES = ("prune", "qat")  # what this stage implements; lowrank is refused by name (not built yet)
+NOT_BUILT = ("lowrank",)
+FLAGS = ("lowrank", "qat")  # boolean techniques: a command line's False means "not given"
 TAYLOR_IMAGES = 512
 
 
@@ -60,7 +62,10 @@ class CompressConfig:
     learning_rate: float = 1e-3
     kd: bool = True  # fine-tune with distillation from the run's teacher (else cross-entropy)
     lowrank: bool = False
-    qat: bool = False
+    qat: bool = False  # quantization-aware training after pruning: adds model.int8.onnx (evaluators.qat)
+    qat_epochs: int = 2
+    qat_learning_rate: float = 2e-4
+    calibration_images: int = 256  # activation ranges of the int8 export
     latency_budget_s: float = 0.3  # per measured figure (0: do not measure)
 
     @classmethod
@@ -85,31 +90,37 @@ class CompressConfig:
             Target.parse(cfg.prune, f"{source}.prune")
         if cfg.criterion not in CRITERIA:
             raise NasError(f"{source}.criterion: unknown criterion '{cfg.criterion}'; allowed: {', '.join(CRITERIA)}")
-        for k in ("steps", "epochs", "divisor"):
+        for k in ("steps", "epochs", "divisor", "qat_epochs", "calibration_images"):
             v = getattr(cfg, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "epochs" else 1):
-                raise NasError(f"{source}.{k}: expected an integer >= {0 if k == 'epochs' else 1}, got {v!r}")
+            low = 0 if k == "epochs" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise NasError(f"{source}.{k}: expected an integer >= {low}, got {v!r}")
         if isinstance(cfg.min_keep, bool) or not isinstance(cfg.min_keep, (int, float)) or not 0 <= cfg.min_keep < 1:
             raise NasError(f"{source}.min_keep: {cfg.min_keep!r}; allowed a fraction in [0, 1)")
-        for k in ("learning_rate", "latency_budget_s"):
+        for k in ("learning_rate", "qat_learning_rate", "latency_budget_s"):
             v = getattr(cfg, k)
+            positive = k != "latency_budget_s"
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-                    k == "learning_rate" and v == 0):
-                raise NasError(f"{source}.{k}: expected a number {'> 0' if k == 'learning_rate' else '>= 0'}, "
-                               f"got {v!r}")
-        if cfg.prune is None:
+                    positive and v == 0):
+                raise NasError(f"{source}.{k}: expected a number {'> 0' if positive else '>= 0'}, got {v!r}")
+        if cfg.prune is None and not cfg.qat:
             raise NasError(f"{source}.prune: no technique chosen; give a target: macs=F, params=F or "
-                           f"latency_ms@PROFILE=MS")
+                           f"latency_ms@PROFILE=MS, and/or qat: true")
         return cfg
 
-    def target(self) -> Target:
-        return Target.parse(self.prune)
+    def target(self) -> Target | None:
+        return Target.parse(self.prune) if self.prune is not None else None
 
     def tag(self) -> str:
-        """Folder-name suffix, e.g. 'prune-macs50' (letters, digits and '-' only)."""
+        """Folder-name suffix, e.g. 'prune-macs50-l1-qat' (letters, digits and '-' only)."""
+        parts = []
         t = self.target()
-        v = f"{round(100 * t.value)}" if t.kind != "latency_ms" else f"{t.value:g}".replace(".", "p")
-        return f"prune-{t.kind.replace('_', '')}{t.profile}{v}-{self.criterion}"
+        if t is not None:
+            v = f"{round(100 * t.value)}" if t.kind != "latency_ms" else f"{t.value:g}".replace(".", "p")
+            parts.append(f"prune-{t.kind.replace('_', '')}{t.profile}{v}-{self.criterion}")
+        if self.qat:
+            parts.append("qat")
+        return "-".join(parts)
 
 
 # ============================================================ the stage
@@ -159,7 +170,7 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
             raise NasError(f"{weights}: winner {w['rank']} has no checkpoint")
         # the target must be reachable before anything is trained
         floor = floor_architecture(arch, c.min_keep, c.divisor)
-        if target.cost_fn()(floor) > target.absolute(arch):
+        if target is not None and target.cost_fn()(floor) > target.absolute(arch):
             what = "one channel per layer" if c.min_keep == 0 else f"compress.min_keep={c.min_keep:g} of each layer"
             raise NasError(f"compress.prune: {target.label()} for winner {w['rank']} is below {what} "
                            f"({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
@@ -186,15 +197,29 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
         acc_before = evaluate(arch, variables, data.x_test, data.y_test)[0]
         small, sv, history = compress_one(arch, variables, data, c, exp.train, kd=kd, teacher_logits=logits,
                                           printer=printer)
+        qat_info = None
+        if c.qat:
+            from evaluators.qat import export_variables, qat_predict, qat_train
+
+            folded, ranges, qhist = qat_train(small, sv, data, epochs=c.qat_epochs, learning_rate=c.qat_learning_rate,
+                                              teacher_logits=logits, calibration_images=c.calibration_images,
+                                              seed=exp.train.seed)
+            fake = qat_predict(small, folded, ranges, data.x_test)
+            qat_info = {"history": qhist, "fake_quant_test_accuracy": float(np.mean(fake.argmax(-1) == data.y_test)),
+                        "epochs": c.qat_epochs, "learning_rate": c.qat_learning_rate}
+            sv = export_variables(small, folded)
         acc_after = evaluate(small, sv, data.x_test, data.y_test)[0]
         metrics = {"rank": w["rank"], "key": small.key, "pruned_from": arch.key, "dataset": data.name,
                    "weights_from": weights.name, "teacher": teacher_info,
                    "options": dataclasses.asdict(c), "steps": history,
                    "test_accuracy_before": acc_before, "test_accuracy": acc_after,
                    "accuracy_drop_pt": 100 * (acc_before - acc_after)}
+        if qat_info is not None:
+            metrics["qat"] = qat_info
         _write_folder(folder, arch, variables, small, sv, data, metrics, c, force)
         metrics = json.loads((folder / "metrics.json").read_text())
-        printer(f"winner {w['rank']} {arch.key} -> {small.key}: MACs x{metrics['ratios']['macs']:.2f} "
+        printer(f"winner {w['rank']} {arch.key} -> {small.key}{' (QAT int8)' if c.qat else ''}: "
+                f"MACs x{metrics['ratios']['macs']:.2f} "
                 f"params x{metrics['ratios']['params']:.2f}, test accuracy {acc_before:.4f} -> {acc_after:.4f}"
                 + (f", ONNX Runtime speedup b1 {metrics['speedup']['batch1']:.2f}x b32 "
                    f"{metrics['speedup']['batch32']:.2f}x" if metrics.get("speedup") else "")
@@ -211,6 +236,8 @@ def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, ba
     from evaluators.train import train
 
     target = c.target()
+    if target is None:
+        return arch, variables, []
     cost = target.cost_fn()
     full = cost(arch)
     final = target.absolute(arch) / full
@@ -265,8 +292,23 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
         for k, val in {"space": small.space, "key": small.key, "layout": "NHWC"}.items():
             model.metadata_props.add(key=k, value=val)
         onnx.save(model, str(stage / "model.onnx"))
+        int8 = None
+        if c.qat:
+            from evaluators.onnx_export import ort_session, run
+            from evaluators.quantize import quantize_static_int8
+
+            rng = np.random.default_rng(0)
+            calib = data.x_train[rng.choice(len(data.x_train), min(c.calibration_images, len(data.x_train)),
+                                            replace=False)]
+            metrics["int8"] = quantize_static_int8(stage / "model.onnx", stage / "model.int8.onnx", calib,
+                                                   method="minmax")
+            int8 = onnx.load(str(stage / "model.int8.onnx"))
+            sess = ort_session(str(stage / "model.int8.onnx"))
+            logits = np.concatenate([run(sess, data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)])
+            metrics["int8"]["test_accuracy"] = float(np.mean(logits.argmax(-1) == data.y_test))
+            metrics["int8"]["accuracy_drop_pt"] = 100 * (metrics["test_accuracy_before"] - metrics["int8"]["test_accuracy"])
         before = to_onnx(arch, variables)
-        metrics.update(compression_report(arch, small, before, model, data.x_test, c.latency_budget_s))
+        metrics.update(compression_report(arch, small, before, model, data.x_test, c.latency_budget_s, int8))
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if folder.exists() and force:
             shutil.rmtree(folder)
@@ -277,22 +319,40 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
 
 
 def compression_report(arch: Architecture, small: Architecture, before_onnx: Any, after_onnx: Any,
-                       x: np.ndarray, budget_s: float) -> dict[str, Any]:
-    """Params, MACs, fp32 bytes (analytic and ONNX file) before/after with ratios (before/after), and
-    the ONNX Runtime latency of both at batch 1 and 32, measured alternately in one process."""
+                       x: np.ndarray, budget_s: float, int8_onnx: Any = None) -> dict[str, Any]:
+    """Params, MACs, fp32 bytes (analytic and ONNX file) before/after with ratios (before/after), the
+    energy per inference on every profile with energy figures, and the ONNX Runtime latency of
+    both (and of the int8 model) at batch 1 and 32, measured alternately in one process."""
+    from evaluators.energy import energy
+    from evaluators.hardware import PROFILES
+
     a, b = analytic_cost(arch), analytic_cost(small)
     sizes = {"before": len(before_onnx.SerializeToString()), "after": len(after_onnx.SerializeToString())}
+    if int8_onnx is not None:
+        sizes["after_int8"] = len(int8_onnx.SerializeToString())
     rep: dict[str, Any] = {
         "params": {"before": a.params, "after": b.params}, "macs": {"before": a.macs, "after": b.macs},
         "weight_bytes_fp32": {"before": a.weight_bytes["fp32"], "after": b.weight_bytes["fp32"]},
         "onnx_bytes": sizes,
         "ratios": {"params": a.params / b.params, "macs": a.macs / b.macs,
                    "onnx_bytes": sizes["before"] / sizes["after"]},
+        "energy_mj": {},
     }
+    if int8_onnx is not None:
+        rep["ratios"]["shipped_bytes"] = sizes["before"] / sizes["after_int8"]
+    for p in PROFILES.names():
+        prof = PROFILES.get(p)
+        if prof.energy_pj is None:
+            continue
+        for q in prof.precisions:
+            rep["energy_mj"][f"{p}:{q}"] = {"before": energy(arch, p, q).total_mj, "after": energy(small, p, q).total_mj}
     if budget_s > 0:
-        lat = measure_onnx_latency({"before": before_onnx, "after": after_onnx}, x, budget_s)
+        models = {"before": before_onnx, "after": after_onnx, **({"after_int8": int8_onnx} if int8_onnx else {})}
+        lat = measure_onnx_latency(models, x, budget_s)
         rep["latency_ms"] = lat
         rep["speedup"] = {bk: lat["before"][bk] / lat["after"][bk] for bk in ("batch1", "batch32")}
+        if int8_onnx is not None:
+            rep["speedup_int8"] = {bk: lat["before"][bk] / lat["after_int8"][bk] for bk in ("batch1", "batch32")}
     return rep
 
 
@@ -326,6 +386,6 @@ def compress_options(run_dir: str | Path, **given: Any) -> dict[str, Any]:
     exp = experiment_from_run_dir(Path(run_dir).resolve())
     base = dict(getattr(exp.cfg, "compress", None) or {})
     for k, v in given.items():
-        if v is not None and (v is not False or k not in NOT_BUILT):
+        if v is not None and (v is not False or k not in FLAGS):
             base[k] = v
     return base

@@ -60,15 +60,15 @@ def run_dir(tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def compressed(run_dir):
-    folders = run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2,
-                                                       "latency_budget_s": 0.02}, **QUIET)
+    folders = run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2, "qat": True,
+                                                       "qat_epochs": 1, "latency_budget_s": 0.02}, **QUIET)
     assert len(folders) == 1
     return folders[0]
 
 
 def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(compressed, data):
-    assert compressed.parent.name == "compressed" and compressed.name.startswith(f"01-{KEY}-prune-macs50")
-    for f in ("architecture.json", "flax/variables.msgpack", "model.onnx", "metrics.json"):
+    assert compressed.parent.name == "compressed" and compressed.name == f"01-{KEY}-prune-macs50-l1-qat"
+    for f in ("architecture.json", "flax/variables.msgpack", "model.onnx", "model.int8.onnx", "metrics.json"):
         assert (compressed / f).is_file(), f
     flax_model, onnx_model = nas.load(compressed), nas.load(compressed, format="onnx")
     arch = flax_model.arch
@@ -80,7 +80,11 @@ def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(c
     np.testing.assert_allclose(onnx_model(x), flax_model(x), atol=1e-4)
     assert flax_model.accuracy(data.x_test, data.y_test) == pytest.approx(m["test_accuracy"])
     assert len(m["steps"]) == 2 and m["steps"][-1]["kept_fraction"] <= 0.5
-    assert set(m["latency_ms"]) == {"before", "after"} and set(m["speedup"]) == {"batch1", "batch32"}
+    assert set(m["latency_ms"]) == {"before", "after", "after_int8"} and set(m["speedup"]) == {"batch1", "batch32"}
+    int8 = nas.load(compressed, format="int8")
+    assert int8.accuracy(data.x_test, data.y_test) == pytest.approx(m["int8"]["test_accuracy"])
+    assert m["ratios"]["shipped_bytes"] > m["ratios"]["onnx_bytes"] and set(m["speedup_int8"]) == {"batch1", "batch32"}
+    assert m["energy_mj"]["rpi4:int8"]["after"] < m["energy_mj"]["rpi4:fp32"]["after"] < m["energy_mj"]["rpi4:fp32"]["before"]
     assert m["teacher"]["kind"] and m["accuracy_drop_pt"] == pytest.approx(
         100 * (m["test_accuracy_before"] - m["test_accuracy"]))
 
@@ -95,10 +99,10 @@ def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
     (["--prune", "macs=0.0001"], "below compress.min_keep=0.25"),
     (["--prune", "macs=0.5", "--criterion", "random"], "allowed: l1, bn, taylor"),
     (["--prune", "flops=0.5"], "unknown target 'flops'"),
-    (["--prune", "macs=0.5", "--qat"], "compress.qat"),
     (["--prune", "macs=0.5", "--lowrank"], "compress.lowrank"),
     (["--prune", "macs=0.5", "--winner", "7"], "--winner: 7; allowed: 1"),
     ([], "compress.prune: no technique chosen"),
+    (["--prune", "macs=0.5", "--steps", "0"], "compress.steps: expected an integer >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
     out = tmp_path / "out"
@@ -126,4 +130,4 @@ def test_a_run_without_winners_or_checkpoints_is_refused(run_dir, tmp_path):
 
 def test_an_existing_result_is_refused_unless_forced(run_dir, compressed):
     with pytest.raises(NasError, match="already exists; use --force"):
-        run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2}, **QUIET)
+        run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2, "qat": True}, **QUIET)

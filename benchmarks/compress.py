@@ -81,7 +81,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
     teacher = predict_logits(arch, res.variables, data.x_train)
     kd = KDConfig()
     c = CompressConfig.from_dict({"prune": args.prune, "criterion": args.criterion, "steps": args.steps,
-                                  "cost_aware": args.cost_aware,
+                                  "cost_aware": args.cost_aware, "divisor": args.divisor,
                                   "epochs": args.finetune, "learning_rate": args.finetune_lr})
     small, sv, _ = compress_one(arch, res.variables, data, c, base, kd=kd, teacher_logits=teacher,
                                 printer=lambda *a, **k: None)
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of the winner")
     ap.add_argument("--prune", default="macs=0.5")
     ap.add_argument("--criterion", default="l1", choices=("l1", "bn", "taylor"))
+    ap.add_argument("--divisor", type=int, default=16, help="kept widths are multiples of this")
     ap.add_argument("--cost-aware", action="store_true", help="rank channels per unit of MACs (see evaluators.prune)")
     ap.add_argument("--steps", type=int, default=1, help="AGP steps (1: one-shot)")
     ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs (KD from the winner)")

@@ -55,7 +55,7 @@ class CompressConfig:
     prune: str | None = None  # macs=F | params=F | latency_ms@PROFILE=MS
     criterion: str = "l1"
     min_keep: float = 0.25  # every group keeps at least this fraction of its channels
-    divisor: int = 8  # kept widths are multiples of this (ONNX Runtime's fast kernels; 1: any width)
+    divisor: int = 16  # kept widths are multiples of this (ONNX Runtime's blocked NCHWc kernels; 1: any width)
     cost_aware: bool = False  # rank channels by importance per unit of the target's cost (else importance only)
     steps: int = 1  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
     epochs: int = 3

@@ -94,7 +94,7 @@ class DistillConfig:
                 raise NasError(f"{source}.{k}: must be an integer >= 1, got {v!r}")
         if cfg.init not in INITS:
             raise NasError(f"{source}.init: {cfg.init!r}; allowed: {', '.join(INITS)}")
-        from evaluators.train import TrainConfig
+        from evaluators.optim import TrainConfig
 
         TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
         return cfg
@@ -110,7 +110,7 @@ class DistillConfig:
 
     def kd(self) -> Any:
         """The `KDConfig` of the KD students."""
-        from evaluators.train import KDConfig
+        from evaluators.optim import KDConfig
 
         return KDConfig(temperature=float(self.temperature), alpha=float(self.alpha), beta=float(self.beta))
 
@@ -131,7 +131,8 @@ def train_student(arch: Architecture, data, cfg: Any, *, init_variables: Any = N
                   teacher_logits: np.ndarray | None = None,
                   teacher_features: np.ndarray | None = None) -> StudentResult:
     """Train one student (baseline when `kd` is None) and evaluate it on the test split."""
-    from evaluators.train import evaluate, train
+    from evaluators.predict import evaluate
+    from evaluators.train import train
 
     t0 = time.perf_counter()
     if kd is None:
@@ -175,7 +176,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
       NasError: a bad `distill:` section or `seeds`, a teacher that does not fit the dataset; before training.
     """
     from evaluators.datasets import load_dataset
-    from evaluators.train import load_variables, save_variables
+    from evaluators.variables import load_variables, save_variables
 
     from nas.search import _enable_compilation_cache
 
@@ -265,7 +266,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
 
 
 def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
-    from evaluators.train import evaluate
+    from evaluators.predict import evaluate
 
     return evaluate(arch, variables, data.x_test, data.y_test)[0]
 

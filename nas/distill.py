@@ -30,7 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from nas.search import experiment_from_run_dir, load_winners
+from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,
+                        write_distill)
 from nas.teacher import cached_outputs, check_teacher_spec, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -177,9 +178,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     from evaluators.datasets import load_dataset
     from evaluators.train import load_variables, save_variables
 
-    from nas.search import _enable_compilation_cache
-
-    _enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
+    enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
     t_start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
@@ -196,11 +195,11 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     student_cfg = d.student_train(exp.train)
     seed_list = [student_cfg.seed + i for i in range(d.seeds)]
     teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
-    teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / "teacher", printer,
+    teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / TEACHER_DIR, printer,
                               candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
     printer(f"teacher {teacher.key} ({teacher.kind}, {teacher.params:,d} params): test accuracy "
             f"{teacher.test_accuracy:.4f}", flush=True)
-    logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / "teacher")
+    logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / TEACHER_DIR)
     printer(f"teacher outputs {'reused from' if reused else 'cached in'} {cache_path.relative_to(run_dir)}",
             flush=True)
     hints = standardize_features(feats) if d.beta > 0 else None
@@ -217,9 +216,9 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     for w in winners:
         from evaluators.cost import analytic_cost
 
-        arch = Architecture.from_dict(w["architecture"])
-        folder = run_dir / w["checkpoint"]
-        search_vars = load_variables(folder / "variables.msgpack")
+        arch = w.architecture
+        folder = w.folder(run_dir)
+        search_vars = load_variables(folder / VARIABLES)
         before = _test_accuracy(arch, search_vars, data)
         init = search_vars if d.init == "search" else None
         cache_file = folder / "baselines.json"
@@ -227,7 +226,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
         per_seed, distilled, baseline_reused = [], None, 0
         for seed in seed_list:
             scfg = dataclasses.replace(student_cfg, seed=seed)
-            bkey = _baseline_key(scfg, d.init, folder / "variables.msgpack", data_fp)
+            bkey = _baseline_key(scfg, d.init, folder / VARIABLES, data_fp)
             if bkey in cache:
                 base = StudentResult(**cache[bkey])
                 baseline_reused += 1
@@ -245,22 +244,22 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
                              "gain": student.test_accuracy - base.test_accuracy,
                              "baseline_val_acc": base.val_accuracy, "kd_val_acc": student.val_accuracy,
                              "baseline_s": base.wall_s, "kd_s": student.wall_s})
-            printer(f"  winner {w['rank']} {w['key']} seed {seed}: baseline {base.test_accuracy:.4f} "
+            printer(f"  winner {w.rank} {w.key} seed {seed}: baseline {base.test_accuracy:.4f} "
                     f"KD {student.test_accuracy:.4f} ({student.wall_s:.1f}s)", flush=True)
         b_mean, b_std = mean_std([r["baseline_acc"] for r in per_seed])
         k_mean, k_std = mean_std([r["kd_acc"] for r in per_seed])
         g_mean, g_std = mean_std([r["gain"] for r in per_seed])
-        row = {"rank": w["rank"], "key": w["key"], "params": int(analytic_cost(arch).params),
+        row = {"rank": w.rank, "key": w.key, "params": int(analytic_cost(arch).params),
                "test_accuracy_before": before, "teacher_acc": teacher.test_accuracy,
                "baseline_acc": b_mean, "baseline_std": b_std, "kd_acc": k_mean, "kd_std": k_std,
                "gain": g_mean, "gain_std": g_std, "distilled": "distilled.msgpack",
                "test_accuracy_after": distilled, "baselines_reused": baseline_reused, "per_seed": per_seed}
         out["winners"].append(row)
-        printer(f"winner {w['rank']} {w['key']} ({row['params']:,d} params): search {before:.4f} | baseline "
+        printer(f"winner {w.rank} {w.key} ({row['params']:,d} params): search {before:.4f} | baseline "
                 f"{b_mean:.4f} ± {b_std:.4f} | KD {k_mean:.4f} ± {k_std:.4f} | gain {g_mean:+.4f} ± {g_std:.4f} "
                 f"({d.seeds} seed{'s' if d.seeds > 1 else ''})", flush=True)
     out["wall_s"] = time.perf_counter() - t_start
-    (run_dir / "distill.json").write_text(json.dumps(out, indent=2))
+    write_distill(run_dir, out)
     return out
 
 

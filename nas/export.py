@@ -37,6 +37,9 @@ import re
 
 import numpy as np
 
+from nas.messages import first_line
+from nas.rundir import (ARCHITECTURE, DistillRow, Winner, experiment_from_run_dir, export_dir,
+                        load_winners, read_architecture, read_distill, winner_weights)
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
@@ -200,14 +203,10 @@ def load(folder: str | Path, format: str | None = None, *, threads: int = 1) -> 
 
 
 def _read_arch(folder: Path) -> Architecture:
-    f = folder / "architecture.json"
+    f = folder / ARCHITECTURE
     if not f.exists():
-        raise NasError(f"{folder}: not an exported model (no architecture.json)")
-    try:
-        doc = json.loads(f.read_text())
-        return Architecture.from_dict(doc.get("architecture", doc))
-    except (ValueError, KeyError, TypeError) as e:
-        raise NasError(f"{f}: not a valid architecture file ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise NasError(f"{folder}: not an exported model (no {ARCHITECTURE})")
+    return read_architecture(f)
 
 
 def _why_missing(folder: Path, format: str) -> str:
@@ -325,7 +324,6 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
       >>> export_run("runs/quickstart", formats=("flax", "onnx", "stablehlo"), int8=True)
     """
     from evaluators.datasets import load_dataset
-    from nas.search import experiment_from_run_dir, load_winners
 
     opts = ExportConfig.from_dict({"formats": tuple(formats), "int8": int8, "calibration_images": calibration_images,
                                    "calibration_method": calibration_method, "tolerance": tolerance,
@@ -337,49 +335,29 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     exp = experiment_from_run_dir(run_dir)
     winners = load_winners(run_dir)
     if winner is not None:
-        winners = [w for w in winners if w["rank"] == winner]
+        winners = [w for w in winners if w.rank == winner]
         if not winners:
             raise NasError(f"--winner {winner}: no such winner in {run_dir / 'winners.json'}")
-    distill = _read_distill(run_dir)
-    jobs = [(w, _weights_file(run_dir, w, distill)) for w in winners]  # all checked before writing
-    out = Path(out).resolve() if out else run_dir / "export"
-    targets = [f"{w['rank']:02d}-{w['key']}" for w in winners]
+    distill = read_distill(run_dir)
+    jobs = [(w, winner_weights(run_dir, w, distill)) for w in winners]  # all checked before writing
+    out = Path(out).resolve() if out else export_dir(run_dir)
+    targets = [f"{w.rank:02d}-{w.key}" for w in winners]
     _prepare_out(out, force)
     c = exp.cfg.dataset
     data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
                         test_fraction=c.test_fraction)
     ctx = {"run_dir": run_dir, "run_name": exp.cfg.name, "dataset": data, "seed": exp.cfg.seed,
-           "train": exp.train, "teacher": distill.get("teacher"), "seeds": distill.get("seeds")}
+           "train": exp.train, "teacher": distill.teacher if distill else None,
+           "seeds": distill.seeds if distill else None}
     written, failed = [], []
     for (w, weights), name in zip(jobs, targets):
-        folder, failures = _export_one(w, weights, distill["rows"].get(w["rank"]), out, name, opts, ctx, printer)
+        folder, failures = _export_one(w, weights, distill.row(w.rank) if distill else None, out, name, opts, ctx, printer)
         (failed if failures else written).append((folder, failures))
     if failed:
         what = "; ".join(f"{f.name} ({', '.join(failures)})" for f, failures in failed)
         raise NasError(f"export: {len(failed)} of {len(jobs)} model(s) failed a check: {what}; "
                        f"see metrics.json in each *.failed folder")
     return [f for f, _ in written]
-
-
-def _read_distill(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "distill.json"
-    if not path.exists():
-        return {"rows": {}}
-    try:
-        doc = json.loads(path.read_text())
-        rows = {int(r["rank"]): r for r in doc["winners"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise NasError(f"{path}: malformed distillation report ({type(e).__name__}: {e})".splitlines()[0]) from None
-    return {"rows": rows, "teacher": doc.get("teacher"), "seeds": doc.get("seeds")}
-
-
-def _weights_file(run_dir: Path, w: Mapping[str, Any], distill: Mapping[str, Any]) -> Path:
-    row = distill["rows"].get(w["rank"])
-    name = (row or {}).get("distilled") or "variables.msgpack"
-    path = run_dir / w["checkpoint"] / name
-    if not path.is_file():
-        raise NasError(f"{path}: checkpoint missing; re-run the search (or distillation)")
-    return path
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -399,13 +377,13 @@ def _calibration(data, n: int, seed: int) -> np.ndarray:
     return np.asarray(data.x_train[np.sort(idx)], np.float32)
 
 
-def _export_one(w: Mapping[str, Any], weights: Path, drow: Mapping[str, Any] | None, out: Path, name: str,
+def _export_one(w: Winner, weights: Path, drow: DistillRow | None, out: Path, name: str,
                 opts: ExportConfig, ctx: Mapping[str, Any], printer) -> tuple[Path, list[str]]:
     """Write and check one model folder; returns (its final path, the failed formats' reasons)."""
     from evaluators.train import load_variables, predict_logits
 
     data = ctx["dataset"]
-    arch = Architecture.from_dict(w["architecture"])
+    arch = w.architecture
     variables = load_variables(weights)
     _check_tree(arch, variables, weights)
     stage = out / f".{name}.partial"
@@ -436,7 +414,7 @@ def _export_one(w: Mapping[str, Any], weights: Path, drow: Mapping[str, Any] | N
             info["bytes"] = _size(stage / FILES[format])
             info["check"] = check()
         except Exception as e:  # any exporter or runtime error is this format's failure, not the run's
-            info["check"] = {"passed": False, "reason": f"{type(e).__name__}: {_one_line(str(e))}"}
+            info["check"] = {"passed": False, "reason": f"{type(e).__name__}: {first_line(str(e))}"}
         fmt[format] = info
         if not info["check"]["passed"]:
             failures.append(f"{format}: {info['check']['reason']}")
@@ -484,7 +462,7 @@ def _export_one(w: Mapping[str, Any], weights: Path, drow: Mapping[str, Any] | N
                                                  name))
     final = out / (name + (".failed" if failures else ""))
     stage.rename(final)
-    _print_summary(printer, w["rank"], arch.key, final, metrics)
+    _print_summary(printer, w.rank, arch.key, final, metrics)
     return final, failures
 
 
@@ -730,20 +708,20 @@ def machine() -> dict[str, Any]:
             "onnxruntime_threads": 1, "jax": jax.__version__, "python": platform.python_version()}
 
 
-def _metrics(w, arch, ref_acc, n_test, drow, ctx, fmt, latency, failures, opts) -> dict[str, Any]:
+def _metrics(w: Winner, arch, ref_acc, n_test, drow: DistillRow | None, ctx, fmt, latency, failures,
+             opts) -> dict[str, Any]:
     m: dict[str, Any] = {
         "status": "failed" if failures else "ok", "failures": failures,
-        "rank": w["rank"], "key": arch.key, "space": arch.space, "run": ctx["run_name"],
-        "score": w.get("score"), "val_accuracy": w.get("val_accuracy"),
+        "rank": w.rank, "key": arch.key, "space": arch.space, "run": ctx["run_name"],
+        "score": w.score, "val_accuracy": w.val_accuracy,
         "dataset": ctx["dataset"].name, "test_images": n_test,
-        "test_accuracy": ref_acc, "distilled": drow is not None and bool(drow.get("distilled")),
+        "test_accuracy": ref_acc, "distilled": drow is not None and bool(drow.distilled),
     }
     if drow is not None:
-        after = drow.get("kd_acc", drow.get("test_accuracy_after"))
-        m["test_accuracy_before_distill"] = drow.get("test_accuracy_before")
-        m["test_accuracy_after_distill"] = after
+        m["test_accuracy_before_distill"] = drow.fields.get("test_accuracy_before")
+        m["test_accuracy_after_distill"] = drow.fields.get("kd_acc", drow.fields.get("test_accuracy_after"))
         m["distillation"] = {"teacher": ctx.get("teacher"), "seeds": ctx.get("seeds"),
-                             **{k: v for k, v in drow.items() if k not in ("rank", "key")}}
+                             **{k: v for k, v in drow.fields.items() if k not in ("rank", "key")}}
     m["formats"] = fmt
     m["latency_ms"] = latency
     if latency:
@@ -756,11 +734,6 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def _one_line(text: str) -> str:
-    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
-    return lines[0][:300] if lines else ""
 
 
 def _print_summary(printer, rank: int, key: str, folder: Path, m: Mapping[str, Any]) -> None:

@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
-from search_spaces.space import SearchSpace
+from nas.messages import last_line
+from nas.plots import finite_float, pareto_figure, predicted_latency_ms, render_rgb
+from nas.rundir import INFEASIBLE, RESULT_LATENCY_PREFIX
+from search_spaces.space import ALPHABET, SearchSpace
 
 TRIAL_SCALARS = ("train_loss", "val_loss", "val_accuracy")
 RESULT_SCALARS = ("accuracy", "score", "params", "macs", "latency_ms")
@@ -35,22 +38,11 @@ INACTIVE_LABEL = "-"
 STATUSES = ("ok", "stopped", "failed", "infeasible")
 
 
-def finite_float(v: Any) -> float:
-    """A finite float, or NaN for anything else (None, '', strings, bools)."""
-    if isinstance(v, bool) or v is None:
-        return math.nan
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan
-
-
 def latency_of(result: Mapping[str, Any]) -> tuple[float, str]:
     """(predicted latency in ms, profile) from the first `latency_ms_at_<profile>` field of a result."""
     for k, v in result.items():
-        if k.startswith("latency_ms_at_") and math.isfinite(finite_float(v)):
-            return finite_float(v), k[len("latency_ms_at_"):]
+        if k.startswith(RESULT_LATENCY_PREFIX) and math.isfinite(finite_float(v)):
+            return finite_float(v), k[len(RESULT_LATENCY_PREFIX):]
     return math.nan, ""
 
 
@@ -189,7 +181,7 @@ class SearchMonitor:
             if t["status"] in STATUSES:
                 return
             t["status"] = "failed"
-            t["error"] = _one_line(error)
+            t["error"] = last_line(error)
             self.finished += 1
             self._finish_trial(trial_id, t, t.get("last") or {}, "failed")
             self._sync_infeasible()
@@ -263,8 +255,6 @@ class SearchMonitor:
         if math.isfinite(lat) or not key:
             return lat
         try:
-            from nas.report import predicted_latency_ms
-
             return predicted_latency_ms(self.space.decode(key), self.latency_profile)
         except Exception:  # noqa: BLE001 - a bad key must not stop the search
             return math.nan
@@ -288,8 +278,6 @@ class SearchMonitor:
     def _hparams_values(self, key: str) -> dict[str, str]:
         values = {d.name: INACTIVE_LABEL for d in self._decisions}
         if key and len(key) == len(self._decisions):
-            from search_spaces.space import ALPHABET
-
             for d, ch in zip(self._decisions, key):
                 idx = ALPHABET.find(ch)
                 if 0 <= idx < len(d.labels):
@@ -341,8 +329,6 @@ class SearchMonitor:
         w.flush()
 
     def _pareto_image(self) -> None:
-        from nas.report import pareto_figure, render_rgb
-
         try:
             fig = pareto_figure(self.completed, latency_label="predicted latency (ms)")
             self._search.add_image("search/pareto_front", render_rgb(fig), self.finished, dataformats="HWC")
@@ -359,7 +345,7 @@ class SearchMonitor:
 
     def _sync_infeasible(self, announce: bool = True) -> None:
         """Pick up candidates the searcher appended to RUN_DIR/infeasible.jsonl since the last look."""
-        path = self.run_dir / "infeasible.jsonl"
+        path = self.run_dir / INFEASIBLE
         try:
             size = path.stat().st_size
         except OSError:
@@ -449,17 +435,4 @@ def _step(result: Mapping[str, Any]) -> int:
     return 0
 
 
-def _one_line(text: str) -> str:
-    lines = [l.strip() for l in str(text or "").strip().splitlines() if l.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def read_infeasible(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/infeasible.jsonl (empty when there is none)."""
-    path = Path(run_dir) / "infeasible.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
-__all__ = ["SearchMonitor", "latency_of", "read_infeasible"]
+__all__ = ["SearchMonitor", "latency_of"]

@@ -17,7 +17,6 @@ teacher (of the averaged logits, for an ensemble) is only reported.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nas.rundir import ARCHITECTURE, VARIABLES, read_architecture, read_trials, read_winners, trial_checkpoints
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
@@ -137,16 +137,11 @@ def load_checkpoint_folder(path: str | Path) -> tuple[Architecture, Any]:
     from evaluators.train import load_variables
 
     folder = Path(path)
-    arch_file = folder / "architecture.json"
-    var_file = next((p for p in (folder / "variables.msgpack", folder / "flax" / "variables.msgpack") if p.exists()), None)
+    arch_file = folder / ARCHITECTURE
+    var_file = next((p for p in (folder / VARIABLES, folder / "flax" / VARIABLES) if p.exists()), None)
     if not arch_file.exists() or var_file is None:
-        raise NasError(f"{folder}: not a model checkpoint (needs architecture.json and variables.msgpack)")
-    try:
-        doc = json.loads(arch_file.read_text())
-        arch = Architecture.from_dict(doc.get("architecture", doc))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise NasError(f"{arch_file}: not an architecture file ({type(e).__name__}: {e})") from None
-    return arch, load_variables(var_file)
+        raise NasError(f"{folder}: not a model checkpoint (needs {ARCHITECTURE} and {VARIABLES})")
+    return read_architecture(arch_file), load_variables(var_file)
 
 
 # ============================================================ spec validation
@@ -183,32 +178,23 @@ def check_teacher_spec(spec: Any, source: str = "distill.teacher") -> dict[str, 
 # ============================================================ search candidates
 def search_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
     """Trained candidates of a run that have weights, best validation accuracy first:
-    [{'key', 'val_accuracy', 'folder'}]. Looks at the trial checkpoints under `tune/` and at `winners/`."""
+    [{'key', 'val_accuracy', 'folder'}]. Looks at the final trial checkpoints and at `winners/`."""
     run_dir = Path(run_dir)
     acc: dict[str, float] = {}
-    trials = run_dir / "trials.csv"
-    if trials.exists():
-        with trials.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("status") == "ok" and row.get("key") and row.get("accuracy") not in (None, ""):
-                    acc[row["key"]] = max(acc.get(row["key"], -1.0), float(row["accuracy"]))
+    for row in read_trials(run_dir, required=False):
+        if row.get("status") == "ok" and row.get("key") and row.get("accuracy") not in (None, ""):
+            acc[row["key"]] = max(acc.get(row["key"], -1.0), float(row["accuracy"]))
     folders: dict[str, Path] = {}
-    winners = run_dir / "winners.json"
-    if winners.exists():
-        for w in json.loads(winners.read_text()):
-            if w.get("checkpoint") and (run_dir / w["checkpoint"] / "variables.msgpack").exists():
-                folders[w["key"]] = run_dir / w["checkpoint"]
-                acc.setdefault(w["key"], float(w.get("val_accuracy", -1.0)))
-    if (run_dir / "tune").is_dir():
-        for arch_file in sorted((run_dir / "tune").rglob("architecture.json")):
-            if not (arch_file.parent / "variables.msgpack").exists():
-                continue
-            try:
-                doc = json.loads(arch_file.read_text())
-                key = Architecture.from_dict(doc.get("architecture", doc)).key
-            except (ValueError, TypeError, KeyError, AttributeError):
-                continue
-            folders.setdefault(key, arch_file.parent)
+    for w in read_winners(run_dir):
+        if w.checkpoint and (w.folder(run_dir) / VARIABLES).exists():
+            folders[w.key] = w.folder(run_dir)
+            acc.setdefault(w.key, w.val_accuracy)
+    for folder in trial_checkpoints(run_dir):
+        try:
+            key = read_architecture(folder / ARCHITECTURE).key
+        except NasError:
+            continue
+        folders.setdefault(key, folder)
     out = [{"key": k, "val_accuracy": acc[k], "folder": str(folders[k])} for k in folders if k in acc]
     out.sort(key=lambda c: (-c["val_accuracy"], c["key"]))
     return out

@@ -11,9 +11,9 @@ from typing import Callable
 from evaluators.cost import analytic_cost
 from evaluators.hardware import PROFILES
 from evaluators.latency import calibrate, latency_breakdown, validate
-from nas.config import load_config
-from nas.distill import DistillConfig, run_distill
-from nas.export import ExportConfig, export_run
+from nas.config import EXPORT_FORMATS, ExportConfig, load_config
+from nas.distill import run_distill
+from nas.export import export_run
 from nas.report import write_report
 from nas.rundir import WINNERS, SearchInterrupted, read_distill, read_winners
 from search_spaces.catalog import SPACES, load_space
@@ -167,9 +167,13 @@ def _export_args(p):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--winner", type=int, default=None, help="export only winner K (rank)")
     which.add_argument("--all", action="store_true", help="export every winner (the default)")
-    p.add_argument("--format", default="flax,onnx,stablehlo", help="comma-separated: flax, onnx, stablehlo")
-    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ, needs onnx)")
-    p.add_argument("--calibration-images", type=int, default=256, help="training images calibrating int8")
+    p.add_argument("--format", default=None, help=f"comma-separated: {', '.join(EXPORT_FORMATS)} (default: the run's "
+                   f"export.formats, else {','.join(ExportConfig().formats)})")
+    p.add_argument("--int8", action="store_true", default=None,
+                   help="also write model.int8.onnx (static QDQ, needs onnx; default: the run's export.int8)")
+    p.add_argument("--calibration-images", type=int, default=None,
+                   help=f"training images calibrating int8 (default: the run's export.calibration_images, else "
+                        f"{ExportConfig().calibration_images})")
     p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
 
 
@@ -201,7 +205,8 @@ def _distill(args):
 
 @command("export", "export the winners of a run")(_export_args)
 def _export(args):
-    export_run(args.run_dir, out=args.out, winner=args.winner, formats=tuple(args.format.split(",")),
+    export_run(args.run_dir, out=args.out, winner=args.winner,
+               formats=tuple(args.format.split(",")) if args.format else None,
                force=args.force, int8=args.int8, calibration_images=args.calibration_images)
 
 
@@ -216,10 +221,10 @@ def _run(args):
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
-    if DistillConfig.from_dict(cfg.distill).enabled:
+    if cfg.distill.enabled:
         print("distillation:", flush=True)
         run_distill(run_dir)
-    export = ExportConfig.from_dict(cfg.export)
+    export = cfg.export
     if export.enabled:
         print("export:", flush=True)
         export_run(run_dir, force=True, **export.run_kwargs())

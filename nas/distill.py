@@ -22,99 +22,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,
                         write_distill)
-from nas.teacher import cached_outputs, check_teacher_spec, dataset_fingerprint, resolve_teacher, search_candidates
+from nas.config import DistillConfig
+from nas.teacher import cached_outputs, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
-
-INITS = ("search", "scratch")
-FLOAT_KEYS = ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The `distill:` section of an experiment config (validated by `from_dict`)."""
-
-    enabled: bool = True
-    teacher: Mapping[str, Any] = field(default_factory=lambda: {"key": "largest"})
-    temperature: float = 2.0  # chosen on the validation split: benchmarks/distill_sweep.py
-    alpha: float = 0.5
-    beta: float = 0.0  # weight of the hint loss on penultimate features (0: response-based KD only)
-    epochs: int = 3
-    learning_rate: float = 1e-3
-    schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
-    warmup_epochs: float = 0
-    init: str = "search"  # search: start from the winner's search checkpoint | scratch: fresh weights
-    seeds: int = 1
-    teacher_epochs: int | None = None  # None: the search's train.epochs
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
-        """Validate a mapping; a bad key or value raises `NasError` naming `{source}.{key}` and what is allowed."""
-        if d is not None and not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
-        d = dict(d or {})
-        allowed = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in allowed:
-                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        for k in FLOAT_KEYS:
-            if isinstance(d.get(k), str):  # YAML 1.1 reads '2e-3' as a string
-                try:
-                    d[k] = float(d[k])
-                except ValueError:
-                    raise NasError(f"{source}.{k}: {d[k]!r} is not a number") from None
-        cfg = cls(**d)
-        if not isinstance(cfg.enabled, bool):
-            raise NasError(f"{source}.enabled: expected true or false, got {cfg.enabled!r}")
-        check_teacher_spec(cfg.teacher, f"{source}.teacher")
-        for k in ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs"):
-            v = getattr(cfg, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise NasError(f"{source}.{k}: expected a number, got {v!r}")
-        if cfg.temperature <= 0:
-            raise NasError(f"{source}.temperature: must be > 0, got {cfg.temperature}")
-        if not 0 <= cfg.alpha <= 1:
-            raise NasError(f"{source}.alpha: must be in [0, 1], got {cfg.alpha}")
-        if cfg.beta < 0:
-            raise NasError(f"{source}.beta: must be >= 0, got {cfg.beta}")
-        if cfg.learning_rate <= 0:
-            raise NasError(f"{source}.learning_rate: must be > 0, got {cfg.learning_rate}")
-        for k in ("epochs", "teacher_epochs", "seeds"):
-            v = getattr(cfg, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise NasError(f"{source}.{k}: must be an integer >= 1, got {v!r}")
-        if cfg.init not in INITS:
-            raise NasError(f"{source}.init: {cfg.init!r}; allowed: {', '.join(INITS)}")
-        from evaluators.train import TrainConfig
-
-        TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
-        return cfg
-
-    def _schedule(self) -> dict[str, Any]:
-        schedule = self.schedule or ("warmup_cosine" if self.warmup_epochs else "cosine")
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "schedule": schedule,
-                "warmup_epochs": self.warmup_epochs}
-
-    def student_train(self, base: Any) -> Any:
-        """The students' `TrainConfig`: the search's `base` with this stage's schedule."""
-        return dataclasses.replace(base, **self._schedule())
-
-    def kd(self) -> Any:
-        """The `KDConfig` of the KD students."""
-        from evaluators.train import KDConfig
-
-        return KDConfig(temperature=float(self.temperature), alpha=float(self.alpha), beta=float(self.beta))
-
 
 # ============================================================ one student
 @dataclass(frozen=True)
@@ -183,7 +103,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
     cfg = exp.cfg
-    d = DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
+    d: DistillConfig = cfg.distill
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise NasError(f"--seeds: {seeds!r}; allowed an integer >= 1")

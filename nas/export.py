@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -37,15 +36,14 @@ import re
 
 import numpy as np
 
+from nas.config import ExportConfig
 from nas.messages import first_line
 from nas.rundir import (ARCHITECTURE, DistillRow, Winner, experiment_from_run_dir, export_dir,
                         load_winners, read_architecture, read_distill, winner_weights)
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
-FORMATS = ("flax", "onnx", "stablehlo")  # what `--format` accepts
 LOAD_FORMATS = ("flax", "onnx", "int8", "stablehlo")  # what `load(folder, format=...)` accepts
-DEFAULT_FORMATS = ("flax",)
 FILES = {"flax": "flax/variables.msgpack", "onnx": "model.onnx", "int8": "model.int8.onnx",
          "stablehlo": "model.stablehlo"}
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -55,73 +53,6 @@ RUN_BATCH = 256  # rows per call in LoadedModel for ONNX / StableHLO
 _MODEL_DIR = re.compile(r"^\.?\d{2,}-[0-9A-Za-z-]+(\.failed|\.partial)?$")  # NN-KEY[.failed], .NN-KEY.partial
 _OPTIONS = ("enabled", "formats", "int8", "calibration_images", "calibration_method", "tolerance", "int8_max_drop",
             "latency_budget_s")
-
-
-# ============================================================ config
-@dataclass(frozen=True)
-class ExportConfig:
-    """The `export:` section of an experiment config (and the options of `nas export`).
-
-    formats: any of flax, onnx, stablehlo. int8: also write model.int8.onnx (needs onnx).
-    calibration_images: training images that calibrate the int8 activation ranges.
-    calibration_method: how ranges are set from them: percentile (default), minmax, entropy.
-    tolerance: max abs logit difference allowed between a runtime and JAX.
-    int8_max_drop: largest test-accuracy loss (fraction, 0.01 = 1 point) int8 may have vs fp32.
-    latency_budget_s: time spent per latency measurement (0: do not measure).
-    """
-
-    enabled: bool = True
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    int8: bool = False
-    calibration_images: int = 256
-    calibration_method: str = "percentile"
-    tolerance: float = 1e-4
-    int8_max_drop: float = 0.01
-    latency_budget_s: float = 0.3
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "export") -> "ExportConfig":
-        d = dict(d or {})
-        for k in d:
-            if k not in _OPTIONS:
-                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(_OPTIONS)}")
-        formats = d.get("formats", cls.formats)
-        formats = tuple(f.strip() for f in formats.split(",")) if isinstance(formats, str) else tuple(formats)
-        bad = [f for f in formats if f not in FORMATS]
-        if bad:
-            raise NasError(f"{source}.formats: unknown format '{bad[0]}'; allowed: {', '.join(FORMATS)}")
-        if not formats:
-            raise NasError(f"{source}.formats: empty; allowed: {', '.join(FORMATS)}")
-        formats = tuple(dict.fromkeys(formats))
-        for k in ("enabled", "int8"):
-            if not isinstance(d.get(k, False), bool):
-                raise NasError(f"{source}.{k}: expected true or false, got {d[k]!r}")
-        int8 = d.get("int8", cls.int8)
-        if int8 and "onnx" not in formats:
-            raise NasError(f"{source}.int8: needs 'onnx' in {source}.formats (int8 is quantized from model.onnx)")
-        n = d.get("calibration_images", cls.calibration_images)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise NasError(f"{source}.calibration_images: must be an integer >= 1, got {n!r}")
-        method = d.get("calibration_method", cls.calibration_method)
-        from evaluators.quantize import CALIBRATION_METHODS
-
-        if method not in CALIBRATION_METHODS:
-            raise NasError(f"{source}.calibration_method: unknown method {method!r}; "
-                           f"allowed: {', '.join(CALIBRATION_METHODS)}")
-        nums = {}
-        for k, lo in (("tolerance", 0.0), ("int8_max_drop", 0.0), ("latency_budget_s", 0.0)):
-            v = d.get(k, getattr(cls, k))
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
-                raise NasError(f"{source}.{k}: must be a number >= {lo:g}, got {v!r}")
-            nums[k] = float(v)
-        return cls(d.get("enabled", True), formats, int8, n, method, **nums)
-
-    def run_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `export_run` this section stands for."""
-        return {"formats": self.formats, "int8": self.int8, "calibration_images": self.calibration_images,
-                "calibration_method": self.calibration_method, "tolerance": self.tolerance,
-                "int8_max_drop": self.int8_max_drop,
-                "latency_budget_s": self.latency_budget_s}
 
 
 # ============================================================ loading
@@ -294,11 +225,10 @@ def _verify_manifest(folder: Path) -> None:
 
 # ============================================================ export
 def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: int | None = None,
-               formats: tuple[str, ...] = DEFAULT_FORMATS, force: bool = False, int8: bool = False,
-               calibration_images: int = ExportConfig.calibration_images,
-               calibration_method: str = ExportConfig.calibration_method, tolerance: float = ExportConfig.tolerance,
-               int8_max_drop: float = ExportConfig.int8_max_drop,
-               latency_budget_s: float = ExportConfig.latency_budget_s, printer=print) -> list[Path]:
+               formats: tuple[str, ...] | None = None, force: bool = False, int8: bool | None = None,
+               calibration_images: int | None = None, calibration_method: str | None = None,
+               tolerance: float | None = None, int8_max_drop: float | None = None,
+               latency_budget_s: float | None = None, printer=print) -> list[Path]:
     """Export the winners of `run_dir` (all, or rank `winner`) into `out` (default RUN_DIR/export).
 
     Args:
@@ -311,6 +241,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
       int8: also write model.int8.onnx (static QDQ, calibrated on `calibration_images` training images
         with `calibration_method`: percentile, minmax or entropy).
       tolerance, int8_max_drop, latency_budget_s: see `ExportConfig`.
+      Options left None take their value from the run's `export:` section (config.yaml).
 
     Returns:
       The folders written (`OUT/NN-KEY`), all of whose checks passed.
@@ -325,14 +256,15 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     """
     from evaluators.datasets import load_dataset
 
-    opts = ExportConfig.from_dict({"formats": tuple(formats), "int8": int8, "calibration_images": calibration_images,
-                                   "calibration_method": calibration_method, "tolerance": tolerance,
-                                   "int8_max_drop": int8_max_drop,
-                                   "latency_budget_s": latency_budget_s}, source="export")
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise NasError(f"{run_dir}: no such run directory")
     exp = experiment_from_run_dir(run_dir)
+    given = {"formats": formats, "int8": int8, "calibration_images": calibration_images,
+             "calibration_method": calibration_method, "tolerance": tolerance, "int8_max_drop": int8_max_drop,
+             "latency_budget_s": latency_budget_s}
+    opts = ExportConfig.from_dict({**exp.cfg.export.run_kwargs(), **{k: v for k, v in given.items() if v is not None}},
+                                  source="export")
     winners = load_winners(run_dir)
     if winner is not None:
         winners = [w for w in winners if w.rank == winner]

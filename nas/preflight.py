@@ -11,10 +11,7 @@ import numpy as np
 
 from evaluators.datasets import load_dataset
 from evaluators.table import TableEvaluator
-from evaluators.train import TrainConfig
 from nas.config import ExperimentConfig
-from nas.distill import DistillConfig
-from nas.export import ExportConfig
 from nas.objective import Objective
 from nas.rundir import Experiment, resolve_space
 from nas.strategies import STRATEGIES, make_strategy
@@ -40,7 +37,7 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
 
     space = resolve_space(cfg)
     objective = Objective.from_config(cfg.objective, where=f"{cfg.source}: objective")
-    train = TrainConfig.from_dict(cfg.train, source=f"{cfg.source}: train")
+    train = cfg.train
     check_algorithm(cfg, space)
     if cfg.evaluator.kind == "table":
         TableEvaluator(cfg.evaluator.table, cfg.evaluator.metric, cfg.evaluator.sample_repeat).check_space(space)
@@ -57,9 +54,6 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
             f"{list(space.resolutions)}x{space.in_channels} with {space.num_classes} classes; "
             f"set space_input: {{resolution: {data.resolution}, in_channels: {data.channels}, num_classes: {data.num_classes}}}"
         )
-
-    DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
-    ExportConfig.from_dict(cfg.export, f"{cfg.source}: export")
     exp = Experiment(cfg, space, objective, train)
     _check_some_feasible(exp)
     return exp

@@ -182,20 +182,20 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
     archs = dict(archs) if archs is not None else reference_architectures(run.space, run.objective)
     path = run.run_dir / REFERENCES_FILE
     cache = json.loads(path.read_text()) if path.exists() else {}
-    stamp = {"train": _plain(run.cfg.train), "dataset": _plain(run.cfg.to_dict()["dataset"]), "seed": run.cfg.seed}
+    stamp = {"train": run.cfg.train.to_dict(), "dataset": run.cfg.to_dict()["dataset"], "seed": run.cfg.seed}
     out, data = [], None
     for name, arch in archs.items():
         hit = cache.get(name)
         if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
             from evaluators.datasets import load_dataset
-            from evaluators.train import TrainConfig, evaluate, train
+            from evaluators.train import evaluate, train
 
             c = run.cfg.dataset
             if data is None:
                 data = load_dataset(c.name, seed=run.cfg.seed, path=c.path, val_fraction=c.val_fraction,
                                     test_fraction=c.test_fraction)
             printer(f"reference {name} {arch.key}: training with the search's budget ...", flush=True)
-            res = train(arch, data, TrainConfig.from_dict(run.cfg.train))
+            res = train(arch, data, run.cfg.train)
             test_acc = float(evaluate(arch, res.variables, data.x_test, data.y_test)[0])
             hit = {"key": arch.key, "stamp": stamp, "val_accuracy": float(res.val_accuracy),
                    "test_accuracy": test_acc, "train_s": float(res.train_s)}
@@ -222,10 +222,6 @@ def _feasible(objective: Objective | None, arch: Architecture) -> bool:
         return objective.feasible(arch)
     except Exception:  # noqa: BLE001 - a cost the report cannot compute: treat as unchecked
         return True
-
-
-def _plain(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
 
 
 # ============================================================ the report

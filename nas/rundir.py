@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from evaluators.cost import analytic_cost
 from evaluators.train import TrainConfig
 from nas.config import ExperimentConfig, config_from_dict
 from nas.objective import LATENCY_PREFIX, Objective
@@ -90,7 +91,7 @@ def resolve_space(cfg: ExperimentConfig) -> SearchSpace:
 def experiment_of(cfg: ExperimentConfig) -> Experiment:
     """The Experiment a validated config describes (space, objective and training resolved)."""
     return Experiment(cfg, resolve_space(cfg), Objective.from_config(cfg.objective, where=f"{cfg.source}: objective"),
-                      TrainConfig.from_dict(cfg.train, source=f"{cfg.source}: train"))
+                      cfg.train)
 
 
 def read_saved_config(run_dir: str | Path) -> ExperimentConfig:
@@ -117,10 +118,11 @@ def check_run_dir(cfg: ExperimentConfig, *, resume: bool, force: bool) -> Path:
     run_dir = cfg.run_dir
     saved = run_dir / CONFIG
     if saved.exists() and not force:
-        previous = yaml.safe_load(saved.read_text())
-        current = cfg.to_dict()
-        if previous != current:
-            diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        # compared as typed configs (defaults filled in, paths absolute), wherever the run directory sits now
+        previous = config_from_dict({**yaml.safe_load(saved.read_text()), "output_dir": cfg.output_dir}, str(saved))
+        if previous != cfg:
+            old, new = previous.to_dict(), cfg.to_dict()
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise NasError(f"{run_dir}: holds a different experiment (differs in: {', '.join(diff)}); "
                            f"choose another name/output_dir, or pass --force to overwrite it")
         if not resume:
@@ -208,9 +210,11 @@ class Winner:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = WINNERS) -> "Winner":
         try:
-            return cls(int(d["rank"]), str(d["key"]), str(d.get("space", "")), str(d.get("trial_id", "")),
-                       float(d["score"]), float(d["val_accuracy"]), int(float(d["params"])), int(float(d["macs"])),
-                       Architecture.from_dict(d["architecture"]), d.get("checkpoint"))
+            arch = Architecture.from_dict(d["architecture"])
+            cost = analytic_cost(arch) if "params" not in d or "macs" not in d else None  # hand-written files
+            return cls(int(d["rank"]), str(d["key"]), str(d.get("space", arch.space)), str(d.get("trial_id", "")),
+                       float(d["score"]), float(d["val_accuracy"]), int(float(d.get("params", cost and cost.params))),
+                       int(float(d.get("macs", cost and cost.macs))), arch, d.get("checkpoint"))
         except (KeyError, TypeError, ValueError, NasError) as e:
             raise NasError(f"{where}: malformed winner entry ({type(e).__name__}: {e})".splitlines()[0]) from None
 

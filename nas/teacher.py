@@ -25,13 +25,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nas.config import TeacherConfig, build_section
 from nas.rundir import ARCHITECTURE, VARIABLES, read_architecture, read_trials, read_winners, trial_checkpoints
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
-
-TEACHER_KINDS = {"key": "reference", "best": "best", "checkpoint": "checkpoint", "ensemble": "ensemble"}
-
 
 @dataclass(frozen=True, eq=False)
 class Teacher:
@@ -144,37 +142,6 @@ def load_checkpoint_folder(path: str | Path) -> tuple[Architecture, Any]:
     return read_architecture(arch_file), load_variables(var_file)
 
 
-# ============================================================ spec validation
-def check_teacher_spec(spec: Any, source: str = "distill.teacher") -> dict[str, Any]:
-    """Validate a `distill.teacher` mapping (one line naming `{source}.{key}` on error); returns it as a dict."""
-    if not isinstance(spec, Mapping):
-        raise NasError(f"{source}: expected a mapping: {{key: largest|ARCH_KEY}}, {{best: true}}, "
-                       f"{{checkpoint: PATH}} or {{ensemble: K}}; got {spec!r}")
-    spec = dict(spec)
-    kinds = [k for k in spec if k in TEACHER_KINDS]
-    unknown = sorted(set(spec) - set(TEACHER_KINDS) - {"space"})
-    if unknown:
-        raise NasError(f"{source}.{unknown[0]}: unknown key; allowed: key (+ space), best, checkpoint, ensemble")
-    if len(kinds) != 1:
-        raise NasError(f"{source}: give exactly one of key, best, checkpoint, ensemble; got {sorted(spec) or 'none'}")
-    kind = kinds[0]
-    if "space" in spec and kind != "key":
-        raise NasError(f"{source}.space: only allowed with key (a reference architecture of another space)")
-    value = spec[kind]
-    if kind == "key" and (not isinstance(value, str) or not value):
-        raise NasError(f"{source}.key: {value!r}; allowed 'largest' or an architecture key of the space")
-    if "space" in spec and (not isinstance(spec["space"], str) or not spec["space"]):
-        raise NasError(f"{source}.space: {spec['space']!r}; allowed a registered space name or a YAML file")
-    if kind == "best" and value is not True:
-        raise NasError(f"{source}.best: {value!r}; allowed true (the most accurate search candidate)")
-    if kind == "checkpoint" and (not isinstance(value, str) or not value):
-        raise NasError(f"{source}.checkpoint: {value!r}; allowed a path to a folder with architecture.json "
-                       f"and variables.msgpack")
-    if kind == "ensemble" and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
-        raise NasError(f"{source}.ensemble: {value!r}; allowed an integer >= 2 (the top-K search candidates)")
-    return spec
-
-
 # ============================================================ search candidates
 def search_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
     """Trained candidates of a run that have weights, best validation accuracy first:
@@ -201,13 +168,13 @@ def search_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # ============================================================ resolving a teacher
-def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path,
+def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path,
                     printer=print, *, candidates: list[dict[str, Any]] | None = None,
                     source: str = "distill.teacher") -> Teacher:
     """Build (or reuse from `cache_dir`) the teacher described by `spec` (see the module docstring).
 
     Args:
-      spec: the `distill.teacher` mapping.
+      spec: the `distill.teacher` section (a mapping is validated as one).
       space: the experiment's space (for `{key: ...}` without `space`).
       data: the dataset; the teacher's input shape and class count must match it.
       train_cfg: how a reference teacher is trained (a `TrainConfig`).
@@ -220,7 +187,7 @@ def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg
     """
     from evaluators.train import evaluate
 
-    spec = check_teacher_spec(spec, source)
+    spec = build_section(TeacherConfig, spec, source).to_dict()
     if "checkpoint" in spec:
         path = spec["checkpoint"]
         arch, variables = _checked_member(path, data, f"{source}.checkpoint {path}")

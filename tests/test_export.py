@@ -16,7 +16,8 @@ import yaml
 import nas
 import nas.export as ex
 from nas.config import config_from_dict
-from nas.export import ExportConfig, export_run, load
+from nas.config import ExportConfig
+from nas.export import export_run, load
 from search_spaces.errors import NasError
 
 KEY = "100-100--100--1"
@@ -291,7 +292,7 @@ def test_export_config_validates_the_new_options():
     cfg = ExportConfig.from_dict({"formats": "flax,onnx", "int8": True, "calibration_images": 64})
     assert cfg.formats == ("flax", "onnx") and cfg.int8 and cfg.run_kwargs()["calibration_images"] == 64
     for section, message in [({"int8": "yes"}, "export.int8: expected true or false"),
-                             ({"tolerance": -1}, "export.tolerance: must be a number >= 0"),
+                             ({"tolerance": -1}, "export.tolerance: must be >= 0"),
                              ({"precision": "int8"}, "export.precision: unknown key"),
                              ({"formats": ["stablehlo"], "int8": True}, "export.int8: needs 'onnx'")]:
         with pytest.raises(NasError, match=message):

@@ -155,6 +155,4 @@ def _scheduler(cfg: ExperimentConfig):
 
 
 def _epochs(cfg: ExperimentConfig) -> int:
-    from evaluators.train import TrainConfig
-
-    return TrainConfig.from_dict(cfg.train).epochs
+    return cfg.train.epochs

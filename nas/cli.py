@@ -14,6 +14,7 @@ from evaluators.latency import calibrate, latency_breakdown, validate
 from nas.config import EXPORT_FORMATS, ExportConfig, load_config
 from nas.distill import run_distill
 from nas.export import export_run
+from nas.preflight import STAGES, preflight
 from nas.report import write_report
 from nas.rundir import WINNERS, SearchInterrupted, read_distill, read_winners
 from search_spaces.catalog import SPACES, load_space
@@ -220,6 +221,7 @@ def _run(args):
     from nas.tune import run_search  # imported when used: importing Ray takes seconds, `nas spaces` should not
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, STAGES)  # the distillation's and export's files too, before the search spends its hours
     run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
     if cfg.distill.enabled:
         print("distillation:", flush=True)

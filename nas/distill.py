@@ -32,6 +32,7 @@ import numpy as np
 from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,
                         write_distill)
 from nas.config import DistillConfig
+from nas.preflight import preflight
 from nas.teacher import cached_outputs, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -103,6 +104,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
     cfg = exp.cfg
+    preflight(cfg, ("distill",))
     d: DistillConfig = cfg.distill
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:

@@ -38,6 +38,7 @@ import numpy as np
 
 from nas.config import ExportConfig
 from nas.messages import first_line
+from nas.preflight import preflight
 from nas.rundir import (ARCHITECTURE, DistillRow, Winner, experiment_from_run_dir, export_dir,
                         load_winners, read_architecture, read_distill, winner_weights)
 from search_spaces.architecture import Architecture
@@ -260,6 +261,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     if not run_dir.is_dir():
         raise NasError(f"{run_dir}: no such run directory")
     exp = experiment_from_run_dir(run_dir)
+    preflight(exp.cfg, ("export",))
     given = {"formats": formats, "int8": int8, "calibration_images": calibration_images,
              "calibration_method": calibration_method, "tolerance": tolerance, "int8_max_drop": int8_max_drop,
              "latency_budget_s": latency_budget_s}

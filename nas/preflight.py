@@ -1,19 +1,30 @@
-"""Everything a search needs, checked before Ray starts and before anything is written (Ray-free).
+"""Everything a run needs, checked before Ray starts and before anything is written (Ray-free).
 
-`prepare(cfg)` resolves the space, objective and training config, checks the search algorithm
-and its options, the dataset or benchmark table against the space, and that some architecture
-satisfies the hard constraints; every failure is a one-line `NasError` naming the file and key.
+`preflight(cfg, stages)` checks what the config names on the disk: the dataset file, a teacher
+checkpoint (when distillation runs), the output and storage folders (writable, probed without
+leaving anything behind) and the latency tables the objective will read. `prepare(cfg)` runs it,
+then resolves the space, objective and training config, checks the search algorithm and its
+options, the dataset or benchmark table against the space, and that some architecture satisfies
+the hard constraints. Every failure is a one-line `NasError` naming the file, the key and the
+problem; the CLI turns it into exit code 2 within seconds.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+from typing import Collection
+
 import numpy as np
 
 from evaluators.datasets import load_dataset
+from evaluators.hardware import PROFILES
+from evaluators.latency import CACHE_ENV
 from evaluators.table import TableEvaluator
 from nas.config import ExperimentConfig
 from nas.objective import Objective
-from nas.rundir import Experiment, resolve_space
+from nas.rundir import ARCHITECTURE, VARIABLES, Experiment, read_architecture, resolve_space
 from nas.strategies import STRATEGIES, make_strategy
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
@@ -32,13 +43,69 @@ def check_algorithm(cfg: ExperimentConfig, space: SearchSpace) -> None:
         make_strategy(name, space, seed=cfg.seed, options=dict(cfg.search.options), budget=cfg.num_trials)
 
 
-def prepare(cfg: ExperimentConfig) -> Experiment:
-    """Validate everything a search needs before any trial runs (one-line errors)."""
+STAGES = ("search", "distill", "export")
+CACHE_ENVS = (CACHE_ENV, "NAS_JAX_CACHE")  # latency look-up tables, compiled XLA programs
 
+
+def preflight(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> None:
+    """Check every file and folder `cfg` names for `stages` (any of search, distill, export)."""
+    src = cfg.source
+    if cfg.dataset.path is not None:
+        _check_file(Path(cfg.dataset.path), src, "dataset.path", "a dataset file")
+    if "search" in stages:
+        _check_writable(Path(cfg.output_dir), src, "output_dir")
+        if cfg.storage_path and "://" not in cfg.storage_path:
+            _check_writable(Path(cfg.storage_path), src, "storage_path")
+    if "distill" in stages and cfg.distill.enabled and cfg.distill.teacher.checkpoint is not None:
+        folder = Path(cfg.distill.teacher.checkpoint)
+        key = "distill.teacher.checkpoint"
+        if not folder.is_dir():
+            raise NasError(f"{src}: {key}: {folder}: no such folder (a folder with {ARCHITECTURE} and {VARIABLES})")
+        for name in (ARCHITECTURE, VARIABLES):
+            _check_file(folder / name, src, key, "part of a model checkpoint")
+        try:
+            read_architecture(folder / ARCHITECTURE)
+        except NasError as e:
+            raise NasError(f"{src}: {key}: {e}") from None
+    for p in cfg.objective.profiles:
+        if p not in PROFILES:
+            raise NasError(f"{src}: objective.profiles: unknown profile '{p}'; allowed: {', '.join(PROFILES.names())}")
+    for env in CACHE_ENVS:  # trials run in their own working directory: a relative cache path must not move
+        if os.environ.get(env) and not Path(os.environ[env]).is_absolute():
+            os.environ[env] = str(Path(os.environ[env]).absolute())
+
+
+def _check_file(path: Path, src: str, key: str, what: str) -> None:
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise NasError(f"{src}: {key}: {path}: {problem} ({what})")
+    if not os.access(path, os.R_OK):
+        raise NasError(f"{src}: {key}: {path}: not readable ({what})")
+
+
+def _check_writable(path: Path, src: str, key: str) -> None:
+    """`path` exists as a writable folder or can be created: probed by creating and removing a
+    temporary folder in its nearest existing ancestor, so nothing is left behind."""
+    probe_in = path
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise NasError(f"{src}: {key}: {path}: cannot be created ({probe_in} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nas-write-test-", dir=probe_in))
+    except OSError as e:
+        how = "not writable" if probe_in == path else f"cannot be created in {probe_in}"
+        raise NasError(f"{src}: {key}: {path}: {how} ({e.strerror or e})") from None
+
+
+def prepare(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> Experiment:
+    """`preflight(cfg, stages)`, then validate everything a search needs before any trial runs."""
+    preflight(cfg, stages)
     space = resolve_space(cfg)
     objective = Objective.from_config(cfg.objective, where=f"{cfg.source}: objective")
     train = cfg.train
     check_algorithm(cfg, space)
+    objective.costs(space.sample(np.random.default_rng(cfg.seed)))  # every cost once: a bad latency table fails here
     if cfg.evaluator.kind == "table":
         TableEvaluator(cfg.evaluator.table, cfg.evaluator.metric, cfg.evaluator.sample_repeat).check_space(space)
         exp = Experiment(cfg, space, objective, train)

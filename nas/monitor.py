@@ -27,15 +27,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
+from nas.hparams import STATUSES, experiment_summary, session_summaries
 from nas.messages import last_line
 from nas.plots import finite_float, pareto_figure, predicted_latency_ms, render_rgb
 from nas.rundir import INFEASIBLE, RESULT_LATENCY_PREFIX
-from search_spaces.space import ALPHABET, SearchSpace
+from search_spaces.space import SearchSpace
 
 TRIAL_SCALARS = ("train_loss", "val_loss", "val_accuracy")
 RESULT_SCALARS = ("accuracy", "score", "params", "macs", "latency_ms")
-INACTIVE_LABEL = "-"
-STATUSES = ("ok", "stopped", "failed", "infeasible")
 
 
 def latency_of(result: Mapping[str, Any]) -> tuple[float, str]:
@@ -102,7 +101,9 @@ class SearchMonitor:
         from tensorboardX import SummaryWriter
 
         self._search = SummaryWriter(logdir=str(self.tb_dir / "search"), flush_secs=10)
-        self._search.file_writer.add_summary(self._hparams_experiment())
+        self._search.file_writer.add_summary(experiment_summary(
+            f"{space.name} search", self._decisions, [f"result/{m}" for m in RESULT_SCALARS] + ["trial/val_accuracy"],
+            self.start))
         self._search.flush()
         self._live = None
         if self.tty:
@@ -269,52 +270,11 @@ class SearchMonitor:
         for name, v in metrics.items():
             if math.isfinite(v):
                 w.add_scalar(f"result/{name}", v, step)
-        ssi, sei = self._hparams_session(t.get("key", ""), status)
+        ssi, sei = session_summaries(self._decisions, t.get("key", ""), status, self.clock(), self.clock())
         w.file_writer.add_summary(ssi)
         w.file_writer.add_summary(sei)
         w.close()
         self._writers.pop(trial_id, None)
-
-    def _hparams_values(self, key: str) -> dict[str, str]:
-        values = {d.name: INACTIVE_LABEL for d in self._decisions}
-        if key and len(key) == len(self._decisions):
-            for d, ch in zip(self._decisions, key):
-                idx = ALPHABET.find(ch)
-                if 0 <= idx < len(d.labels):
-                    values[d.name] = d.labels[idx]
-        return values
-
-    def _hparams_experiment(self):
-        """The HParams experiment: decision columns with discrete domains, then key/status, metrics."""
-        from google.protobuf.struct_pb2 import ListValue
-        from tensorboardX.proto.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName
-
-        infos = []
-        for d in self._decisions:
-            domain = ListValue()
-            domain.extend(list(dict.fromkeys(list(d.labels) + ([INACTIVE_LABEL] if d.layer is not None else []))))
-            infos.append(HParamInfo(name=d.name, type=DataType.Value("DATA_TYPE_STRING"), domain_discrete=domain))
-        status = ListValue()
-        status.extend(list(STATUSES))
-        infos.append(HParamInfo(name="key", type=DataType.Value("DATA_TYPE_STRING")))
-        infos.append(HParamInfo(name="status", type=DataType.Value("DATA_TYPE_STRING"), domain_discrete=status))
-        metrics = [MetricInfo(name=MetricName(tag=f"result/{m}")) for m in RESULT_SCALARS]
-        metrics.append(MetricInfo(name=MetricName(tag="trial/val_accuracy")))
-        exp = Experiment(name=f"{self.space.name} search", hparam_infos=infos, metric_infos=metrics,
-                         time_created_secs=self.start)
-        return _hparams_summary("_hparams_/experiment", experiment=exp)
-
-    def _hparams_session(self, key: str, status: str):
-        from tensorboardX.proto.api_pb2 import Status
-        from tensorboardX.proto.plugin_hparams_pb2 import SessionEndInfo, SessionStartInfo
-
-        ssi = SessionStartInfo(start_time_secs=self.clock())
-        for name, label in {**self._hparams_values(key), "key": key or "?", "status": status}.items():
-            ssi.hparams[name].string_value = label
-        sei = SessionEndInfo(status=Status.Value("STATUS_SUCCESS" if status != "failed" else "STATUS_FAILURE"),
-                             end_time_secs=self.clock())
-        return (_hparams_summary("_hparams_/session_start_info", session_start_info=ssi),
-                _hparams_summary("_hparams_/session_end_info", session_end_info=sei))
 
     def _search_scalars(self) -> None:
         step, c = self.finished, self.counts()
@@ -415,16 +375,6 @@ class SearchMonitor:
                      ProgressBar(total=max(self.total, 1), completed=min(c["done"], self.total), width=30),
                      self._status_text())
         return grid
-
-
-def _hparams_summary(tag: str, **content):
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
-    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
-
-    data = HParamsPluginData(version=0, **content)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
-                                                                  content=data.SerializeToString()))
-    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
 def _step(result: Mapping[str, Any]) -> int:

@@ -29,10 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,
-                        write_distill)
+from evaluators.cost import analytic_cost
+from evaluators.datasets import load_dataset
+from evaluators.train import evaluate, load_variables, save_variables, train
 from nas.config import DistillConfig
 from nas.preflight import preflight
+from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,
+                        write_distill)
 from nas.teacher import cached_outputs, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -53,7 +56,6 @@ def train_student(arch: Architecture, data, cfg: Any, *, init_variables: Any = N
                   teacher_logits: np.ndarray | None = None,
                   teacher_features: np.ndarray | None = None) -> StudentResult:
     """Train one student (baseline when `kd` is None) and evaluate it on the test split."""
-    from evaluators.train import evaluate, train
 
     t0 = time.perf_counter()
     if kd is None:
@@ -96,8 +98,6 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     Raises:
       NasError: a bad `distill:` section or `seeds`, a teacher that does not fit the dataset; before training.
     """
-    from evaluators.datasets import load_dataset
-    from evaluators.train import load_variables, save_variables
 
     enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
     t_start = time.perf_counter()
@@ -136,8 +136,6 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
         "winners": [],
     }
     for w in winners:
-        from evaluators.cost import analytic_cost
-
         arch = w.architecture
         folder = w.folder(run_dir)
         search_vars = load_variables(folder / VARIABLES)
@@ -186,8 +184,6 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
 
 
 def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
-    from evaluators.train import evaluate
-
     return evaluate(arch, variables, data.x_test, data.y_test)[0]
 
 

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from evaluators.cost import analytic_cost
+from evaluators.datasets import load_dataset
+from evaluators.train import evaluate, train
 from nas.config import ExperimentConfig
 from nas.objective import Objective
 from nas.pareto import hypervolume
-from nas.plots import (DEFAULT_PROFILE, best_so_far_figure, finite_float, front_points, layer_breakdown, layer_figure,
-                       pareto_figure, predicted_latency_ms)
+from nas.plots import (DEFAULT_PROFILE, best_so_far_figure, finite_float, front_points, layer_breakdown,
+                       layer_figure, pareto_figure, predicted_latency_ms)
 from nas.rundir import RESULT_LATENCY_PREFIX, experiment_from_run_dir, read_distill, read_trials, read_winners
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -98,8 +101,6 @@ def load_run(run_dir: str | Path) -> Run:
                     arch = space.decode(t["key"])
                     cache[t["key"]] = predicted_latency_ms(arch, profile, notes)
                     if math.isnan(t["params"]):
-                        from evaluators.cost import analytic_cost
-
                         c = analytic_cost(arch)
                         t["params"], t["macs"] = float(c.params), float(c.macs)
                 except NasError:
@@ -187,9 +188,6 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
     for name, arch in archs.items():
         hit = cache.get(name)
         if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
-            from evaluators.datasets import load_dataset
-            from evaluators.train import evaluate, train
-
             c = run.cfg.dataset
             if data is None:
                 data = load_dataset(c.name, seed=run.cfg.seed, path=c.path, val_fraction=c.val_fraction,
@@ -201,7 +199,6 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
                    "test_accuracy": test_acc, "train_s": float(res.train_s)}
             cache[name] = hit
             path.write_text(json.dumps(cache, indent=2))
-        from evaluators.cost import analytic_cost
 
         cost = analytic_cost(arch)
         row = {"name": name, "key": arch.key, "accuracy": hit["val_accuracy"], "test_accuracy": hit["test_accuracy"],
@@ -278,6 +275,7 @@ def write_report(run_dir: str | Path, *, references: bool | Mapping[str, str] = 
     return path
 
 
+# Markdown tables as f-strings: pandas.DataFrame.to_markdown needs tabulate, not a dependency, for a few rows.
 def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None) -> str:
     cfg, trials = run.cfg, run.trials
     count = {s: sum(t["status"] == s for t in trials) for s in ("ok", "stopped", "failed", "infeasible")}

@@ -25,9 +25,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from evaluators.cost import analytic_cost
+from evaluators.train import (check_variables, evaluate, load_variables, predict_features, predict_logits,
+                              save_variables, train)
 from nas.config import TeacherConfig, build_section
 from nas.rundir import ARCHITECTURE, VARIABLES, read_architecture, read_trials, read_winners, trial_checkpoints
 from search_spaces.architecture import Architecture
+from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
 
@@ -54,20 +58,17 @@ class Teacher:
     @property
     def params(self) -> int:
         """Parameters of all members together."""
-        from evaluators.cost import analytic_cost
 
         return sum(int(analytic_cost(a).params) for a, _ in self.members)
 
     def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits averaged over members, penultimate features concatenated over members) for `x`."""
-        from evaluators.train import predict_features
 
         outs = [predict_features(a, v, x) for a, v in self.members]
         return ensemble_logits([o[0] for o in outs]), np.concatenate([o[1] for o in outs], axis=1)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for `x`, averaged over the members."""
-        from evaluators.train import predict_logits
 
         return ensemble_logits([predict_logits(a, v, x) for a, v in self.members])
 
@@ -118,7 +119,6 @@ def dataset_fingerprint(data) -> str:
 
 def largest(space: SearchSpace) -> Architecture:
     """The architecture with the most parameters, by coordinate ascent over the decisions."""
-    from evaluators.cost import analytic_cost
 
     choice = {d.name: 0 for d in space.decisions()}
     for _ in range(2):
@@ -132,7 +132,6 @@ def largest(space: SearchSpace) -> Architecture:
 def load_checkpoint_folder(path: str | Path) -> tuple[Architecture, Any]:
     """(architecture, variables) from a folder holding architecture.json and variables.msgpack
     (a search checkpoint, a winners/NN folder, or an export folder with flax/)."""
-    from evaluators.train import load_variables
 
     folder = Path(path)
     arch_file = folder / ARCHITECTURE
@@ -185,7 +184,6 @@ def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace,
       NasError: a bad spec, a checkpoint that does not fit the dataset or its own architecture,
         or fewer candidates than asked for; all before any training.
     """
-    from evaluators.train import evaluate
 
     spec = build_section(TeacherConfig, spec, source).to_dict()
     if "checkpoint" in spec:
@@ -216,14 +214,11 @@ def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace,
 
 
 def _logits(arch: Architecture, variables: Any, x: np.ndarray) -> np.ndarray:
-    from evaluators.train import predict_logits
-
     return predict_logits(arch, variables, x)
 
 
 def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, Any]:
     """Load a checkpoint folder and check it fits the dataset and its own architecture."""
-    from evaluators.train import check_variables
 
     arch, variables = load_checkpoint_folder(path)
     expected = (data.resolution, data.channels, data.num_classes)
@@ -236,11 +231,7 @@ def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, An
 
 def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path, printer,
                source: str) -> Teacher:
-    from evaluators.train import evaluate, load_variables, save_variables, train
-
     if "space" in spec:
-        from search_spaces.catalog import load_space
-
         try:
             space = load_space(spec["space"]).with_input(resolution=data.resolution, in_channels=data.channels,
                                                          num_classes=data.num_classes)

@@ -16,6 +16,7 @@ def _ms(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.3f} ms"
 
 
+# Markdown tables as f-strings: pandas.DataFrame.to_markdown needs tabulate, not a dependency, for a few rows.
 def model_card(arch: Architecture, m: Mapping[str, Any], cost: Mapping[str, Any], name: str) -> str:
     """README.md of an export folder: what the model is, accuracy, size, latency, checks, how to run it."""
     fmt, lat = m["formats"], m.get("latency_ms", {})

@@ -17,6 +17,9 @@ One reader and one writer per file, so no other module parses these files by han
 
 Result columns spell a latency cost `latency_ms_at_PROFILE` (`result_column`); the cost model
 calls it `latency_ms@PROFILE`. trials.csv files written with the `@` spelling still read.
+
+One module on purpose (about 400 lines): the table above is the whole contract between the
+stages, and keeping its readers and writers side by side is what keeps them in step.
 """
 
 from __future__ import annotations

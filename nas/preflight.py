@@ -90,12 +90,12 @@ def _check_writable(path: Path, src: str, key: str) -> None:
     while not probe_in.exists() and probe_in != probe_in.parent:
         probe_in = probe_in.parent
     if not probe_in.is_dir():
-        raise NasError(f"{src}: {key}: {path}: cannot be created ({probe_in} is a file)")
+        raise NasError(f"{src}: {key}: {path}: not writable (cannot be created: {probe_in} is a file)")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".nas-write-test-", dir=probe_in))
     except OSError as e:
-        how = "not writable" if probe_in == path else f"cannot be created in {probe_in}"
-        raise NasError(f"{src}: {key}: {path}: {how} ({e.strerror or e})") from None
+        how = "" if probe_in == path else f"cannot be created in {probe_in}: "
+        raise NasError(f"{src}: {key}: {path}: not writable ({how}{e.strerror or e})") from None
 
 
 def prepare(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> Experiment:

@@ -46,7 +46,7 @@ def _refused(capsys, argv: list[str], *needles: str) -> str:
 
 def test_an_output_dir_that_cannot_be_created_is_one_line_before_ray(tmp_path, capsys):
     path = _config(tmp_path, output_dir="/proc/nope")
-    _refused(capsys, ["search", str(path)], str(path), "output_dir", "/proc/nope", "cannot be created")
+    _refused(capsys, ["search", str(path)], str(path), "output_dir: /proc/nope: not writable", "cannot be created")
     assert not Path("/proc/nope").exists()
 
 
@@ -78,7 +78,7 @@ def test_a_missing_dataset_file_is_one_line_naming_the_key(tmp_path, capsys):
 def test_a_storage_path_under_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     path = _config(tmp_path, storage_path=str(tmp_path / "afile" / "tune"))
-    _refused(capsys, ["search", str(path)], "storage_path", "is a file")
+    _refused(capsys, ["search", str(path)], "storage_path", "not writable", "is a file")
 
 
 def test_paths_are_made_absolute_against_the_current_directory(tmp_path, monkeypatch):

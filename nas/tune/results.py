@@ -50,7 +50,6 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> None:
     """trials.csv (every trial), winners.json (top-k by score, with what is needed to rebuild them)."""
     run_dir = exp.run_dir
     write_trials(run_dir, rows)
-
     done = [r for r in rows if r["status"] == "ok"]
     write_pareto([{k: _float(v) for k, v in r.items() if k in ("accuracy", "params", "macs") or k.startswith("latency")}
                   | {"key": r["key"]} for r in done], run_dir)

@@ -93,6 +93,7 @@ class FinishedLog(tune.Callback):
         result = {k: v for k, v in (trial.last_result or {}).items() if k not in skip}
         append_finished(self.run_dir, trial.trial_id, result)
 
+
 def _finished_before(finished: dict[str, dict] | None, config: dict[str, Any], exp: Experiment) -> dict | None:
     """The recorded result of this trial, if it finished before the driver was killed: by trial id, or,
     for a trial the last state snapshot did not hold (the restored searcher suggests it again, under a

@@ -33,13 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evaluators.cost import analytic_cost  # noqa: E402
-from evaluators.table import TableEvaluator  # noqa: E402
+from evaluators.table import TableEvaluator, resolve_table  # noqa: E402
 from nas.strategies import make_strategy  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
 from search_spaces.errors import NasError  # noqa: E402
 from search_spaces.space import SearchSpace  # noqa: E402
 
-DEFAULT_TABLE = REPO.parent / "shared" / "benchmarks" / "nas-bench-macro_cifar10.json"
+DEFAULT_TABLE = "nas-bench-macro"  # the packaged table (evaluators/tables/)
 ALGORITHMS = ("random", "evolution", "default", "optuna-tpe")
 CHECKPOINTS = (50, 100, 200, 300)
 NEAR = 0.1
@@ -145,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated; strategy names or 'optuna-tpe' (default: {','.join(ALGORITHMS)})")
     p.add_argument("--cap", type=float, default=45.5e6, help="FLOPs (MACs) cap of the constrained setting")
     p.add_argument("--settings", default="unconstrained,capped")
-    p.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    p.add_argument("--table", default=DEFAULT_TABLE, help="a packaged table name or a JSON path")
     p.add_argument("--json", type=Path, default=None, help="write every run and the summary here")
     args = p.parse_args(argv)
     try:
-        table = TableEvaluator(args.table)
+        table = TableEvaluator(resolve_table(args.table))
         space = SPACES.get("macro_cifar")
         table.check_space(space)
         algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]

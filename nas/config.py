@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from evaluators.table import resolve_table
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 
@@ -187,6 +188,12 @@ def _validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise _err(src, "evaluator.kind", f"unknown evaluator {cfg.evaluator.kind!r}; allowed: train, table")
     if cfg.evaluator.kind == "table" and not cfg.evaluator.table:
         raise _err(src, "evaluator.table", "required with evaluator.kind = table (a benchmark table JSON file)")
+    if cfg.evaluator.kind == "table":  # trials run in their own directories: pass them an absolute path
+        try:
+            table = str(resolve_table(cfg.evaluator.table))
+        except NasError as e:
+            raise _err(src, "evaluator.table", str(e)) from None
+        cfg = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, table=table))
     o = cfg.objective
     if o.metric != "accuracy":
         raise _err(src, "objective.metric", f"unknown metric {o.metric!r}; allowed: accuracy")

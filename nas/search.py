@@ -169,8 +169,16 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     state: dict[str, Any] = {}
-    result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint,
-                   resume_from=_resume_blob())
+    blob = _resume_blob()
+    try:
+        result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint, resume_from=blob)
+    except NasError as e:  # a damaged epoch checkpoint (disk full, killed mid-write): start this trial over
+        if blob is None or not str(e).startswith("resume_from:"):
+            raise
+        print(f"trial {tune.get_context().get_trial_id()} ({arch.key}): its epoch checkpoint cannot be restored "
+              f"({e}); training it from the first epoch", file=sys.stderr, flush=True)
+        state.clear()
+        result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         save_variables(Path(tmp) / "variables.msgpack", result.variables)
         (Path(tmp) / "architecture.json").write_text(arch.to_json(indent=2))
@@ -203,16 +211,20 @@ class FinishedLog(tune.Callback):
             os.fsync(f.fileno())
 
     @staticmethod
-    def read(run_dir: Path) -> dict[str, dict]:
+    def read(run_dir: Path, printer=None) -> dict[str, dict]:
+        """The finished trials' results by trial id and by suggestion; a line that is not a whole record
+        (cut short by a kill while it was written) is skipped with a one-line note: that trial runs again."""
         path = Path(run_dir) / FINISHED_LOG
-        lines = path.read_text().splitlines() if path.exists() else []
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         records = {}
-        for line in lines:
+        for i, line in enumerate(lines, 1):
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-            records[rec["trial_id"]] = records[_suggestion_id(rec["result"])] = rec["result"]
+                records[rec["trial_id"]] = records[_suggestion_id(rec["result"])] = rec["result"]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                if printer is not None:
+                    printer(f"{path}: line {i} is not a whole record (cut short when the driver was killed?); "
+                            "that trial runs again", flush=True)
         return records
 
 
@@ -625,7 +637,7 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
     storage = _storage(cfg, cfg.run_dir)
     run_dir = check_run_dir(cfg, resume=resume, force=force)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, exp=exp, finished=FinishedLog.read(run_dir) if resume else {}),
+        tune.with_parameters(run_trial, exp=exp, finished=FinishedLog.read(run_dir, printer) if resume else {}),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu,
          **({"memory": int(cfg.resources.memory_gb * 2**30)} if cfg.resources.memory_gb else {})},
     )

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The persistent JAX compile cache of trials (nas.search reads NAS_JAX_CACHE) starts empty in every test
+# session and is never the user's ~/.cache: a test that times or interrupts training must not find its
+# programs compiled by an earlier run. Set before any test starts a driver, a Ray node or a trial.
+_JAX_CACHE = tempfile.TemporaryDirectory(prefix="nas-test-jax-cache-")
+os.environ["NAS_JAX_CACHE"] = _JAX_CACHE.name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -175,8 +175,8 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
     except NasError as e:  # a damaged epoch checkpoint (disk full, killed mid-write): start this trial over
         if blob is None or not str(e).startswith("resume_from:"):
             raise
-        print(f"trial {tune.get_context().get_trial_id()} ({arch.key}): its epoch checkpoint cannot be restored "
-              f"({e}); training it from the first epoch", file=sys.stderr, flush=True)
+        base["note"] = f"its epoch checkpoint cannot be restored ({e}); training it from the first epoch"
+        print(f"trial {tune.get_context().get_trial_id()} ({arch.key}): {base['note']}", file=sys.stderr, flush=True)
         state.clear()
         result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -513,6 +513,10 @@ class Monitor(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.monitor.trial_result(trial.trial_id, result)
+        noted = self.__dict__.setdefault("_noted", set())
+        if result.get("note") and trial.trial_id not in noted:  # something the user must hear of, once a trial
+            noted.add(trial.trial_id)
+            self.printer(f"trial {trial.trial_id} ({result.get('key', '')}): {result['note']}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.monitor.trial_completed(trial.trial_id, trial.last_result or {})

@@ -185,6 +185,22 @@ def test_calibrate_refuses_a_stale_cache_unless_told_to_recalibrate(tmp_path, mo
     assert "stem_k3_relu_c1>8_s1_r16" in load_table(path).entries
 
 
+def test_a_corrupt_cache_is_named_with_the_way_out_and_recalibrating_replaces_it(tmp_path, monkeypatch):
+    path = tmp_path / "lat.json"
+    _table(path).save()
+    path.write_bytes(path.read_bytes()[:57])  # cut short, as a full disk or a kill mid-write leaves it
+    with pytest.raises(NasError) as e:
+        calibrate(SearchSpace.from_dict(TINY), cache_path=path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: corrupt latency table") and "--recalibrate" in msg and "\n" not in msg
+    monkeypatch.setattr(L, "median_ms", lambda fn, **kw: 0.5)  # measurements stubbed: bookkeeping under test
+    monkeypatch.setattr(L, "unit_callable", lambda sig, rt: None)
+    monkeypatch.setattr(L, "null_callable", lambda rt: None)
+    monkeypatch.setattr(L, "arch_callable", lambda a, rt: None)
+    calibrate(SearchSpace.from_dict(TINY), cache_path=path, recalibrate=True, fit_samples=3)
+    assert len(load_table(path).entries) == 23
+
+
 def test_calibrate_only_for_this_machine_and_known_runtimes():
     with pytest.raises(NasError, match="profile 'rpi4': calibrate\\(\\) measures this machine; allowed: host"):
         calibrate("mobile_small", "rpi4")

@@ -151,6 +151,7 @@ def print_table(title: str, rows: dict[str, dict], queries: int, target: float, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (split a run)")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help=f"comma-separated; strategy names, 'optuna-tpe' or 'optuna-gp' (default: {','.join(ALGORITHMS)})")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         for algo in algos:
             t0 = time.time()
             runs = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 if algo in OPTUNA:
                     runs.append(run_optuna(algo, space, table, seed, args.queries, cap, target))
                 else:

@@ -189,6 +189,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
 
 TRAIN_STATE = "train_state.msgpack"
 FINISHED_LOG = "finished.jsonl"
+FINAL_CHECKPOINT = "_final_checkpoint"  # in a FinishedLog record's result: where its final checkpoint was written
 
 
 class FinishedLog(tune.Callback):
@@ -205,8 +206,11 @@ class FinishedLog(tune.Callback):
 
         skip = {*AUTO_RESULT_KEYS, "trial_id", "experiment_tag", "done", "should_checkpoint"}
         result = {k: v for k, v in (trial.last_result or {}).items() if k not in skip}
+        record = {"trial_id": trial.trial_id, "result": result}
+        if trial.checkpoint is not None:  # the final one: a resumed driver reports it again without training
+            record["checkpoint"] = trial.checkpoint.path
         with self.path.open("a") as f:
-            f.write(json.dumps({"trial_id": trial.trial_id, "result": result}, default=str) + "\n")
+            f.write(json.dumps(record, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -220,7 +224,8 @@ class FinishedLog(tune.Callback):
         for i, line in enumerate(lines, 1):
             try:
                 rec = json.loads(line)
-                records[rec["trial_id"]] = records[_suggestion_id(rec["result"])] = rec["result"]
+                result = {**rec["result"], **({FINAL_CHECKPOINT: rec["checkpoint"]} if rec.get("checkpoint") else {})}
+                records[rec["trial_id"]] = records[_suggestion_id(rec["result"])] = result
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 if printer is not None:
                     printer(f"{path}: line {i} is not a whole record (cut short when the driver was killed?); "
@@ -248,14 +253,20 @@ def _finished_before(finished: dict[str, dict] | None, config: dict[str, Any], e
 def _report_again(exp: Experiment, result: dict[str, Any]) -> bool:
     """Report the result of a trial that had finished before the driver was killed, instead of
     running it again; a training trial needs its final checkpoint for that (else it runs again)."""
+    result = dict(result)
+    saved = result.pop(FINAL_CHECKPOINT, None)
     if exp.cfg.evaluator.kind == "table":
         tune.report(result)
         return True
     ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return False
-    with ckpt.as_directory() as d:
-        final = (Path(d) / "variables.msgpack").exists()
+    final = False
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            final = (Path(d) / "variables.msgpack").exists()
+    if not final and saved and (Path(saved) / "variables.msgpack").is_file():
+        # Tune's last state snapshot predates the trial's end (it restored an epoch checkpoint, or none):
+        # the final checkpoint the finished log names is on disk
+        ckpt, final = tune.Checkpoint.from_directory(saved), True
     if final:
         tune.report(result, checkpoint=ckpt)
     return final

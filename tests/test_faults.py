@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nas.search import FINISHED_LOG, FinishedLog
+from nas.search import FINAL_CHECKPOINT, FINISHED_LOG, FinishedLog
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
@@ -31,6 +31,9 @@ def test_a_finished_log_line_cut_short_is_named_and_that_trial_runs_again(tmp_pa
     assert records == {"a": whole["result"], "0:k0": whole["result"]}  # "b" is not taken as finished
     assert len(said) == 1 and "line 2 is not a whole record" in said[0] and "runs again" in said[0]
     assert str(tmp_path / FINISHED_LOG) in said[0] and "\n" not in said[0]
+    # a record that names its final checkpoint hands it on, for a resumed driver to report again
+    (tmp_path / FINISHED_LOG).write_text(json.dumps({**whole, "checkpoint": "/runs/x/checkpoint_000003"}) + "\n")
+    assert FinishedLog.read(tmp_path)["a"] == {**whole["result"], FINAL_CHECKPOINT: "/runs/x/checkpoint_000003"}
 
 
 # ------------------------------------------------------------------ SIGKILL of the driver, three times
@@ -150,5 +153,6 @@ def test_a_search_killed_three_times_ends_with_each_trial_once_and_none_trained_
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), logs[-3000:]
     assert len({r["key"] for r in rows}) == 3 and len({r["suggestion"] for r in rows}) == 3
     by_key = {r["key"]: r for r in rows}
-    assert len(seen) >= 2 and all(float(by_key[k]["wall_s"]) == w for k, w in seen.items())
+    kept = {k: float(by_key[k]["wall_s"]) for k in seen}
+    assert len(seen) >= 2 and kept == seen, f"finished before a kill {seen}, at the end {kept}"
     assert "its epoch checkpoint cannot be restored" in logs and "training it from the first epoch" in logs, logs[-3000:]

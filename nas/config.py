@@ -23,8 +23,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from evaluators.quantize import CALIBRATION_METHODS
 from evaluators.optim import KDConfig, TrainConfig
+from evaluators.quantize import CALIBRATION_METHODS
+from evaluators.table import resolve_table
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 from search_spaces.schema import Errors, build, number, spec, to_plain
@@ -264,8 +265,14 @@ def build_section(cls: type, raw: Any, source: str) -> Any:
 
 def _resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     teacher = cfg.distill.teacher
+    evaluator = cfg.evaluator
+    if evaluator.kind == "table":  # a shipped table by name, or a file
+        try:
+            evaluator = dataclasses.replace(evaluator, table=str(resolve_table(evaluator.table)))
+        except NasError as e:
+            raise NasError(f"{cfg.source}: evaluator.table: {e}") from None
     return dataclasses.replace(
-        cfg, output_dir=absolute(cfg.output_dir), storage_path=absolute(cfg.storage_path),
+        cfg, output_dir=absolute(cfg.output_dir), storage_path=absolute(cfg.storage_path), evaluator=evaluator,
         dataset=dataclasses.replace(cfg.dataset, path=absolute(cfg.dataset.path)),
         distill=dataclasses.replace(cfg.distill, teacher=dataclasses.replace(
             teacher, checkpoint=absolute(teacher.checkpoint))))

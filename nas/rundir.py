@@ -31,7 +31,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -343,25 +343,35 @@ def suggestion_id(result: Mapping[str, Any]) -> str:
     return f"{result.get(SUGGESTION, '')}:{result.get('key', '')}"
 
 
-def append_finished(run_dir: Path, trial_id: str, result: Mapping[str, Any]) -> None:
-    """Append one finished trial to RUN_DIR/finished.jsonl, synced to disk at once."""
+FINAL_CHECKPOINT = "_final_checkpoint"  # in a `read_finished` result: where its final checkpoint was written
+
+
+def append_finished(run_dir: Path, trial_id: str, result: Mapping[str, Any], checkpoint: str | None = None) -> None:
+    """Append one finished trial (and the path of its final checkpoint, so a resumed driver can report it
+    again without training) to RUN_DIR/finished.jsonl, synced to disk at once."""
+    record = {"trial_id": trial_id, "result": dict(result), **({"checkpoint": checkpoint} if checkpoint else {})}
     with (Path(run_dir) / FINISHED_LOG).open("a") as f:
-        f.write(json.dumps({"trial_id": trial_id, "result": dict(result)}, default=str) + "\n")
+        f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_finished(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Results of the trials a driver saw finish, by trial id and by `suggestion_id` (a line cut
-    short by a kill is skipped)."""
+def read_finished(run_dir: str | Path, printer: Callable[..., None] | None = None) -> dict[str, dict[str, Any]]:
+    """Results of the trials a driver saw finish, by trial id and by `suggestion_id`. A line that is not
+    a whole record (cut short by a kill while it was written) is skipped with a one-line note to
+    `printer`: that trial runs again."""
     path = Path(run_dir) / FINISHED_LOG
     records: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for i, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records[rec["trial_id"]] = records[suggestion_id(rec["result"])] = rec["result"]
+            result = {**rec["result"], **({FINAL_CHECKPOINT: rec["checkpoint"]} if rec.get("checkpoint") else {})}
+            records[rec["trial_id"]] = records[suggestion_id(rec["result"])] = result
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            if printer is not None:
+                printer(f"{path}: line {i} is not a whole record (cut short when the driver was killed?); "
+                        "that trial runs again", flush=True)
     return records
 
 

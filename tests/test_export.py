@@ -21,7 +21,10 @@ from nas.export import export_run, load
 from search_spaces.errors import NasError
 
 KEY = "100-100--100--1"
-INT8_MAX_DROP = 0.02  # 270 test images: one image is 0.37 points
+# 270 test images: one image is 0.37 points. The int8 drop depends on the CPU's int8 kernel: this model lost
+# 0.37 points on an AVX-512 VNNI/AMX CPU and 1.85 on the AVX2 u8s8 kernel (16-bit saturation; run under
+# qemu-x86_64 -cpu Haswell); the bound leaves room for both, the export's own check is what is tested.
+INT8_MAX_DROP = 0.04
 QUIET = dict(printer=lambda *a, **k: None)
 
 

@@ -107,7 +107,7 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
     storage = _storage(cfg, cfg.run_dir)
     run_dir = check_run_dir(cfg, resume=resume, force=force)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, exp=exp, finished=read_finished(run_dir) if resume else {}),
+        tune.with_parameters(run_trial, exp=exp, finished=read_finished(run_dir, printer) if resume else {}),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu,
          **({"memory": int(cfg.resources.memory_gb * 2**30)} if cfg.resources.memory_gb else {})},
     )

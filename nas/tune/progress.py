@@ -39,6 +39,7 @@ class MonitorCallback(tune.Callback):
 
     def __init__(self, exp: Experiment, printer=print):
         self.exp, self.printer, self._monitor = exp, printer, None
+        self._noted: set[str] = set()  # trials whose note was printed
 
     @property
     def monitor(self):
@@ -60,6 +61,9 @@ class MonitorCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.monitor.trial_result(trial.trial_id, result)
+        if result.get("note") and trial.trial_id not in self._noted:  # something the user must hear of, once a trial
+            self._noted.add(trial.trial_id)
+            self.printer(f"trial {trial.trial_id} ({result.get('key', '')}): {result['note']}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.monitor.trial_completed(trial.trial_id, trial.last_result or {})

@@ -6,6 +6,7 @@ the driver was killed (finished.jsonl, see `FinishedLog`) is reported again, not
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 import zlib
@@ -21,17 +22,16 @@ from evaluators.datasets import load_dataset
 from evaluators.table import TableEvaluator
 from evaluators.train import train
 from evaluators.variables import save_variables
-from nas.rundir import (ARCHITECTURE, SUGGESTION, TRAIN_STATE, VARIABLES, Experiment, append_finished,
+from nas.rundir import (ARCHITECTURE, FINAL_CHECKPOINT, SUGGESTION, TRAIN_STATE, VARIABLES, Experiment, append_finished,
                         enable_compilation_cache, result_columns, suggestion_id)
 from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
 
 METRIC, MODE = "score", "max"
 
 
 def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict] | None = None) -> None:
     """One Tune trial: decode, cost, (constraints), train with per-epoch reports, checkpoint."""
-
-
     done = _finished_before(finished, config, exp)
     if done is not None and _report_again(exp, done):
         return
@@ -70,8 +70,16 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     state: dict[str, Any] = {}
-    result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint,
-                   resume_from=_resume_blob())
+    blob = _resume_blob()
+    try:
+        result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint, resume_from=blob)
+    except NasError as e:  # a damaged epoch checkpoint (disk full, killed mid-write): start this trial over
+        if blob is None or not str(e).startswith("resume_from:"):
+            raise
+        base["note"] = f"its epoch checkpoint cannot be restored ({e}); training it from the first epoch"
+        print(f"trial {tune.get_context().get_trial_id()} ({arch.key}): {base['note']}", file=sys.stderr, flush=True)
+        state.clear()
+        result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         save_variables(Path(tmp) / VARIABLES, result.variables)
         (Path(tmp) / ARCHITECTURE).write_text(arch.to_json(indent=2))
@@ -92,7 +100,8 @@ class FinishedLog(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         skip = {*AUTO_RESULT_KEYS, "trial_id", "experiment_tag", "done", "should_checkpoint"}
         result = {k: v for k, v in (trial.last_result or {}).items() if k not in skip}
-        append_finished(self.run_dir, trial.trial_id, result)
+        # the final checkpoint: a resumed driver reports it again without training
+        append_finished(self.run_dir, trial.trial_id, result, trial.checkpoint.path if trial.checkpoint else None)
 
 
 def _finished_before(finished: dict[str, dict] | None, config: dict[str, Any], exp: Experiment) -> dict | None:
@@ -111,14 +120,20 @@ def _finished_before(finished: dict[str, dict] | None, config: dict[str, Any], e
 def _report_again(exp: Experiment, result: dict[str, Any]) -> bool:
     """Report the result of a trial that had finished before the driver was killed, instead of
     running it again; a training trial needs its final checkpoint for that (else it runs again)."""
+    result = dict(result)
+    saved = result.pop(FINAL_CHECKPOINT, None)
     if exp.cfg.evaluator.kind == "table":
         tune.report(result)
         return True
     ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return False
-    with ckpt.as_directory() as d:
-        final = (Path(d) / VARIABLES).exists()
+    final = False
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            final = (Path(d) / VARIABLES).exists()
+    if not final and saved and (Path(saved) / VARIABLES).is_file():
+        # Tune's last state snapshot predates the trial's end (it restored an epoch checkpoint, or none):
+        # the final checkpoint the finished log names is on disk
+        ckpt, final = tune.Checkpoint.from_directory(saved), True
     if final:
         tune.report(result, checkpoint=ckpt)
     return final

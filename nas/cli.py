@@ -10,7 +10,8 @@ from typing import Callable
 
 from evaluators.cost import analytic_cost
 from evaluators.hardware import PROFILES
-from evaluators.latency import calibrate, latency_breakdown, validate
+from evaluators.calibrate import calibrate, validate
+from evaluators.latency import latency_breakdown
 from nas.config import EXPORT_FORMATS, ExportConfig, load_config
 from nas.distill import run_distill
 from nas.export import export_run

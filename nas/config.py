@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from evaluators.quantize import CALIBRATION_METHODS
-from evaluators.train import KDConfig, TrainConfig
+from evaluators.optim import KDConfig, TrainConfig
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 from search_spaces.schema import Errors, build, number, spec, to_plain

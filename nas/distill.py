@@ -31,7 +31,9 @@ import numpy as np
 
 from evaluators.cost import analytic_cost
 from evaluators.datasets import load_dataset
-from evaluators.train import evaluate, load_variables, save_variables, train
+from evaluators.predict import evaluate
+from evaluators.train import train
+from evaluators.variables import load_variables, save_variables
 from nas.config import DistillConfig
 from nas.preflight import preflight
 from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,

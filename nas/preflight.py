@@ -20,7 +20,7 @@ import numpy as np
 
 from evaluators.datasets import load_dataset
 from evaluators.hardware import PROFILES
-from evaluators.latency import CACHE_ENV
+from evaluators.lut import CACHE_ENV
 from evaluators.table import TableEvaluator
 from nas.config import ExperimentConfig
 from nas.objective import Objective

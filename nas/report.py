@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 
 from evaluators.cost import analytic_cost
 from evaluators.datasets import load_dataset
-from evaluators.train import evaluate, train
+from evaluators.predict import evaluate
+from evaluators.train import train
 from nas.config import ExperimentConfig
 from nas.objective import Objective
 from nas.pareto import hypervolume

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from evaluators.cost import analytic_cost
-from evaluators.train import TrainConfig
+from evaluators.optim import TrainConfig
 from nas.config import ExperimentConfig, config_from_dict
 from nas.objective import LATENCY_PREFIX, Objective
 from search_spaces.architecture import Architecture

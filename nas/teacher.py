@@ -26,8 +26,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from evaluators.cost import analytic_cost
-from evaluators.train import (check_variables, evaluate, load_variables, predict_features, predict_logits,
-                              save_variables, train)
+from evaluators.predict import evaluate, predict_features, predict_logits
+from evaluators.train import train
+from evaluators.variables import check_variables, load_variables, save_variables
 from nas.config import TeacherConfig, build_section
 from nas.rundir import ARCHITECTURE, VARIABLES, read_architecture, read_trials, read_winners, trial_checkpoints
 from search_spaces.architecture import Architecture

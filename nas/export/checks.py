@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from evaluators.latency import cpu_model, measure_passes
+from evaluators.lut import cpu_model
+from evaluators.timing import measure_passes
 from evaluators.onnx_export import ort_session
 from nas.export.loading import FILES, RUN_BATCH, LoadedModel
 from search_spaces.architecture import Architecture
@@ -81,7 +82,7 @@ def measure_latencies(stage: Path, arch: Architecture, variables: Any, x: np.nda
     """Ms at batch 1 and 32: jitted JAX (fast implementation) and ONNX Runtime (one thread).
 
     Each figure is the minimum of ten short medians, the windows of all figures interleaved over
-    the whole measurement (`evaluators.latency.measure_passes`): bursts of host load then slow
+    the whole measurement (`evaluators.timing.measure_passes`): bursts of host load then slow
     no figure, and the ratios between formats compare like with like.
     """
     if budget <= 0:

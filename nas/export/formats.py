@@ -10,7 +10,7 @@ import numpy as np
 
 from evaluators.onnx_export import to_onnx
 from evaluators.quantize import quantize_static_int8
-from evaluators.train import load_variables, save_variables
+from evaluators.variables import load_variables, save_variables
 from nas.export.loading import FILES, STABLEHLO_PLATFORMS, leaf_shapes, sha256_file
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError

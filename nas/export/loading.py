@@ -12,7 +12,8 @@ import numpy as np
 
 from evaluators.datasets import pad_batches
 from evaluators.onnx_export import ort_session, run
-from evaluators.train import predict_logits, variable_shapes
+from evaluators.predict import predict_logits
+from evaluators.variables import variable_shapes
 from nas.rundir import ARCHITECTURE, read_architecture
 from nas.teacher import load_checkpoint_folder
 from search_spaces.architecture import Architecture

@@ -15,7 +15,8 @@ from evaluators.cost import analytic_cost
 from evaluators.datasets import load_dataset
 from evaluators.hardware import PROFILES, analytic_latency, get_profile
 from evaluators.latency import latency_breakdown
-from evaluators.train import load_variables, predict_logits
+from evaluators.predict import predict_logits
+from evaluators.variables import load_variables
 from nas.config import ExportConfig
 from nas.export.card import model_card
 from nas.export.checks import batch_sizes, check_int8, compare, machine, measure_latencies

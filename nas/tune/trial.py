@@ -19,7 +19,8 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from evaluators.datasets import load_dataset
 from evaluators.table import TableEvaluator
-from evaluators.train import save_variables, train
+from evaluators.train import train
+from evaluators.variables import save_variables
 from nas.rundir import (ARCHITECTURE, SUGGESTION, TRAIN_STATE, VARIABLES, Experiment, append_finished,
                         enable_compilation_cache, result_columns, suggestion_id)
 from search_spaces.architecture import Architecture

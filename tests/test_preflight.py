@@ -33,6 +33,15 @@ def _ray_running() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+@pytest.fixture(autouse=True)
+def _no_ray_in_this_process():
+    """Start each test without a Ray instance in this process (an earlier test file may have left its
+    own local one connected), so a refusal can show that it started none."""
+    if _ray_running():
+        sys.modules["ray"].shutdown()
+    yield
+
+
 def _refused(capsys, argv: list[str], *needles: str) -> str:
     assert not _ray_running()
     assert main(argv) == 2

@@ -57,6 +57,19 @@ def _resume_blob() -> bytes | None:
         return path.read_bytes() if path.exists() else None
 
 
+class _Progress(tune.Callback):
+    """One line per supernet epoch on the driver's console."""
+
+    def __init__(self, printer):
+        self.printer = printer
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "val_accuracy_largest" in result and "done_training" not in result:
+            self.printer(f"  epoch {result.get('epoch')}: loss {result['train_loss']:.4f}  inherited val acc "
+                         f"largest {result['val_accuracy_largest']:.4f} smallest {result['val_accuracy_smallest']:.4f}"
+                         f"  ({result['epoch_s']:.1f} s)", flush=True)
+
+
 def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
@@ -87,7 +100,7 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
     else:
         tuner = tune.Tuner(trainable, param_space={}, tune_config=tune.TuneConfig(num_samples=1),
                            run_config=tune.RunConfig(
-                               name="tune", storage_path=str(out), verbose=0,
+                               name="tune", storage_path=str(out), verbose=0, callbacks=[_Progress(printer)],
                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     grid = tuner.fit()

@@ -88,6 +88,9 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
     job = prepare(cfg)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # num_to_keep=2 (a checkpoint holds the whole supernet and its optimizer state) forces a snapshot of the
+    # one-trial experiment per checkpoint, which is cheap here; Tune warns about it every epoch otherwise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _init_ray(address)
     out = check_out_dir(job, resume=resume, force=force)
     trainable = tune.with_resources(tune.with_parameters(supernet_trial, job=job),

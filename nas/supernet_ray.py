@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from evaluators.supernet import MANIFEST, WEIGHTS, load_supernet, save_supernet, train_supernet
 from nas.config import ExperimentConfig
@@ -103,7 +104,8 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
     else:
         tuner = tune.Tuner(trainable, param_space={}, tune_config=tune.TuneConfig(num_samples=1),
                            run_config=tune.RunConfig(
-                               name="tune", storage_path=str(out), verbose=0, callbacks=[_Progress(printer)],
+                               name="tune", storage_path=str(out), verbose=0,
+                               callbacks=[_Progress(printer), CSVLoggerCallback(), JsonLoggerCallback()],
                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     grid = tuner.fit()

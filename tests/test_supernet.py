@@ -131,10 +131,13 @@ def _check_train(space: SearchSpace, archs) -> None:
         got_g = extract(space, arch, {"params": g, "batch_stats": v["batch_stats"]})["params"]
         for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got_g),
                                      jax.tree_util.tree_leaves_with_path(want_g)):
-            # float32 sums over masked and sliced tensors add up in other orders: compare to the tensor's scale
-            scale = float(np.abs(np.asarray(b)).max()) or 1.0
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3 * scale + 1e-5, rtol=0,
-                                       err_msg=f"{arch.key} {jax.tree_util.keystr(path)}")
+            # float32 sums over masked and sliced tensors add up in other orders, and training-mode BatchNorm
+            # over a batch of 4 on 1x1 maps amplifies that through a deep net: compare relative norms (a
+            # wrong slice or mask is off by O(1))
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-5, \
+                f"{arch.key} {jax.tree_util.keystr(path)}: |got - want| = {np.linalg.norm(a - b):.3g}, |want| = " \
+                f"{np.linalg.norm(b):.3g}"
 
 
 # ------------------------------------------------------------------ equivalence, every space

@@ -25,6 +25,7 @@ import yaml
 
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.quantize import CALIBRATION_METHODS
+from evaluators.supernet import SupernetConfig
 from evaluators.table import resolve_table
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
@@ -238,6 +239,7 @@ class ExperimentConfig:
     evaluator: EvaluatorConfig = spec(factory=EvaluatorConfig)
     distill: DistillConfig = spec(factory=DistillConfig)
     export: ExportConfig = spec(factory=ExportConfig)
+    supernet: SupernetConfig | None = None  # `nas supernet train` (defaults when absent)
     resources: Resources = spec(factory=Resources)
     source: str = dataclasses.field(default="<dict>", compare=False)
 

@@ -18,7 +18,7 @@ from typing import Collection
 
 import numpy as np
 
-from evaluators.datasets import load_dataset
+from evaluators.datasets import Dataset, load_dataset
 from evaluators.hardware import PROFILES
 from evaluators.lut import CACHE_ENV
 from evaluators.table import TableEvaluator
@@ -111,6 +111,14 @@ def prepare(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> Exp
         exp = Experiment(cfg, space, objective, train)
         _check_some_feasible(exp)
         return exp
+    load_fitting_data(cfg, space)
+    exp = Experiment(cfg, space, objective, train)
+    _check_some_feasible(exp)
+    return exp
+
+
+def load_fitting_data(cfg: ExperimentConfig, space: SearchSpace) -> Dataset:
+    """The experiment's dataset, refused in one line unless its images and classes fit `space`."""
     data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
                         val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
     if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels, space.num_classes) \
@@ -121,9 +129,7 @@ def prepare(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> Exp
             f"{list(space.resolutions)}x{space.in_channels} with {space.num_classes} classes; "
             f"set space_input: {{resolution: {data.resolution}, in_channels: {data.channels}, num_classes: {data.num_classes}}}"
         )
-    exp = Experiment(cfg, space, objective, train)
-    _check_some_feasible(exp)
-    return exp
+    return data
 
 
 def _check_some_feasible(exp: Experiment) -> None:

@@ -50,7 +50,8 @@ def _check_reachable(address: str) -> None:
                        f"({e.strerror or e})") from None
 
 
-def _init_ray(cfg: ExperimentConfig, address: str | None) -> None:
+def init_ray(address: str | None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), checked first; else start a private local instance."""
     if ray.is_initialized():
         return
     env = {"PYTHONWARNINGS": "ignore"}
@@ -102,7 +103,7 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = Fal
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Our own TensorBoard writer (nas/monitor.py) owns the HParams view; Tune's would shadow it.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    _init_ray(cfg, address)  # before touching the run dir: a bad address must not cost a --force'd run
+    init_ray(address)  # before touching the run dir: a bad address must not cost a --force'd run
     _check_resources(cfg)
     storage = _storage(cfg, cfg.run_dir)
     run_dir = check_run_dir(cfg, resume=resume, force=force)

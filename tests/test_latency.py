@@ -158,7 +158,7 @@ def test_timing_windows_spread_over_a_pass_escape_a_burst_of_load(monkeypatch):
         clock[0] += budget_s
         return cost
 
-    monkeypatch.setattr(L, "median_ms", window)
+    monkeypatch.setattr(timing, "median_ms", window)
     make = lambda: object()  # noqa: E731
     # one 0.2 s window per item: the first two items timed fall inside the burst
     assert sorted(timing.measure_passes([make] * 4, 1, 0.2, rounds=1)) == [0.2, 0.2, 0.4, 0.4]
@@ -193,10 +193,10 @@ def test_a_corrupt_cache_is_named_with_the_way_out_and_recalibrating_replaces_it
         calibrate(SearchSpace.from_dict(TINY), cache_path=path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: corrupt latency table") and "--recalibrate" in msg and "\n" not in msg
-    monkeypatch.setattr(L, "median_ms", lambda fn, **kw: 0.5)  # measurements stubbed: bookkeeping under test
-    monkeypatch.setattr(L, "unit_callable", lambda sig, rt: None)
-    monkeypatch.setattr(L, "null_callable", lambda rt: None)
-    monkeypatch.setattr(L, "arch_callable", lambda a, rt: None)
+    monkeypatch.setattr(timing, "median_ms", lambda fn, **kw: 0.5)  # measurements stubbed: bookkeeping under test
+    monkeypatch.setattr("evaluators.calibrate.unit_callable", lambda sig, rt: None)
+    monkeypatch.setattr("evaluators.calibrate.null_callable", lambda rt: None)
+    monkeypatch.setattr("evaluators.calibrate.arch_callable", lambda a, rt: None)
     calibrate(SearchSpace.from_dict(TINY), cache_path=path, recalibrate=True, fit_samples=3)
     assert len(load_table(path).entries) == 23
 

@@ -12,7 +12,7 @@ For each mobile_small key (default: the export benchmark's three, 28x28) in one 
      winner (PTQ), and quantization-aware training (`evaluators.qat`, `--qat-epochs` with KD from the
      winner, exported QDQ with min/max calibration) of the winner and of the pruned network;
   5. ONNX Runtime latency (one thread) of winner fp32 / pruned fp32 / winner int8 / pruned int8 at
-     batch 1 and 32, every figure interleaved with the others (`evaluators.latency.measure_passes`).
+     batch 1 and 32, every figure interleaved with the others (`evaluators.timing.measure_passes`).
 
 Figures (each a ratio or difference measured in this one run; medians over keys in the summary):
 
@@ -68,8 +68,11 @@ def one_key(key: str, args, data, printer=print) -> dict:
     from evaluators.onnx_export import to_onnx
     from evaluators.prune import uniform_architecture
     from evaluators.quantize import quantize_static_int8
-    from evaluators.train import KDConfig, TrainConfig, evaluate, predict_logits, train
-    from nas.compress import CompressConfig, compress_one, measure_onnx_latency
+    from evaluators.optim import KDConfig, TrainConfig
+    from evaluators.predict import evaluate, predict_logits
+    from evaluators.train import train
+    from nas.compress import compress_one, measure_onnx_latency
+    from nas.config import CompressConfig
     from search_spaces.catalog import load_space
 
     arch = load_space("mobile_small").decode(key)
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from evaluators.datasets import load_dataset
-    from evaluators.latency import load_average
+    from evaluators.timing import load_average
 
     load_before, t0 = load_average(), time.perf_counter()
     data = load_dataset("mnist5k", seed=0)

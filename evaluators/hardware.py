@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from evaluators.cost import op_macs, op_params
 from search_spaces.architecture import Architecture
+from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 from search_spaces.graph import OpSpec, layer_names, network_ops
 from search_spaces.registry import Registry
@@ -75,6 +77,39 @@ class Profile:
 def _positive(v: Any, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise NasError(f"{where}: {v!r} is not a positive number; allowed a number > 0")
+    return float(v)
+
+
+MEMORY_KEYS = ("dram_read_32bit", "sram_read_32bit")
+
+
+def parse_energy(d: Any, precisions: list[str], sources: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Validate a profile's `energy_pj` mapping: {mult: {p: pJ}, add: {p: pJ}, dram_read_32bit, sram_read_32bit}
+    with a multiply and add figure for every declared precision, and a `sources.energy_pj` entry."""
+    allowed = ("mult", "add", *MEMORY_KEYS)
+    if not isinstance(d, Mapping):
+        raise NasError(f"{where}: energy_pj: expected a mapping with keys {', '.join(allowed)}")
+    for k in d:
+        if k not in allowed:
+            raise NasError(f"{where}: energy_pj.{k}: unknown key; allowed: {', '.join(allowed)}")
+    out: dict[str, Any] = {}
+    for k in ("mult", "add"):
+        per = d.get(k)
+        if not isinstance(per, Mapping):
+            raise NasError(f"{where}: energy_pj.{k}: expected a mapping precision -> pJ for {', '.join(precisions)}")
+        out[k] = {}
+        for p in precisions:
+            out[k][p] = _nonneg(per.get(p), f"{where}: energy_pj.{k}.{p}")
+    for k in MEMORY_KEYS:
+        out[k] = _nonneg(d.get(k), f"{where}: energy_pj.{k}")
+    if not isinstance(sources.get("energy_pj"), str) or not sources["energy_pj"].strip():
+        raise NasError(f"{where}: sources.energy_pj: required with energy_pj (name where the figures come from)")
+    return out
+
+
+def _nonneg(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise NasError(f"{where}: {v!r}; allowed a number >= 0 (picojoules)")
     return float(v)
 
 
@@ -135,8 +170,6 @@ def profile_from_dict(d: Mapping[str, Any], source: str = "<python>") -> Profile
         raise NasError(f"{source}: launch_overhead_us: {launch!r}; allowed a number >= 0")
     energy = None
     if d.get("energy_pj") is not None:
-        from evaluators.energy import parse_energy  # energy figures are validated where they are used
-
         energy = parse_energy(d["energy_pj"], precisions, sources, source)
     return Profile(
         name=name, precisions=tuple(precisions), default_precision=default, compute_gflops=table,
@@ -148,8 +181,6 @@ def profile_from_dict(d: Mapping[str, Any], source: str = "<python>") -> Profile
 
 def profile_from_yaml(path: str | Path) -> Profile:
     """Parse one profile file (a missing file or bad YAML is a one-line error naming it)."""
-    from search_spaces.catalog import read_yaml
-
     return profile_from_dict(read_yaml(path) or {}, source=str(path))
 
 
@@ -257,8 +288,6 @@ def op_class(op: OpSpec) -> str | None:
 
 def op_work(op: OpSpec) -> tuple[int, int, int]:
     """(operations, weight elements, activation elements moved) of one kernel at batch 1."""
-    from evaluators.cost import op_macs, op_params
-
     if op.kind in ("conv", "pwconv", "dwconv", "dense"):
         return 2 * op_macs(op), op_params(op), _prod(op.in_shape) + _prod(op.out_shape)
     if op.kind == "pool":

@@ -38,8 +38,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from evaluators.cost import analytic_cost
+from evaluators.hardware import PROFILES
+from evaluators.latency import predict_latency_ms
 from search_spaces.architecture import Architecture, Layer
 from search_spaces.errors import NasError
+from search_spaces.model import build_model
 
 CRITERIA = ("l1", "bn", "taylor")
 TARGET_KINDS = ("macs", "params", "latency_ms")
@@ -174,7 +177,6 @@ def taylor_grads(arch: Architecture, variables: Mapping[str, Any], x: np.ndarray
     import jax.numpy as jnp
     import optax
 
-    from search_spaces.model import build_model
 
     net = build_model(arch, "fast")
     stats = jax.tree.map(jnp.asarray, variables.get("batch_stats", {}))
@@ -455,8 +457,6 @@ class Target:
         if kind != "latency_ms" and value > 1:
             raise NasError(f"{where}: {kind}={value:g}; allowed a fraction in (0, 1]")
         if profile:
-            from evaluators.hardware import PROFILES
-
             try:
                 PROFILES.get(profile)
             except NasError:
@@ -468,8 +468,6 @@ class Target:
             return lambda a: float(analytic_cost(a).macs)
         if self.kind == "params":
             return lambda a: float(analytic_cost(a).params)
-        from evaluators.latency import predict_latency_ms
-
         return lambda a: float(predict_latency_ms(a, self.profile))
 
     def absolute(self, arch: Architecture) -> float:
@@ -508,24 +506,6 @@ def pruned_key(original: str, fraction: float) -> str:
     return f"{original.split('~')[0]}~p{fraction:.2f}"
 
 
-def read_architecture(path: str) -> Architecture:
-    """An architecture from a JSON file: a bare architecture or a model folder's
-    architecture.json ({'architecture': ...}); a folder means its architecture.json."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "architecture.json"
-    if not p.is_file():
-        raise NasError(f"{p}: architecture file not found")
-    try:
-        doc = json.loads(p.read_text())
-    except ValueError as e:
-        raise NasError(f"{p}: not valid JSON ({e})") from None
-    return Architecture.from_dict(doc.get("architecture", doc) if isinstance(doc, dict) else doc)
-
-
 def uniform_architecture(arch: Architecture, cost: Callable[[Architecture], float], target: float,
                          divisor: int = 1) -> Architecture:
     """The baseline pruning is judged against: every width of `arch` scaled by one factor (the
@@ -558,7 +538,6 @@ def recalibrate_bn(arch: Architecture, variables: Mapping[str, Any], x: np.ndarr
     import jax
     import jax.numpy as jnp
 
-    from search_spaces.model import build_model
 
     net = build_model(arch, "fast")
 

@@ -22,105 +22,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import onnx
 
 from evaluators.cost import analytic_cost
-from evaluators.prune import (
-    CRITERIA, Target, agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads,
-)
-from nas.distill import DistillConfig
-from nas.search import experiment_from_run_dir, load_winners
+from evaluators.datasets import load_dataset
+from evaluators.energy import energy
+from evaluators.hardware import PROFILES
+from evaluators.onnx_export import ort_session, run, to_onnx
+from evaluators.predict import evaluate
+from evaluators.prune import agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads
+from evaluators.qat import export_variables, qat_predict, qat_train
+from evaluators.quantize import quantize_static_int8
+from evaluators.timing import measure_passes
+from evaluators.train import train
+from evaluators.variables import load_variables, save_variables
+from nas.config import CompressConfig, build_section
+from nas.preflight import preflight
+from nas.rundir import TEACHER_DIR, experiment_from_run_dir, load_winners, read_distill, winner_weights
+from nas.teacher import cached_outputs, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
+from search_spaces.schema import to_plain
 
-TECHNIQUES = ("prune", "qat")  # what this stage implements; lowrank is refused by name (not built yet)
-NOT_BUILT = ("lowrank",)
 FLAGS = ("lowrank", "qat")  # boolean techniques: a command line's False means "not given"
 TAYLOR_IMAGES = 512
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """The `compress:` section of an experiment (and the options of `nas compress`)."""
-
-    enabled: bool = False
-    prune: str | None = None  # macs=F | params=F | latency_ms@PROFILE=MS
-    criterion: str = "l1"
-    min_keep: float = 0.25  # every group keeps at least this fraction of its channels
-    divisor: int = 16  # kept widths are multiples of this (ONNX Runtime's blocked NCHWc kernels; 1: any width)
-    cost_aware: bool = False  # rank channels by importance per unit of the target's cost (else importance only)
-    steps: int = 1  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
-    epochs: int = 3
-    learning_rate: float = 1e-3
-    kd: bool = True  # fine-tune with distillation from the run's teacher (else cross-entropy)
-    lowrank: bool = False
-    qat: bool = False  # quantization-aware training after pruning: adds model.int8.onnx (evaluators.qat)
-    qat_epochs: int = 2
-    qat_learning_rate: float = 2e-4
-    calibration_images: int = 256  # activation ranges of the int8 export
-    latency_budget_s: float = 0.3  # per measured figure (0: do not measure)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "compress") -> "CompressConfig":
-        """Validate; a bad key or value raises NasError naming `{source}.{key}` and what is allowed."""
-        if d is not None and not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
-        d = dict(d or {})
-        allowed = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in allowed:
-                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        cfg = cls(**d)
-        for k in ("enabled", "kd", "lowrank", "qat", "cost_aware"):
-            if not isinstance(getattr(cfg, k), bool):
-                raise NasError(f"{source}.{k}: expected true or false, got {getattr(cfg, k)!r}")
-        for k in NOT_BUILT:
-            if getattr(cfg, k):
-                raise NasError(f"{source}.{k}: technique not available in this version; allowed: "
-                               f"{', '.join(TECHNIQUES)}")
-        if cfg.prune is not None:
-            Target.parse(cfg.prune, f"{source}.prune")
-        if cfg.criterion not in CRITERIA:
-            raise NasError(f"{source}.criterion: unknown criterion '{cfg.criterion}'; allowed: {', '.join(CRITERIA)}")
-        for k in ("steps", "epochs", "divisor", "qat_epochs", "calibration_images"):
-            v = getattr(cfg, k)
-            low = 0 if k == "epochs" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise NasError(f"{source}.{k}: expected an integer >= {low}, got {v!r}")
-        if isinstance(cfg.min_keep, bool) or not isinstance(cfg.min_keep, (int, float)) or not 0 <= cfg.min_keep < 1:
-            raise NasError(f"{source}.min_keep: {cfg.min_keep!r}; allowed a fraction in [0, 1)")
-        for k in ("learning_rate", "qat_learning_rate", "latency_budget_s"):
-            v = getattr(cfg, k)
-            positive = k != "latency_budget_s"
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-                    positive and v == 0):
-                raise NasError(f"{source}.{k}: expected a number {'> 0' if positive else '>= 0'}, got {v!r}")
-        if cfg.prune is None and not cfg.qat:
-            raise NasError(f"{source}.prune: no technique chosen; give a target: macs=F, params=F or "
-                           f"latency_ms@PROFILE=MS, and/or qat: true")
-        return cfg
-
-    def target(self) -> Target | None:
-        return Target.parse(self.prune) if self.prune is not None else None
-
-    def tag(self) -> str:
-        """Folder-name suffix, e.g. 'prune-macs50-l1-qat' (letters, digits and '-' only)."""
-        parts = []
-        t = self.target()
-        if t is not None:
-            v = f"{round(100 * t.value)}" if t.kind != "latency_ms" else f"{t.value:g}".replace(".", "p")
-            parts.append(f"prune-{t.kind.replace('_', '')}{t.profile}{v}-{self.criterion}")
-        if self.qat:
-            parts.append("qat")
-        return "-".join(parts)
 
 
 # ============================================================ the stage
@@ -139,54 +71,49 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
       NasError: bad options, a run without winners or checkpoints, an unknown rank, an existing
         result folder without `force`, a target the network cannot reach; nothing written.
     """
-    from evaluators.datasets import load_dataset
-    from evaluators.train import evaluate, load_variables
-
-    from nas.teacher import cached_outputs, resolve_teacher, search_candidates
-
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
     cfg = exp.cfg
-    raw = options if options is not None else getattr(cfg, "compress", None) or {}
-    c = CompressConfig.from_dict(raw, "compress" if options is not None else f"{cfg.source}: compress")
+    if options is not None:
+        c = build_section(CompressConfig, options, "compress")
+    else:
+        c = cfg.compress or build_section(CompressConfig, {}, f"{cfg.source}: compress")  # absent: no technique
+    preflight(dataclasses.replace(cfg, compress=dataclasses.replace(c, enabled=True)), ("compress",))
     winners = load_winners(run_dir)
     if winner is not None:
-        ranks = [w["rank"] for w in winners]
+        ranks = [w.rank for w in winners]
         if winner not in ranks:
             raise NasError(f"--winner: {winner}; allowed: {', '.join(map(str, ranks))}")
-        winners = [w for w in winners if w["rank"] == winner]
+        winners = [w for w in winners if w.rank == winner]
+    distilled = read_distill(run_dir)
     out = Path(out).resolve() if out else run_dir / "compressed"
     target = c.target()
     plans = []
     for w in winners:
-        arch = Architecture.from_dict(w["architecture"])
-        folder = out / f"{w['rank']:02d}-{_safe(arch.key)}-{c.tag()}"
+        arch = w.architecture
+        folder = out / f"{w.rank:02d}-{_safe(arch.key)}-{c.tag()}"
         if folder.exists() and not force:
             raise NasError(f"{folder}: already exists; use --force to replace it")
-        weights = run_dir / w["checkpoint"] / "distilled.msgpack"
-        if not weights.exists():
-            weights = run_dir / w["checkpoint"] / "variables.msgpack"
-        if not weights.exists():
-            raise NasError(f"{weights}: winner {w['rank']} has no checkpoint")
+        weights = winner_weights(run_dir, w, distilled)  # the distilled student when `nas distill` ran
         # the target must be reachable before anything is trained
         floor = floor_architecture(arch, c.min_keep, c.divisor)
         if target is not None and target.cost_fn()(floor) > target.absolute(arch):
             what = "one channel per layer" if c.min_keep == 0 else f"compress.min_keep={c.min_keep:g} of each layer"
-            raise NasError(f"compress.prune: {target.label()} for winner {w['rank']} is below {what} "
+            raise NasError(f"compress.prune: {target.label()} for winner {w.rank} is below {what} "
                            f"({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
                            f"{target.kind} >= {target.cost_fn()(floor) / (1 if target.kind == 'latency_ms' else target.cost_fn()(arch)):.3g}")
         plans.append((w, arch, weights, folder))
 
     data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
                         val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
-    d = DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
+    d = cfg.distill
     logits = None
     teacher_info = None
     if c.kd and c.epochs:
         teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
-        teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / "teacher", printer,
+        teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / TEACHER_DIR, printer,
                                   candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
-        logits, _, _, _ = cached_outputs(teacher, data, run_dir / "teacher")
+        logits, _, _, _ = cached_outputs(teacher, data, run_dir / TEACHER_DIR)
         teacher_info = {"key": teacher.key, "kind": teacher.kind, "test_accuracy": teacher.test_accuracy}
     kd = d.kd() if logits is not None else None
 
@@ -199,8 +126,6 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
                                           printer=printer)
         qat_info = None
         if c.qat:
-            from evaluators.qat import export_variables, qat_predict, qat_train
-
             folded, ranges, qhist = qat_train(small, sv, data, epochs=c.qat_epochs, learning_rate=c.qat_learning_rate,
                                               teacher_logits=logits, calibration_images=c.calibration_images,
                                               seed=exp.train.seed)
@@ -209,16 +134,16 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
                         "epochs": c.qat_epochs, "learning_rate": c.qat_learning_rate}
             sv = export_variables(small, folded)
         acc_after = evaluate(small, sv, data.x_test, data.y_test)[0]
-        metrics = {"rank": w["rank"], "key": small.key, "pruned_from": arch.key, "dataset": data.name,
+        metrics = {"rank": w.rank, "key": small.key, "pruned_from": arch.key, "dataset": data.name,
                    "weights_from": weights.name, "teacher": teacher_info,
-                   "options": dataclasses.asdict(c), "steps": history,
+                   "options": to_plain(c), "steps": history,
                    "test_accuracy_before": acc_before, "test_accuracy": acc_after,
                    "accuracy_drop_pt": 100 * (acc_before - acc_after)}
         if qat_info is not None:
             metrics["qat"] = qat_info
         _write_folder(folder, arch, variables, small, sv, data, metrics, c, force)
         metrics = json.loads((folder / "metrics.json").read_text())
-        printer(f"winner {w['rank']} {arch.key} -> {small.key}{' (QAT int8)' if c.qat else ''}: "
+        printer(f"winner {w.rank} {arch.key} -> {small.key}{' (QAT int8)' if c.qat else ''}: "
                 f"MACs x{metrics['ratios']['macs']:.2f} "
                 f"params x{metrics['ratios']['params']:.2f}, test accuracy {acc_before:.4f} -> {acc_after:.4f}"
                 + (f", ONNX Runtime speedup b1 {metrics['speedup']['batch1']:.2f}x b32 "
@@ -233,8 +158,6 @@ def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, ba
                  printer=print) -> tuple[Architecture, Any, list[dict[str, Any]]]:
     """Prune `arch` to `c.prune` over `c.steps` AGP steps, fine-tuning after each; returns
     (pruned architecture, its variables, one record per step)."""
-    from evaluators.train import train
-
     target = c.target()
     if target is None:
         return arch, variables, []
@@ -273,11 +196,6 @@ def _safe(key: str) -> str:
 
 def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Architecture, sv: Any, data,
                   metrics: dict[str, Any], c: CompressConfig, force: bool) -> None:
-    import onnx
-
-    from evaluators.onnx_export import to_onnx
-    from evaluators.train import save_variables
-
     stage = folder.parent / f".{folder.name}.partial"
     if stage.exists():
         shutil.rmtree(stage)
@@ -294,9 +212,6 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
         onnx.save(model, str(stage / "model.onnx"))
         int8 = None
         if c.qat:
-            from evaluators.onnx_export import ort_session, run
-            from evaluators.quantize import quantize_static_int8
-
             rng = np.random.default_rng(0)
             calib = data.x_train[rng.choice(len(data.x_train), min(c.calibration_images, len(data.x_train)),
                                             replace=False)]
@@ -323,9 +238,6 @@ def compression_report(arch: Architecture, small: Architecture, before_onnx: Any
     """Params, MACs, fp32 bytes (analytic and ONNX file) before/after with ratios (before/after), the
     energy per inference on every profile with energy figures, and the ONNX Runtime latency of
     both (and of the int8 model) at batch 1 and 32, measured alternately in one process."""
-    from evaluators.energy import energy
-    from evaluators.hardware import PROFILES
-
     a, b = analytic_cost(arch), analytic_cost(small)
     sizes = {"before": len(before_onnx.SerializeToString()), "after": len(after_onnx.SerializeToString())}
     if int8_onnx is not None:
@@ -358,10 +270,7 @@ def compression_report(arch: Architecture, small: Architecture, before_onnx: Any
 
 def measure_onnx_latency(models: Mapping[str, Any], x: np.ndarray, budget_s: float) -> dict[str, dict[str, float]]:
     """{name: {'batch1': ms, 'batch32': ms}} for ONNX models (one thread), all figures interleaved
-    (`evaluators.latency.measure_passes`) so their ratios compare like with like."""
-    from evaluators.latency import measure_passes
-    from evaluators.onnx_export import ort_session
-
+    (`evaluators.timing.measure_passes`) so their ratios compare like with like."""
     batches = {"batch1": np.ascontiguousarray(x[:1], np.float32),
                "batch32": np.resize(x, (32, *x.shape[1:])).astype(np.float32)}
     which, makers = [], []
@@ -384,7 +293,7 @@ def compress_options(run_dir: str | Path, **given: Any) -> dict[str, Any]:
     """The experiment's `compress:` section with the options given on the command line (None: not given)
     laid over it; `lowrank`/`qat` count only when True."""
     exp = experiment_from_run_dir(Path(run_dir).resolve())
-    base = dict(getattr(exp.cfg, "compress", None) or {})
+    base = to_plain(exp.cfg.compress) if exp.cfg.compress is not None else {}
     for k, v in given.items():
         if v is not None and (v is not False or k not in FLAGS):
             base[k] = v

@@ -16,6 +16,8 @@ from typing import Callable, Mapping
 from evaluators.cost import analytic_cost
 from evaluators.energy import PREFIX as ENERGY_PREFIX
 from evaluators.energy import energy_mj, parse_cost_name
+from evaluators.hardware import PROFILES
+from evaluators.latency import predict_latency_ms
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.registry import Registry
@@ -33,8 +35,6 @@ LATENCY_PREFIX = "latency_ms@"
 def check_cost_name(name: str, where: str) -> None:
     """Raise a one-line error unless `name` is a known cost (or latency_ms@<known profile>)."""
     if name.startswith(LATENCY_PREFIX):
-        from evaluators.hardware import PROFILES  # the hardware cost model (profiles registry)
-
         PROFILES.get(name[len(LATENCY_PREFIX):])
         return
     if name.startswith(ENERGY_PREFIX):
@@ -51,8 +51,6 @@ def check_cost_name(name: str, where: str) -> None:
 def cost_value(name: str, arch: Architecture) -> float:
     """The value of one named cost for `arch`."""
     if name.startswith(LATENCY_PREFIX):
-        from evaluators.latency import predict_latency_ms
-
         return float(predict_latency_ms(arch, name[len(LATENCY_PREFIX):]))
     if name.startswith(ENERGY_PREFIX):
         return energy_mj(arch, name)

@@ -17,7 +17,8 @@ from evaluators.prune import (
     Target, agp_fractions, channel_groups, importance, prune, pruned_architecture, pruned_key, select,
     slice_variables, taylor_grads, tensor_groups,
 )
-from evaluators.train import initialize, predict_logits, variable_shapes
+from evaluators.predict import predict_logits
+from evaluators.variables import initialize, variable_shapes
 from search_spaces.architecture import Architecture, Head, Layer, Stem
 from search_spaces.errors import NasError
 

@@ -10,7 +10,7 @@ import pytest
 from evaluators.qat import (
     export_variables, fake_quant_act, fake_quant_weight, fold, forward, observe_ranges, qat_predict, qat_train,
 )
-from evaluators.train import predict_logits
+from evaluators.predict import predict_logits
 from test_compress_prune import ARCH, random_variables
 
 
@@ -62,7 +62,9 @@ def test_qat_trains_and_onnx_runtime_int8_agrees_with_the_fake_quantized_network
     from evaluators.datasets import load_dataset
     from evaluators.onnx_export import ort_session, run, to_onnx
     from evaluators.quantize import quantize_static_int8
-    from evaluators.train import TrainConfig, evaluate, train
+    from evaluators.optim import TrainConfig
+    from evaluators.predict import evaluate
+    from evaluators.train import train
     from search_spaces.catalog import load_space
 
     data = load_dataset("digits", seed=0)

@@ -34,7 +34,9 @@ def data():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data):
-    from evaluators.train import TrainConfig, save_variables, train
+    from evaluators.optim import TrainConfig
+    from evaluators.train import train
+    from evaluators.variables import save_variables
     from search_spaces.catalog import load_space
 
     tmp = tmp_path_factory.mktemp("compressrun")
@@ -102,7 +104,7 @@ def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
     (["--prune", "macs=0.5", "--lowrank"], "compress.lowrank"),
     (["--prune", "macs=0.5", "--winner", "7"], "--winner: 7; allowed: 1"),
     ([], "compress.prune: no technique chosen"),
-    (["--prune", "macs=0.5", "--steps", "0"], "compress.steps: expected an integer >= 1"),
+    (["--prune", "macs=0.5", "--steps", "0"], "compress.steps: must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
     out = tmp_path / "out"

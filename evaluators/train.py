@@ -39,7 +39,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from evaluators.augment import AugmentConfig
 from evaluators.datasets import Dataset, epoch_indices, pad_batches
+from evaluators.streaming import StreamFeed, chunk_steps
 from evaluators.losses import check_kd, cross_entropy, distillation, hint_loss
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -51,6 +53,7 @@ Variables = dict[str, Any]
 Schedule = Callable[[Any], Any]
 EVAL_BATCH = 256
 HINT = "hint_projection"  # the hint projection's entry in the trained parameter tree (never in the model's)
+AUGMENT_KEY = 0x5A  # folded into the state's key for augmentation draws (dropout folds the step alone)
 
 
 class TrainingDiverged(NasError):
@@ -459,25 +462,31 @@ def _step(state: TrainState, batch_stats: Any, batch: Mapping[str, jnp.ndarray],
 
 def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.ndarray,
                 hparams: Mapping[str, jnp.ndarray], loss_fn: LossFn, packing: Packing | None = None,
-                stats: Packing | None = None) -> tuple[TrainState, jnp.ndarray]:
+                stats: Packing | None = None, augment: AugmentConfig | None = None) -> tuple[TrainState, jnp.ndarray]:
     """All steps of an epoch as one `lax.scan`; `idx` is (steps, batch) rows of `data`. Returns per-step losses.
+
+    With `augment`, every batch's images are augmented in the step (keys from the state's key and step).
 
     With `stats` (`Packing.of(batch_stats, by_name=True)`; needs the fast BatchNorm), `state.batch_stats`
     is that packed vector, and the running averages are updated once, after the loop, from every
     step's batch moments (`fold_moments`): the same numbers as one update per step, without
     XLA:CPU's two or three small kernels per BatchNorm per step (10-13% of an epoch's kernels).
     """
-    def batch(rows):
-        return {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+    def batch(st, rows):
+        out = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+        if augment is not None:  # --- augmentation hook (evaluators/augment.py): training batches only
+            out["x"] = augment(jax.random.fold_in(jax.random.fold_in(st.key, AUGMENT_KEY), st.step), out["x"])
+        return out
 
     if stats is None:
-        return jax.lax.scan(lambda st, rows: train_step(st, batch(rows), hparams, loss_fn, packing), state, idx)
+        return jax.lax.scan(lambda st, rows: train_step(st, batch(st, rows), hparams, loss_fn, packing), state, idx)
 
     layers = [path[:-1] for path, *_ in stats.leaves if path[-1] == "mean"]  # the packed means' order
     counts = []  # per channel, in that order: static, filled while tracing the body
 
     def body(st, rows):
-        st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(rows), hparams, loss_fn, packing, MOMENTS)
+        st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(st, rows), hparams, loss_fn, packing,
+                                  MOMENTS)
         flat = flax.traverse_util.flatten_dict(moments)
         counts[:] = [np.full(flat[(*k, "sum")].shape, flat[(*k, "count")], np.float32) for k in layers]
         return st, (loss, jnp.concatenate([flat[(*k, "sum")] for k in layers] + [flat[(*k, "sumsq")] for k in layers]))
@@ -547,11 +556,14 @@ class _Programs:
 @functools.lru_cache(maxsize=4)
 def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
               val_batches: tuple[int, int], teacher_classes: int | None,
-              compiler_options: tuple[tuple[str, Any], ...] = (), teacher_features: int | None = None) -> _Programs:
+              compiler_options: tuple[tuple[str, Any], ...] = (), teacher_features: int | None = None,
+              augment: AugmentConfig | None = None, steps_per_epoch: int | None = None) -> _Programs:
+    """`steps` batches per call of the epoch program over `n_train` rows; `steps_per_epoch` (default
+    `steps`) sets the learning-rate schedule when a streamed epoch takes several calls."""
     t0 = time.perf_counter()
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
-    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps), cfg)
+    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps_per_epoch or steps), cfg)
     shapes = variable_shapes(arch)
     trained = dict(shapes["params"])
     if teacher_features is not None:
@@ -582,7 +594,7 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         compiling_eval = pool.submit(lowered_eval.compile, opts)
         opt_init = jax.jit(tx.init).lower(state.params).compile()
-        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats),
+        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats, augment=augment),
                         donate_argnums=0).lower(
             state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
         evaluate = compiling_eval.result()
@@ -689,6 +701,11 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     elif kd is not None and kd.beta:
         raise NasError(f"kd.beta: {kd.beta} weighs a hint loss, which needs teacher_features")
     steps = n_train // cfg.batch_size
+    # --- streaming hook (evaluators/streaming.py): `chunk` batches per call instead of the device-resident split
+    chunk = steps if data.stream is None else chunk_steps(steps, cfg.batch_size)
+    if data.stream is not None and teacher_logits is not None:
+        raise NasError(f"dataset '{data.name}' streams its training split; distillation needs it in memory "
+                       f"(set dataset.streaming: false)")
 
     if init_variables is None:
         variables = initialize(arch, seed=cfg.seed, conv_impl=cfg.conv_impl)
@@ -702,10 +719,11 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
 
     val_plan = _val_plan(len(data.y_val), eval_batch_size)
     misses = _programs.cache_info().misses
-    progs = _programs(arch, dataclasses.replace(cfg, seed=0), steps, n_train, val_plan,
+    progs = _programs(arch, dataclasses.replace(cfg, seed=0), chunk,
+                      n_train if data.stream is None else chunk * cfg.batch_size, val_plan,
                       None if teacher_logits is None else data.num_classes,
                       tuple(sorted((compiler_options or {}).items())),
-                      None if teacher_features is None else teacher_features.shape[1])
+                      None if teacher_features is None else teacher_features.shape[1], data.augment, steps)
     compile_s = progs.compile_s if _programs.cache_info().misses > misses else 0.0  # 0 on a cache hit
 
     t0 = time.perf_counter()
@@ -714,7 +732,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
                        opt_state=progs.opt_init(params),
                        batch_stats=jax.device_put(progs.state_stats(variables["batch_stats"])),
                        key=jax.random.PRNGKey(cfg.seed))
-    dev = {"x": jax.device_put(data.x_train), "y": jax.device_put(data.y_train)}
+    dev = {} if data.stream is not None else {"x": jax.device_put(data.x_train), "y": jax.device_put(data.y_train)}
     if teacher_logits is not None:
         dev["teacher"] = jax.device_put(teacher_logits)
     if teacher_features is not None:
@@ -734,10 +752,15 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     if resume_from is not None:
         state, history, first = _restore_blob(resume_from, state, order_rng)
     t_train = time.perf_counter()
+    feed = None if data.stream is None else StreamFeed(data.stream, cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
+                                                       first_epoch=first, steps=steps, chunk=chunk)
     for epoch in range(first, cfg.epochs + 1):
         t_epoch = time.perf_counter()
-        idx = jax.device_put(epoch_indices(n_train, cfg.batch_size, order_rng))
-        state, losses = progs.epoch(state, dev, idx, hparams)
+        if feed is not None:
+            state, losses = feed.epoch(progs.epoch, state, hparams)
+        else:
+            idx = jax.device_put(epoch_indices(n_train, cfg.batch_size, order_rng))
+            state, losses = progs.epoch(state, dev, idx, hparams)
         losses = np.asarray(losses)
         if not np.all(np.isfinite(losses)):
             i = int(np.argmax(~np.isfinite(losses)))
@@ -757,6 +780,8 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
             on_epoch(epoch, dict(metrics))
         if checkpoint is not None:
             checkpoint(epoch, _state_blob(state, history, epoch, order_rng))
+    if feed is not None:
+        feed.close()
     if not history:
         raise NasError(f"resume_from: the saved state is already past the last epoch ({cfg.epochs})")
     train_s = time.perf_counter() - t_train

@@ -15,16 +15,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from evaluators.data.spec import DataSpec
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str = "digits"
-    path: str | None = None
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+# The `dataset:` section is validated by the data layer's own spec (sources, paths, splits, augment,
+# streaming); relative paths are resolved against the working directory when the config is loaded.
+DatasetConfig = DataSpec
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,7 @@ class ExperimentConfig:
 
 
 _SECTIONS = {
-    "dataset": DatasetConfig, "search": SearchConfig, "objective": ObjectiveConfig, "resources": Resources,
+    "search": SearchConfig, "objective": ObjectiveConfig, "resources": Resources,
     "evaluator": EvaluatorConfig,
 }
 
@@ -122,8 +119,11 @@ def _build(cls, raw: Any, src: str, prefix: str):
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in allowed:
             raise _err(src, key, f"unknown key; allowed: {', '.join(sorted(allowed))}")
-        if k == "dataset" and isinstance(v, str) and cls is ExperimentConfig:
-            v = DatasetConfig(name=v)  # shorthand: `dataset: digits`
+        if k == "dataset" and cls is ExperimentConfig:  # a mapping, or the shorthand `dataset: digits`
+            try:
+                v = DataSpec.from_dict(v, source="dataset")
+            except NasError as e:
+                raise NasError(f"{src}: {e}") from None
         elif k in _SECTIONS and cls is ExperimentConfig:
             v = _build(_SECTIONS[k], v if v is not None else {}, src, key)
         kwargs[k] = _coerce(cls, k, v, src, key)

@@ -324,7 +324,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     Example:
       >>> export_run("runs/quickstart", formats=("flax", "onnx", "stablehlo"), int8=True)
     """
-    from evaluators.datasets import load_dataset
+    from evaluators.datasets import load
     from nas.search import experiment_from_run_dir, load_winners
 
     opts = ExportConfig.from_dict({"formats": tuple(formats), "int8": int8, "calibration_images": calibration_images,
@@ -346,8 +346,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     targets = [f"{w['rank']:02d}-{w['key']}" for w in winners]
     _prepare_out(out, force)
     c = exp.cfg.dataset
-    data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                        test_fraction=c.test_fraction)
+    data = load(c, seed=exp.cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
     ctx = {"run_dir": run_dir, "run_name": exp.cfg.name, "dataset": data, "seed": exp.cfg.seed,
            "train": exp.train, "teacher": distill.get("teacher"), "seeds": distill.get("seeds")}
     written, failed = [], []

@@ -243,13 +243,13 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
     for name, arch in archs.items():
         hit = cache.get(name)
         if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
-            from evaluators.datasets import load_dataset
+            from evaluators.datasets import load
             from evaluators.train import TrainConfig, evaluate, train
 
             c = run.cfg.dataset
             if data is None:
-                data = load_dataset(c.name, seed=run.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                                    test_fraction=c.test_fraction)
+                data = load(c, seed=run.cfg.seed, resolution=run.space.resolutions[0],
+                            channels=run.space.in_channels)
             printer(f"reference {name} {arch.key}: training with the search's budget ...", flush=True)
             res = train(arch, data, TrainConfig.from_dict(run.cfg.train))
             test_acc = float(evaluate(arch, res.variables, data.x_test, data.y_test)[0])

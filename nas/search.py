@@ -65,7 +65,7 @@ def resolve_space(cfg: ExperimentConfig) -> SearchSpace:
 
 def prepare(cfg: ExperimentConfig) -> Experiment:
     """Validate everything a search needs before any trial runs (one-line errors)."""
-    from evaluators.datasets import load_dataset
+    from evaluators.datasets import check_dataset
     from evaluators.train import TrainConfig
 
     space = resolve_space(cfg)
@@ -79,8 +79,7 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
         exp = Experiment(cfg, space, objective, train)
         _check_some_feasible(exp)
         return exp
-    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
-                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+    data = check_dataset(cfg.dataset, seed=cfg.seed, resolution=space.resolutions[0], channels=space.in_channels)
     if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels, space.num_classes) \
             or len(space.resolutions) > 1:
         raise NasError(
@@ -128,7 +127,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
     """One Tune trial: decode, cost, (constraints), train with per-epoch reports, checkpoint."""
     import ray
 
-    from evaluators.datasets import load_dataset
+    from evaluators.datasets import load
     from evaluators.train import save_variables, train
 
     done = _finished_before(finished, config, exp)
@@ -150,8 +149,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
                      "status": "ok"})
         return
     c = exp.cfg.dataset
-    data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                        test_fraction=c.test_fraction)
+    data = load(c, seed=exp.cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
     epochs = exp.train.epochs
 
     def on_epoch(epoch: int, m: dict[str, float]) -> None:

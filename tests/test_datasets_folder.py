@@ -144,3 +144,18 @@ def test_streaming_keeps_pixels_on_disk_and_refuses_array_reads(digits_root):
     with pytest.raises(NasError, match=r"training split is streamed from disk .*dataset.streaming: false"):
         np.asarray(ds.x_train)
     np.testing.assert_array_equal(ds.x_val, mem.x_val)  # val/test are decoded in memory either way
+
+
+@pytest.mark.slow
+def test_streamed_training_with_augmentation_learns_like_in_memory(digits_root):
+    from evaluators.train import TrainConfig, train
+    from search_spaces.catalog import SPACES
+
+    arch = SPACES.get("mobile_small").with_input(resolution=RES, in_channels=3).decode("002-002--002--0")
+    cfg = TrainConfig(epochs=3, batch_size=64, learning_rate=5e-3)
+    augment = {"crop_padding": 2, "cutout": 4}
+    streamed = train(arch, _load(digits_root[0], streaming=True, augment=augment), cfg)
+    in_memory = train(arch, _load(digits_root[0], augment=augment), cfg)
+    steps = 3 * (len(_load(digits_root[0]).y_train) // 64)
+    assert streamed.steps == in_memory.steps == steps  # the same number of optimizer steps per epoch
+    assert streamed.val_accuracy > 0.5 and in_memory.val_accuracy > 0.5  # ten classes: chance is 0.1

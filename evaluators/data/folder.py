@@ -8,6 +8,7 @@ streamed by the loader. A missing split folder other than train is carved from t
 from __future__ import annotations
 
 import os
+
 import numpy as np
 
 from evaluators.data.images import Decoder

@@ -7,12 +7,15 @@ JAX, not the registries): a worker that imported JAX took seconds to start on th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from evaluators.data.images import Decoder
 from search_spaces.errors import NasError
+
+if TYPE_CHECKING:  # the contract module imports JAX (via the spec), which workers must not pay for
+    from evaluators.data.source import Records
 
 
 def import_tfds() -> Any:

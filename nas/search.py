@@ -79,7 +79,11 @@ def prepare(cfg: ExperimentConfig) -> Experiment:
         exp = Experiment(cfg, space, objective, train)
         _check_some_feasible(exp)
         return exp
-    data = check_dataset(cfg.dataset, seed=cfg.seed, resolution=space.resolutions[0], channels=space.in_channels)
+    try:  # before Ray starts: missing folders, unprepared TFDS datasets, bad images surface here
+        data = check_dataset(cfg.dataset, seed=cfg.seed, resolution=space.resolutions[0],
+                             channels=space.in_channels)
+    except NasError as e:
+        raise NasError(f"{cfg.source}: {e}") from None
     if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels, space.num_classes) \
             or len(space.resolutions) > 1:
         raise NasError(

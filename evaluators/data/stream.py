@@ -25,7 +25,12 @@ from evaluators.data.records import ReadNormalised, readable
 from evaluators.data.source import Records
 from search_spaces.errors import NasError
 
-DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 1)))
+# Worker processes for decoding. Grain decodes with a pool of threads in this process anyway
+# (Pillow releases the GIL), and its workers are spawned processes that re-import the parent's main
+# module: on 2 cores (benchmarks/datasets.py, a loaded machine) in-process decoding delivered 432
+# images/s, 6x what the training step consumed, with its first batch after 2.9 s, while 2 worker
+# processes delivered 275 images/s after 31.8 s. So: processes only where there are cores to spare.
+DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 2)
 
 
 @dataclass(frozen=True, eq=False)

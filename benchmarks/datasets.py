@@ -43,6 +43,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from evaluators import train as jtrain  # noqa: E402
+from evaluators.optim import TrainConfig  # noqa: E402
+from evaluators.predict import evaluate  # noqa: E402
+from evaluators.programs import compiled_programs  # noqa: E402
+from evaluators.variables import TrainState, initialize  # noqa: E402
 from evaluators.data.stream import train_batches  # noqa: E402
 from evaluators.datasets import decode_rows, load_dataset  # noqa: E402
 from image_folders import write_digits_folder  # noqa: E402
@@ -81,11 +85,11 @@ def _loader_rate(ds, workers: int, batches: int) -> tuple[float, float]:
 
 def _step_rate(arch, ds, chunk: int, repeats: int) -> float:
     """Images/s of the compiled epoch program (augmentation inside) on `chunk` batches per call."""
-    cfg = jtrain.TrainConfig(epochs=1, batch_size=BATCH)
-    progs = jtrain._programs(arch, cfg, chunk, chunk * BATCH, (1, 8), None, (), None, ds.augment, chunk)
-    variables = jtrain.initialize(arch, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=BATCH)
+    progs = compiled_programs(arch, cfg, chunk, chunk * BATCH, (1, 8), None, (), None, ds.augment, chunk)
+    variables = initialize(arch, seed=0)
     params = jax.device_put(progs.packing.pack(dict(variables["params"])))
-    state = jtrain.TrainState(step=jnp.zeros((), jnp.int32), apply_fn=progs.model.apply, params=params,
+    state = TrainState(step=jnp.zeros((), jnp.int32), apply_fn=progs.model.apply, params=params,
                               tx=progs.tx, opt_state=progs.opt_init(params),
                               batch_stats=jax.device_put(progs.state_stats(variables["batch_stats"])),
                               key=jax.random.PRNGKey(0))
@@ -152,16 +156,16 @@ def main() -> None:
         loaders = {w: _loader_rate(streamed, w, args.batches) for w in (0, 1, 2)}
         best_workers = max(loaders, key=lambda w: loaders[w][0])
 
-        cfg = jtrain.TrainConfig(epochs=args.epochs, batch_size=BATCH, learning_rate=5e-3)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=BATCH, learning_rate=5e-3)
         t_stream = jtrain.train(arch, streamed, cfg).train_s
         t_memory = jtrain.train(arch, folder(augment=AUGMENT), cfg).train_s
 
         acc = {"folder": [], "npz": []}
         for seed in range(args.seeds):
-            c = jtrain.TrainConfig(epochs=args.epochs, batch_size=BATCH, learning_rate=5e-3, seed=seed)
+            c = TrainConfig(epochs=args.epochs, batch_size=BATCH, learning_rate=5e-3, seed=seed)
             for name, ds in (("folder", folder()), ("npz", load_dataset("npz", path=str(npz)))):
                 res = jtrain.train(arch, ds, c)
-                acc[name].append(float(jtrain.evaluate(arch, res.variables, ds.x_test, ds.y_test)[0]))
+                acc[name].append(float(evaluate(arch, res.variables, ds.x_test, ds.y_test)[0]))
     ab = _ab_in_memory(args.rounds, "002-002--002--0", args.epochs)
 
     print(f"machine load average at start: {load:.1f} (shared machine: compare ratios)")

@@ -245,7 +245,7 @@ def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
     (batch mean, biased variance E[x^2] - E[x]^2), with a hand-written backward pass: two plain
     reductions and one elementwise expression. BatchNorm was 17-25% of a train step; against
     autodiff of `nn.BatchNorm` this compiled the step 3-22% faster and ran it up to 4% faster
-    (README). The raw sums are the reductions' own outputs: recording them (see
+    (docs/performance.md). The raw sums are the reductions' own outputs: recording them (see
     `model.BatchNormTrain`) costs XLA:CPU no extra kernel, where a mean or variance would."""
     return _bn_fwd(x, scale, bias, eps)[0]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from nas.config import apply_overrides, config_from_dict, load_config
+from nas.config import DistillConfig, ExportConfig, apply_overrides, config_from_dict, load_config
 from search_spaces.errors import NasError
 
 BASE = {"name": "t", "space": "mobile_small", "dataset": "digits", "objective": {"cost": "params", "target": 1000}}
@@ -21,8 +21,8 @@ def test_set_overrides_dotted_keys_with_yaml_values(tmp_path):
     p.write_text(yaml.safe_dump(BASE))
     cfg = load_config(p, ["num_trials=4", "train.epochs=1", "objective.constraints.params=5e4", "dataset.name=mnist5k",
                           "export.formats=[flax]"])
-    assert cfg.num_trials == 4 and cfg.train["epochs"] == 1 and cfg.objective.constraints["params"] == 5e4
-    assert cfg.dataset.name == "mnist5k" and cfg.export["formats"] == ["flax"]
+    assert cfg.num_trials == 4 and cfg.train.epochs == 1 and cfg.objective.constraints["params"] == 5e4
+    assert cfg.dataset.name == "mnist5k" and cfg.export.formats == ("flax",)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -60,15 +60,11 @@ def test_required_keys():
     ({"epoch": 3}, "distill.epoch: unknown key"),
 ])
 def test_distill_section_is_validated_by_its_stage(section, message):
-    from nas.distill import DistillConfig
-
     with pytest.raises(NasError, match=message.replace("[", "\\[").replace("]", "\\]")):
         DistillConfig.from_dict(section)
 
 
 def test_export_section_is_validated_by_its_stage():
-    from nas.export import ExportConfig
-
     assert ExportConfig.from_dict({"formats": "flax"}).formats == ("flax",)
     with pytest.raises(NasError, match="export.formats: unknown format 'tflite'"):
         ExportConfig.from_dict({"formats": ["flax", "tflite"]})

@@ -13,7 +13,7 @@ from nas.cli import main
 from nas.config import load_config
 from nas.distill import run_distill
 from nas.export import export_run
-from nas.search import run_search
+from nas.tune import run_search
 
 pytestmark = pytest.mark.slow
 EXAMPLE = "experiments/folder_example.yaml"

@@ -16,7 +16,7 @@ import pytest
 from evaluators.cost import analytic_cost
 from evaluators.table import TableEvaluator
 from nas.config import load_config
-from nas.search import run_search
+from nas.tune import run_search
 from nas.strategies import make_strategy
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evaluators.augment import AugmentConfig
 from evaluators.optim import OPTIMIZERS, SCHEDULES, KDConfig, TrainConfig
 from evaluators.packing import Packing
 from evaluators.step import HINT, eval_split, loss_hparams, make_loss, train_epoch
@@ -51,14 +52,17 @@ class Programs:
 def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
                       val_batches: tuple[int, int], teacher_classes: int | None,
                       compiler_options: tuple[tuple[str, Any], ...] = (),
-                      teacher_features: int | None = None) -> Programs:
+                      teacher_features: int | None = None, augment: AugmentConfig | None = None,
+                      steps_per_epoch: int | None = None) -> Programs:
     """Compile the optimizer init, the epoch (`train_epoch` over `steps` batches of `n_train` rows) and
     the validation program (`val_batches` = (batches, batch size)); with `teacher_classes` the epoch
-    distils, with `teacher_features` it adds the hint loss. Cached per process (last 4)."""
+    distils, with `teacher_features` it adds the hint loss, with `augment` it augments the training
+    batches; `steps_per_epoch` (default `steps`) sets the learning-rate schedule when a streamed epoch
+    takes several calls. Cached per process (last 4)."""
     t0 = time.perf_counter()
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
-    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps), cfg)
+    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps_per_epoch or steps), cfg)
     shapes = variable_shapes(arch)
     trained = dict(shapes["params"])
     if teacher_features is not None:
@@ -89,7 +93,8 @@ def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         compiling_eval = pool.submit(lowered_eval.compile, opts)
         opt_init = jax.jit(tx.init).lower(state.params).compile()
-        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats),
+        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats,
+                                          augment=augment),
                         donate_argnums=0).lower(
             state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
         evaluate = compiling_eval.result()

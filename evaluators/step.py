@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evaluators.augment import AugmentConfig
 from evaluators.losses import cross_entropy, distillation, hint_loss
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.packing import STATS_GROUP, Packing
@@ -24,6 +25,7 @@ from search_spaces.model import BN_MOMENTUM, MOMENTS
 from search_spaces.ops import bn_moments
 
 HINT = "hint_projection"  # the hint projection's entry in the trained parameter tree (never in the model's)
+AUGMENT_KEY = 0x5A  # folded into the state's key for augmentation draws (dropout folds the step alone)
 
 
 LossFn = Callable[[jnp.ndarray, Mapping[str, jnp.ndarray], Mapping[str, jnp.ndarray]], jnp.ndarray]
@@ -97,25 +99,31 @@ def _step(state: TrainState, batch_stats: Any, batch: Mapping[str, jnp.ndarray],
 
 def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.ndarray,
                 hparams: Mapping[str, jnp.ndarray], loss_fn: LossFn, packing: Packing | None = None,
-                stats: Packing | None = None) -> tuple[TrainState, jnp.ndarray]:
+                stats: Packing | None = None, augment: AugmentConfig | None = None) -> tuple[TrainState, jnp.ndarray]:
     """All steps of an epoch as one `lax.scan`; `idx` is (steps, batch) rows of `data`. Returns per-step losses.
+
+    With `augment`, every batch's images are augmented in the step (keys from the state's key and step).
 
     With `stats` (`Packing.of(batch_stats, by_name=True)`; needs the fast BatchNorm), `state.batch_stats`
     is that packed vector, and the running averages are updated once, after the loop, from every
     step's batch moments (`fold_moments`): the same numbers as one update per step, without
     XLA:CPU's two or three small kernels per BatchNorm per step (10-13% of an epoch's kernels).
     """
-    def batch(rows):
-        return {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+    def batch(st, rows):
+        out = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+        if augment is not None:  # --- augmentation hook (evaluators/augment.py): training batches only
+            out["x"] = augment(jax.random.fold_in(jax.random.fold_in(st.key, AUGMENT_KEY), st.step), out["x"])
+        return out
 
     if stats is None:
-        return jax.lax.scan(lambda st, rows: train_step(st, batch(rows), hparams, loss_fn, packing), state, idx)
+        return jax.lax.scan(lambda st, rows: train_step(st, batch(st, rows), hparams, loss_fn, packing), state, idx)
 
     layers = [path[:-1] for path, *_ in stats.leaves if path[-1] == "mean"]  # the packed means' order
     counts = []  # per channel, in that order: static, filled while tracing the body
 
     def body(st, rows):
-        st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(rows), hparams, loss_fn, packing, MOMENTS)
+        st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(st, rows), hparams, loss_fn, packing,
+                                  MOMENTS)
         flat = flax.traverse_util.flatten_dict(moments)
         counts[:] = [np.full(flat[(*k, "sum")].shape, flat[(*k, "count")], np.float32) for k in layers]
         return st, (loss, jnp.concatenate([flat[(*k, "sum")] for k in layers] + [flat[(*k, "sumsq")] for k in layers]))

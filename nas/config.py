@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from evaluators.data.spec import DataSpec
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.prune import CRITERIA as PRUNE_CRITERIA
 from evaluators.prune import Target
@@ -41,12 +42,9 @@ def absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().absolute())
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str = "digits"
-    path: str | None = None  # a dataset file (npz); absolute once loaded
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+# The `dataset:` section is validated by the data floor's own spec (sources, paths, splits, augment,
+# streaming; relative path/root/data_dir made absolute against the working directory when loaded).
+DatasetConfig = DataSpec
 
 
 @dataclass(frozen=True)
@@ -378,6 +376,11 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Experime
     raw = dict(raw)
     if "train" in raw:
         raw["train"] = TrainConfig.from_dict(raw["train"], source=f"{source}: train")
+    if "dataset" in raw:
+        try:
+            raw["dataset"] = DataSpec.from_dict(raw["dataset"], source="dataset")
+        except NasError as e:
+            raise NasError(f"{source}: {e}") from None
     if isinstance(raw.get("objective"), Mapping) and isinstance(raw["objective"].get("constraints"), Mapping):
         err = Errors(source, "objective.constraints")
         raw["objective"] = {**raw["objective"], "constraints": {

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from evaluators.cost import analytic_cost
-from evaluators.datasets import load_dataset
+from evaluators.datasets import load
 from evaluators.predict import evaluate
 from evaluators.train import train
 from evaluators.variables import load_variables, save_variables
@@ -113,8 +113,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
             raise NasError(f"--seeds: {seeds!r}; allowed an integer >= 1")
         d = dataclasses.replace(d, seeds=seeds)
     winners = load_winners(run_dir)
-    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
-                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+    data = load(cfg.dataset, seed=cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
     kd = d.kd()
     student_cfg = d.student_train(exp.train)
     seed_list = [student_cfg.seed + i for i in range(d.seeds)]

@@ -18,7 +18,7 @@ from typing import Collection
 
 import numpy as np
 
-from evaluators.datasets import Dataset, load_dataset
+from evaluators.datasets import DatasetInfo, check_dataset
 from evaluators.hardware import PROFILES
 from evaluators.lut import CACHE_ENV
 from evaluators.table import TableEvaluator
@@ -121,16 +121,20 @@ def prepare(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> Exp
         exp = Experiment(cfg, space, objective, train)
         _check_some_feasible(exp)
         return exp
-    load_fitting_data(cfg, space)
+    check_fitting_data(cfg, space)
     exp = Experiment(cfg, space, objective, train)
     _check_some_feasible(exp)
     return exp
 
 
-def load_fitting_data(cfg: ExperimentConfig, space: SearchSpace) -> Dataset:
-    """The experiment's dataset, refused in one line unless its images and classes fit `space`."""
-    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
-                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+def check_fitting_data(cfg: ExperimentConfig, space: SearchSpace) -> DatasetInfo:
+    """The experiment's dataset, checked cheaply before Ray starts (missing folders, unprepared TFDS
+    datasets, bad images surface here) and refused in one line unless its images and classes fit `space`."""
+    try:
+        data = check_dataset(cfg.dataset, seed=cfg.seed, resolution=space.resolutions[0],
+                             channels=space.in_channels)
+    except NasError as e:
+        raise NasError(f"{cfg.source}: {e}") from None
     if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels, space.num_classes) \
             or len(space.resolutions) > 1:
         raise NasError(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from evaluators.cost import analytic_cost
-from evaluators.datasets import load_dataset
+from evaluators.datasets import load
 from evaluators.predict import evaluate
 from evaluators.train import train
 from nas.config import ExperimentConfig
@@ -191,8 +191,8 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
         if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
             c = run.cfg.dataset
             if data is None:
-                data = load_dataset(c.name, seed=run.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                                    test_fraction=c.test_fraction)
+                data = load(c, seed=run.cfg.seed, resolution=run.space.resolutions[0],
+                            channels=run.space.in_channels)
             printer(f"reference {name} {arch.key}: training with the search's budget ...", flush=True)
             res = train(arch, data, run.cfg.train)
             test_acc = float(evaluate(arch, res.variables, data.x_test, data.y_test)[0])

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import yaml
 from tensorboardX import SummaryWriter
 
-from evaluators.datasets import Dataset, load_dataset
+from evaluators.datasets import Dataset, load
 from evaluators.supernet import SavedSupernet, SupernetConfig, load_supernet, save_supernet, score
 from nas.config import ExperimentConfig, config_from_dict
-from nas.preflight import load_fitting_data, preflight
+from nas.preflight import check_fitting_data, preflight
 from nas.rundir import resolve_space
 from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
@@ -41,17 +41,15 @@ class SupernetJob:
         return self.cfg.run_dir / SUPERNET_DIR
 
 
-def load_data(cfg: ExperimentConfig) -> Dataset:
-    c = cfg.dataset
-    return load_dataset(c.name, seed=cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                        test_fraction=c.test_fraction)
+def load_data(cfg: ExperimentConfig, space: SearchSpace) -> Dataset:
+    return load(cfg.dataset, seed=cfg.seed, resolution=space.resolutions[0], channels=space.in_channels)
 
 
 def prepare(cfg: ExperimentConfig) -> SupernetJob:
     """Validate everything supernet training needs before anything runs (one-line errors)."""
     preflight(cfg)
     space = resolve_space(cfg)
-    load_fitting_data(cfg, space)
+    check_fitting_data(cfg, space)
     return SupernetJob(cfg, space, cfg.supernet or SupernetConfig())
 
 
@@ -105,6 +103,6 @@ def evaluate_keys(run_dir: str | Path, keys: Sequence[str], *, n_images: int | N
     saved, cfg = load_run(run_dir)
     archs = [saved.space.decode(k) for k in keys]  # a key of another space: one-line SpaceError
     cfg_train = SupernetConfig.from_dict(saved.manifest.get("config") or {})
-    acc = score(saved.space, saved.variables, archs, load_data(cfg),
+    acc = score(saved.space, saved.variables, archs, load_data(cfg, saved.space),
                 n_images=n_images or cfg_train.recalibration_images)
     return [{"key": a.key, "val_accuracy": float(x)} for a, x in zip(archs, acc)]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from evaluators.cost import analytic_cost
-from evaluators.datasets import load_dataset
+from evaluators.datasets import load as load_data
 from evaluators.hardware import PROFILES, analytic_latency, get_profile
 from evaluators.latency import latency_breakdown
 from evaluators.predict import predict_logits
@@ -84,8 +84,7 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     targets = [f"{w.rank:02d}-{w.key}" for w in winners]
     _prepare_out(out, force)
     c = exp.cfg.dataset
-    data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                        test_fraction=c.test_fraction)
+    data = load_data(c, seed=exp.cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
     ctx = {"run_dir": run_dir, "run_name": exp.cfg.name, "dataset": data, "seed": exp.cfg.seed,
            "train": exp.train, "teacher": distill.teacher if distill else None,
            "seeds": distill.seeds if distill else None}

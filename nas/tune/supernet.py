@@ -31,7 +31,7 @@ HISTORY_KEY = "history"
 
 def supernet_trial(config: dict[str, Any], job: SupernetJob) -> None:
     """The Tune trainable: train, report every epoch with a resumable checkpoint, then the weights."""
-    data = load_data(job.cfg)
+    data = load_data(job.cfg, job.space)
     pending: dict[str, Any] = {}
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:

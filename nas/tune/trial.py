@@ -18,7 +18,7 @@ import ray
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from evaluators.datasets import load_dataset
+from evaluators.datasets import load
 from evaluators.table import TableEvaluator
 from evaluators.train import train
 from evaluators.variables import save_variables
@@ -51,8 +51,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
                      "status": "ok"})
         return
     c = exp.cfg.dataset
-    data = load_dataset(c.name, seed=exp.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                        test_fraction=c.test_fraction)
+    data = load(c, seed=exp.cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
     epochs = exp.train.epochs
 
     def on_epoch(epoch: int, m: dict[str, float]) -> None:

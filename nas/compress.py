@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from evaluators.cost import analytic_cost
-from evaluators.datasets import load_dataset
+from evaluators.datasets import load as load_data
 from evaluators.energy import energy
 from evaluators.hardware import PROFILES
 from evaluators.onnx_export import ort_session, run, to_onnx
@@ -104,8 +104,10 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
                            f"{target.kind} >= {target.cost_fn()(floor) / (1 if target.kind == 'latency_ms' else target.cost_fn()(arch)):.3g}")
         plans.append((w, arch, weights, folder))
 
-    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
-                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+    data = load_data(cfg.dataset, seed=cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
+    if data.stream is not None:  # pruning reads training images (BatchNorm re-estimation, Taylor scores, calibration)
+        raise NasError(f"{cfg.source}: dataset.streaming: dataset '{data.name}' streams its training split; "
+                       f"compression needs it in memory (set dataset.streaming: false)")
     d = cfg.distill
     logits = None
     teacher_info = None

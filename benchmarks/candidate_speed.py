@@ -32,6 +32,7 @@ plus the share of a JAX candidate spent in init + compile, and training GFLOP/s 
 shared machine absolute figures move a lot; the paired ratios of one round much less.
 
     python benchmarks/candidate_speed.py                 # table; JSON summary on the last line
+    python benchmarks/candidate_speed.py --json          # the JSON summary only
     python benchmarks/candidate_speed.py --quick         # smoke: 1 network, 1 round, few steps
     python benchmarks/candidate_speed.py --frameworks jax torch --measures step
 
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds before a child is stopped")
     p.add_argument("--quick", action="store_true", help="smoke: mbv2_6 only, 1 round, 3 steps, 5 calls")
+    p.add_argument("--json", action="store_true", help="print only the JSON summary line")
     p.add_argument("--out", type=Path, help="also write the JSON summary to this file")
     p.add_argument("--child", nargs=3, metavar=("FRAMEWORK", "MEASURE", "ARCH_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = spawn(fw, measure, arch, args, child_env(fw, measure, tmp))
                     res["round"] = rnd
                     runs[name][measure][fw].append(res)
-                    print(f"round {rnd + 1} {measure:9s} {name:18s} {LABEL[fw]:13s} " + _short(res), flush=True)
+                    if not args.json:
+                        print(f"round {rnd + 1} {measure:9s} {name:18s} {LABEL[fw]:13s} " + _short(res), flush=True)
                 k += 1
     networks = {}
     for arch in archs:
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")},
         "networks": networks,
     })
-    print_table(networks, summary, frameworks)
+    if not args.json:
+        print_table(networks, summary, frameworks)
     line = json.dumps(summary, default=float)
     if args.out:
         args.out.write_text(line + "\n")

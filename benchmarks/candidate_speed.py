@@ -45,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -263,44 +264,59 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict = {network_name(a): {m: {f: [] for f in frameworks} for m in args.measures} for a in archs}
     order = [(r, m) for r in range(max(args.rounds, args.candidate_rounds)) for m in args.measures
              if r < (args.candidate_rounds if m == "candidate" else args.rounds)]
-    k = 0
-    with tempfile.TemporaryDirectory(prefix="candidate-speed-") as tmp:
-        for rnd, measure in order:
-            for arch in archs:
-                name = network_name(arch)
-                for fw in frameworks[k % len(frameworks):] + frameworks[:k % len(frameworks)]:
-                    res = spawn(fw, measure, arch, args, child_env(fw, measure, tmp))
-                    res["round"] = rnd
-                    runs[name][measure][fw].append(res)
-                    if not args.json:
-                        print(f"round {rnd + 1} {measure:9s} {name:18s} {LABEL[fw]:13s} " + _short(res), flush=True)
-                k += 1
+    k, interrupted = 0, False
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="candidate-speed-") as tmp:
+            for rnd, measure in order:
+                for arch in archs:
+                    name = network_name(arch)
+                    for fw in frameworks[k % len(frameworks):] + frameworks[:k % len(frameworks)]:
+                        res = spawn(fw, measure, arch, args, child_env(fw, measure, tmp))
+                        res["round"] = rnd
+                        runs[name][measure][fw].append(res)
+                        if not args.json:
+                            print(f"round {rnd + 1} {measure:9s} {name:18s} {LABEL[fw]:13s} " + _short(res), flush=True)
+                    k += 1
+    except KeyboardInterrupt:  # keep what was measured: summarise the children that finished
+        interrupted = True
+    summary = summarize(archs, runs, frameworks, args)
+    summary.update({"interrupted": interrupted, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                    "minutes": (time.time() - t_start) / 60})
+    if not args.json:
+        print_table(summary["networks"], summary, frameworks)
+    line = json.dumps(summary, default=float)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def summarize(archs: list[Architecture], runs: dict, frameworks: list[str], args) -> dict:
+    """The JSON summary: per-network figures and ratios, and their medians over networks."""
     networks = {}
     for arch in archs:
         name = network_name(arch)
         s = summarize_network(runs[name], frameworks)
-        networks[name] = {"macs": analytic_cost(arch).macs, "params": analytic_cost(arch).params,
-                          "tokens": arch.describe(), "figures": s, "ratios": per_network_ratios(s),
-                          "runs": runs[name]}
+        cost = analytic_cost(arch)
+        networks[name] = {"macs": cost.macs, "params": cost.params, "tokens": arch.describe(), "figures": s,
+                          "ratios": per_network_ratios(s), "runs": runs[name]}
     per_network = {n: v["ratios"] for n, v in networks.items()}
-    summary = {k: median_over(per_network, k) for k in next(iter(per_network.values()))}
+    summary: dict = {k: median_over(per_network, k) for k in next(iter(per_network.values()))}
     summary.update({
         "per_network": per_network,
         "protocol": "one framework per child process, own defaults, rotating order per round; "
                     "ratios are medians over rounds of paired JAX/other ratios, summary = median over networks",
         "rounds": args.rounds, "candidate_rounds": args.candidate_rounds, "steps": args.steps,
         "batch": BATCH, "epochs": args.epochs, "frameworks": frameworks,
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "minutes": (time.time() - t_start) / 60,
         "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")},
         "networks": networks,
     })
-    if not args.json:
-        print_table(networks, summary, frameworks)
-    line = json.dumps(summary, default=float)
-    if args.out:
-        args.out.write_text(line + "\n")
-    print(line)
-    return 0
+    return summary
 
 
 def _short(res: dict) -> str:
@@ -319,6 +335,8 @@ def print_table(networks: dict, summary: dict, frameworks: list[str]) -> None:
         for fig, entry in net["figures"].items():
             if fig == "compile_share":
                 print(f"  {'JAX init+compile':16s} {entry['median']:.0%} of a candidate [{entry['min']:.0%}-{entry['max']:.0%}]")
+                continue
+            if not any("median" in entry[fw] for fw in frameworks):
                 continue
             unit, scale = ("s", 1.0) if fig == "wall_s" else ("ms", 1e3)
             cells = []

@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=4, help="mobile_small samples besides mbv2_6 (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--networks", nargs="+", metavar="NAME", help="measure only these of the networks (names as printed)")
     p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS[:3]),
                    help="default jax torch torch_compile; torch_passive = PyTorch eager with "
                         "OMP_WAIT_POLICY=PASSIVE, a deviation from its defaults shown as its own column")
@@ -261,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start, t_start = os.getloadavg(), time.time()
     archs = architectures(args.samples, args.seed)
+    if args.networks:
+        unknown = sorted(set(args.networks) - {network_name(a) for a in archs})
+        if unknown:
+            p.error(f"--networks: {unknown} not among {[network_name(a) for a in archs]}")
+        archs = [a for a in archs if network_name(a) in args.networks]
     runs: dict = {network_name(a): {m: {f: [] for f in frameworks} for m in args.measures} for a in archs}
     order = [(r, m) for r in range(max(args.rounds, args.candidate_rounds)) for m in args.measures
              if r < (args.candidate_rounds if m == "candidate" else args.rounds)]

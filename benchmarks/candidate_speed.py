@@ -14,7 +14,7 @@ MACs) and `--samples` seeded samples of `mobile_small`. The PyTorch twin
 Measurements:
 
   step       one optimizer step at batch 128 (AdamW, cross-entropy, BatchNorm in training mode),
-             median of `--steps` steps after the first: JAX = `evaluators.step.train_step`
+             median of `--steps` steps after two untimed ones: JAX = `evaluators.step.train_step`
              compiled ahead of time; PyTorch = eager channels_last; torch.compile = the same
              model under `torch.compile` (its defaults; its compiled-kernel cache is the user's
              default one, so later rounds compile from a warm cache: only steps are timed)

@@ -192,6 +192,32 @@ def _search(args):
     _print_winners(run_dir)
 
 
+def _specialize_args(p):
+    _run_dir_args(p)
+    p.add_argument("--profile", action="append", default=[], help="hardware profile to specialize for (repeatable)")
+    p.add_argument("--all-profiles", action="store_true", help="every registered hardware profile")
+    p.add_argument("--constraint", action="append", default=[], metavar="COST=MAX",
+                   help="hard constraint, e.g. latency_ms@pixel4=3.0 (latency_ms=3.0: each profile's own latency)")
+    p.add_argument("--budget", type=int, default=None, help="candidates predicted per profile")
+    p.add_argument("--confirm", type=int, default=None, help="best predicted candidates measured on the supernet")
+    p.add_argument("--measure", type=int, default=300, help="random candidates measured to fit the predictor (once)")
+
+
+@command("specialize", "pick the best supernet candidate per hardware profile, without training")(_specialize_args)
+def _specialize(args):
+    import dataclasses
+
+    from nas.specialize import SpecializeConfig, parse_targets, run_specialize
+
+    targets = parse_targets(args.profile, args.constraint, all_profiles=args.all_profiles)
+    cfg = SpecializeConfig()
+    if args.budget is not None:
+        cfg = dataclasses.replace(cfg, budget=args.budget, population=min(cfg.population, args.budget))
+    if args.confirm is not None:
+        cfg = dataclasses.replace(cfg, confirm=args.confirm, top_k=min(cfg.top_k, args.confirm))
+    run_specialize(args.run_dir, targets, cfg, measure=args.measure)
+
+
 def _distill_args(p):
     _run_dir_args(p)
     p.add_argument("--seeds", type=int, default=None, help="seeds per winner and arm (default distill.seeds)")

@@ -48,10 +48,13 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    """How a candidate is evaluated: trained on the dataset, or looked up in a benchmark table."""
+    """How a candidate is evaluated: trained on the dataset, looked up in a benchmark table, or scored
+    on a trained supernet (inherited accuracy, `batch` candidates per call; nas.batched_search)."""
 
-    kind: str = "train"  # train | table
+    kind: str = "train"  # train | table | supernet
     table: str | None = None  # a NAS-Bench-Macro-format JSON (kind: table)
+    run: str | None = None  # a run directory holding a trained supernet (kind: supernet)
+    batch: int = 64  # candidates scored per call (kind: supernet)
     metric: str = "mean_acc"
     sample_repeat: bool = False
 
@@ -183,8 +186,13 @@ def _validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise _err(src, f"space_input.{sorted(bad_input)[0]}", "unknown key; allowed: in_channels, num_classes, resolution")
     if cfg.search.scheduler not in (None, "asha"):
         raise _err(src, "search.scheduler", f"unknown scheduler {cfg.search.scheduler!r}; allowed: asha (or null)")
-    if cfg.evaluator.kind not in ("train", "table"):
-        raise _err(src, "evaluator.kind", f"unknown evaluator {cfg.evaluator.kind!r}; allowed: train, table")
+    if cfg.evaluator.kind not in ("train", "table", "supernet"):
+        raise _err(src, "evaluator.kind", f"unknown evaluator {cfg.evaluator.kind!r}; allowed: train, table, supernet")
+    if cfg.evaluator.kind == "supernet" and not cfg.evaluator.run:
+        raise _err(src, "evaluator.run", "required with evaluator.kind = supernet (a run directory with a trained "
+                                         "supernet, from `nas supernet train`)")
+    if cfg.evaluator.batch < 1:
+        raise _err(src, "evaluator.batch", f"must be >= 1, got {cfg.evaluator.batch}")
     if cfg.evaluator.kind == "table" and not cfg.evaluator.table:
         raise _err(src, "evaluator.table", "required with evaluator.kind = table (a benchmark table JSON file)")
     o = cfg.objective

@@ -616,6 +616,10 @@ def _storage(cfg: ExperimentConfig, run_dir: Path) -> str:
 def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False,
                address: str | None = None, printer=print) -> Path:
     """Run (or resume) the search of `cfg`; returns the run directory with trials.csv and winners.json."""
+    if cfg.evaluator.kind == "supernet":  # many candidates per call, no Tune trial each (nas.batched_search)
+        from nas.batched_search import run_supernet_search  # imports this module: a cycle at the top
+
+        return run_supernet_search(cfg, resume=resume, force=force, printer=printer)
     exp = prepare(cfg)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Our own TensorBoard writer (nas/monitor.py) owns the HParams view; Tune's would shadow it.

@@ -35,7 +35,8 @@ from search_spaces.errors import NasError
 from search_spaces.space import ALPHABET, INACTIVE, SearchSpace
 
 FORMAT_VERSION = 1
-PREDICT_CHUNK = 16_384  # candidates per compiled forward call (one shape: one compile)
+PREDICT_CHUNK = 16_384  # most candidates per compiled forward call
+PREDICT_MIN = 256  # calls are padded to a power of two in [PREDICT_MIN, PREDICT_CHUNK]: at most 7 compiles
 
 
 # ==================================================================== encoding
@@ -207,7 +208,8 @@ class Predictor:
         out = np.empty(len(x), np.float64)
         for lo in range(0, len(x), PREDICT_CHUNK):
             chunk = x[lo: lo + PREDICT_CHUNK]
-            padded = np.zeros((PREDICT_CHUNK, x.shape[1]), np.float32)  # one shape -> one compile
+            rows = max(PREDICT_MIN, 1 << (len(chunk) - 1).bit_length())  # few shapes -> few compiles
+            padded = np.zeros((rows, x.shape[1]), np.float32)
             padded[: len(chunk)] = chunk
             z = np.asarray(_predict_chunk(self.params, padded))[: len(chunk)]
             out[lo: lo + len(chunk)] = z * self.std + self.mean

@@ -166,7 +166,7 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
     printer(f"search '{cfg.name}': space {exp.space.name} ({exp.space.size():,d} architectures), evaluator "
             f"{cfg.evaluator.kind} ({cfg.evaluator.run}), {cfg.num_trials} candidates in batches of {batch}, "
             f"algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
-    monitor = SearchMonitor(run_dir, exp.space, cfg.num_trials, stream=None if printer is print else _Lines(printer),
+    monitor = BatchMonitor(run_dir, exp.space, cfg.num_trials, stream=None if printer is print else _Lines(printer),
                             tty=False, latency_profile=(cfg.objective.profiles or ("host",))[0])
     t_start = time.perf_counter()
     try:
@@ -181,6 +181,7 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
             _append_rows(run_dir, new)
             (run_dir / STATE_FILE).write_text(json.dumps({"asker": asker.state(), "done": len(rows)}))
             _feed_monitor(monitor, new)
+            monitor.batch_done()
     finally:
         monitor.close()
     wall = time.perf_counter() - t_start
@@ -268,6 +269,21 @@ def _feed_monitor(monitor: SearchMonitor, rows: list[dict[str, Any]]) -> None:
             monitor.trial_completed(r["trial_id"], {k: v for k, v in r.items() if k != "config"})
         else:
             monitor.trial_failed(r["trial_id"], r["error"])
+
+
+class BatchMonitor(SearchMonitor):
+    """`SearchMonitor` drawing its Pareto-front image once per scored batch instead of once per
+    candidate (a matplotlib render per candidate would cost more than scoring it)."""
+
+    _stale = False
+
+    def _pareto_image(self) -> None:
+        self._stale = True
+
+    def batch_done(self) -> None:
+        if self._stale:
+            self._stale = False
+            super()._pareto_image()
 
 
 class _Lines:

@@ -76,6 +76,7 @@ class OptunaAsker:
         self.exp, self.feasible = exp, feasible
         self.multi = OPTUNA_ALGORITHMS[exp.cfg.search.algorithm]
         self.cost = exp.objective.penalties[0].cost if exp.objective.penalties else "params"
+        self.cost_col = self.cost.replace("@", "_at_")  # its column in a row
         opts = dict(exp.cfg.search.options)
         try:
             sampler = (optuna.samplers.NSGAIISampler if self.multi else optuna.samplers.TPESampler)(
@@ -87,6 +88,7 @@ class OptunaAsker:
         self.dists = {d.name: optuna.distributions.CategoricalDistribution(list(range(len(d.options))))
                       for d in exp.space.decisions()}
         self.live: dict[str, Any] = {}
+        self.told: dict[str, list[float]] = {}  # key -> values told (Optuna may suggest a key again)
 
     def _values(self, accuracy: float, score: float, cost: float) -> list[float]:
         return [accuracy, cost] if self.multi else [score]
@@ -98,12 +100,24 @@ class OptunaAsker:
             trial = self.study.ask(self.dists)
             config = {k: int(v) for k, v in trial.params.items()}
             arch = self.exp.space.from_choices(config)
+            if arch.key in self.told or arch.key in self.live:  # a repeat: told what it got, never scored twice
+                import optuna
+
+                if arch.key in self.told:
+                    self.study.tell(trial, self.told[arch.key])
+                else:
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tries += 1
+                if tries >= self.MAX_TRIES:
+                    break
+                continue
             if self.feasible(arch, proposed=True):
                 self.live[arch.key] = trial
                 out.append(config)
                 continue
             costs = self.exp.objective.costs(arch)
-            self.study.tell(trial, self._values(0.0, 0.0, costs.get(self.cost, 0.0)))
+            self.told[arch.key] = self._values(0.0, 0.0, costs.get(self.cost, 0.0))
+            self.study.tell(trial, self.told[arch.key])
             tries += 1
             if tries >= self.MAX_TRIES:
                 raise NasError(f"search.algorithm {self.exp.cfg.search.algorithm}: {self.MAX_TRIES} infeasible "
@@ -119,7 +133,9 @@ class OptunaAsker:
 
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
-        self.study.tell(trial, self._values(float(row["accuracy"]), float(row[METRIC]), float(row.get(self.cost, 0.0))))
+        self.told[row["key"]] = self._values(float(row["accuracy"]), float(row[METRIC]),
+                                             float(row.get(self.cost_col, 0.0)))
+        self.study.tell(trial, self.told[row["key"]])
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -132,7 +148,8 @@ class OptunaAsker:
             if r["status"] != "ok":
                 continue
             params = {d: int(v) for d, v in r["config"].items()}
-            values = self._values(float(r["accuracy"]), float(r[METRIC]), float(r.get(self.cost, 0.0)))
+            values = self._values(float(r["accuracy"]), float(r[METRIC]), float(r.get(self.cost_col, 0.0)))
+            self.told[r["key"]] = values
             self.study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists, values=values))
 
 

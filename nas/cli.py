@@ -290,6 +290,42 @@ def _print_winners(run_dir) -> None:
     print(f"outputs: {run_dir} (trials.csv, winners.json, winners/, distill.json, export/)")
 
 
+# ----------------------------------------------------------------------- supernet
+def _supernet_args(p):
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train the weight-sharing supernet of an experiment (one Ray Tune trial)")
+    _search_args(t)
+    e = sub.add_parser("eval", help="inherited validation accuracy of architecture keys on a trained supernet")
+    _run_dir_args(e)
+    e.add_argument("--arch", dest="keys", action="append", required=True, metavar="KEY",
+                   help="an architecture key of the run's space (repeatable)")
+    e.add_argument("--recalibration-images", type=int, default=None,
+                   help="training images re-estimating BatchNorm per candidate (default: the supernet's config)")
+    e.add_argument("--json", action="store_true")
+
+
+@command("supernet", "train a weight-sharing supernet; score architectures on it")(_supernet_args)
+def _supernet(args):
+    if args.action == "train":
+        from nas.config import load_config
+        from nas.supernet_ray import train_on_ray
+
+        out = train_on_ray(load_config(args.config, args.overrides), resume=args.resume, force=args.force,
+                           address=args.address)
+        print(f"supernet: {out} (weights.msgpack, manifest.json, history.json, tensorboard/)")
+        return
+    from nas.supernet import evaluate_keys
+
+    if args.recalibration_images is not None and args.recalibration_images < 1:
+        raise NasError(f"--recalibration-images: {args.recalibration_images}; allowed an integer >= 1")
+    rows = evaluate_keys(args.run_dir, args.keys, n_images=args.recalibration_images)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(f"{r['key']}  {r['val_accuracy']:.4f}")
+
+
 # ----------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nas", description="Neural architecture search for compact models.")

@@ -85,6 +85,7 @@ class ExperimentConfig:
     evaluator: EvaluatorConfig = EvaluatorConfig()
     distill: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.distill.DistillConfig
     export: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.export.ExportConfig
+    supernet: Mapping[str, Any] = field(default_factory=dict)  # validated by evaluators.supernet.SupernetConfig
     resources: Resources = Resources()
     source: str = "<dict>"
 
@@ -95,6 +96,8 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         d = _plain(dataclasses.asdict(self))
         d.pop("source")
+        if not d["supernet"]:
+            d.pop("supernet")  # runs saved before the section existed compare equal
         return d
 
 

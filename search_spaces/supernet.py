@@ -346,7 +346,8 @@ class Supernet(nn.Module):
     (the running statistics are not updated: they are re-estimated per candidate, see
     `evaluators.supernet.recalibrate`); with `moments=True` the call also returns each BatchNorm's
     batch mean and mean of squares, as a tree shaped like the 'batch_stats' collection ('mean' and
-    'var' holding E[x] and E[x^2]; zeros for BatchNorms the candidate does not use).
+    'var' holding E[x] and E[x^2]; zeros for BatchNorms the candidate does not use). Head dropout
+    applies in training mode when a 'dropout' RNG is given.
 
     Variable names: 'stem', 'head', 'classifier' as in `model.Net`; per slot `s{S}_l{L}_ds_dw`,
     `..._ds_pw`, `..._mb_expand`, `..._mb_dw`, `..._mb_se_reduce`, `..._mb_se_expand`,
@@ -362,7 +363,7 @@ class Supernet(nn.Module):
         if self.is_initializing():
             return jnp.zeros((x.shape[0], self.space.num_classes), jnp.float32)
         logits, feats, mom = forward(self.space, v, x, cand, train)
-        if train and self.space.dropout:
+        if train and self.space.dropout and self.has_rng("dropout"):
             logits = _classify(v, nn.Dropout(self.space.dropout, deterministic=False)(feats))
         return (logits, mom) if moments else logits
 

@@ -133,7 +133,7 @@ def _check_train(space: SearchSpace, archs) -> None:
                                      jax.tree_util.tree_leaves_with_path(want_g)):
             # float32 sums over masked and sliced tensors add up in other orders: compare to the tensor's scale
             scale = float(np.abs(np.asarray(b)).max()) or 1.0
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3 * scale, rtol=0,
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3 * scale + 1e-5, rtol=0,
                                        err_msg=f"{arch.key} {jax.tree_util.keystr(path)}")
 
 
@@ -144,9 +144,11 @@ def test_supernet_output_equals_standalone_network_in_eval_mode(name):
     _check_eval(space, _archs(space, 4))
 
 
-@pytest.mark.parametrize("name", ["mobile_small", "custom"])
+@pytest.mark.parametrize("name", ["custom", pytest.param("mobile_small", marks=pytest.mark.slow)])
 def test_supernet_train_loss_and_gradients_equal_standalone_network(name):
     space = _space(name)
+    if name == "custom":
+        space = space.with_input(resolution=8)  # one resolution: each one compiles its own programs
     space = SearchSpace(**{**space.__dict__, "dropout": 0.0})  # dropout draws masks of other shapes
     _check_train(space, _archs(space, 1, seed=1))
 

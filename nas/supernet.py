@@ -1,0 +1,122 @@
+"""The supernet route, Ray-free: validate an experiment's `supernet:` section, lay out
+RUN_DIR/supernet/, write its outputs (weights, manifest, history, TensorBoard events) and score
+candidates of a trained supernet (`nas supernet eval`). Training on Ray lives in `nas.supernet_ray`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from tensorboardX import SummaryWriter
+
+from evaluators.datasets import Dataset, load_dataset
+from evaluators.supernet import SavedSupernet, SupernetConfig, load_supernet, save_supernet, score
+from nas.config import ExperimentConfig, config_from_dict
+from search_spaces.catalog import load_space
+from search_spaces.errors import NasError
+from search_spaces.space import SearchSpace
+
+SUPERNET_DIR = "supernet"
+HISTORY = "history.json"
+CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class SupernetJob:
+    """What the supernet trial needs, resolved once in the driver and shipped to the worker."""
+
+    cfg: ExperimentConfig
+    space: SearchSpace
+    train: SupernetConfig
+
+    @property
+    def out_dir(self) -> Path:
+        return self.cfg.run_dir / SUPERNET_DIR
+
+
+def resolve_space(cfg: ExperimentConfig) -> SearchSpace:
+    space = load_space(cfg.space)
+    return space.with_input(**cfg.space_input) if cfg.space_input else space
+
+
+def load_data(cfg: ExperimentConfig) -> Dataset:
+    c = cfg.dataset
+    return load_dataset(c.name, seed=cfg.seed, path=c.path, val_fraction=c.val_fraction,
+                        test_fraction=c.test_fraction)
+
+
+def prepare(cfg: ExperimentConfig) -> SupernetJob:
+    """Validate everything supernet training needs before anything runs (one-line errors)."""
+    space = resolve_space(cfg)
+    train = SupernetConfig.from_dict(cfg.supernet, source=f"{cfg.source}: supernet")
+    if cfg.dataset.path is not None:  # a trial runs in its own working directory
+        cfg = replace(cfg, dataset=replace(cfg.dataset, path=str(Path(cfg.dataset.path).resolve())))
+    data = load_data(cfg)
+    if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels,
+                                                               space.num_classes) or len(space.resolutions) > 1:
+        raise NasError(
+            f"{cfg.source}: dataset '{cfg.dataset.name}' gives {data.resolution}x{data.resolution}x{data.channels} "
+            f"images with {data.num_classes} classes but space '{space.name}' expects {list(space.resolutions)}x"
+            f"{space.in_channels} with {space.num_classes} classes; set space_input: {{resolution: {data.resolution}, "
+            f"in_channels: {data.channels}, num_classes: {data.num_classes}}}")
+    return SupernetJob(cfg, space, train)
+
+
+def check_out_dir(job: SupernetJob, *, resume: bool, force: bool) -> Path:
+    """RUN_DIR/supernet/: refuse to overwrite a trained supernet or mix configs; `force` starts over."""
+    out = job.out_dir
+    saved = out / CONFIG
+    if saved.exists() and not force:
+        if yaml.safe_load(saved.read_text()) != job.cfg.to_dict():
+            raise NasError(f"{out}: holds a supernet of a different experiment config; pass --force to replace it")
+        if not resume:
+            raise NasError(f"{out}: already holds this supernet; pass --resume to continue it or --force to start over")
+    elif resume and not saved.exists():
+        raise NasError(f"{out}: nothing to resume (no {CONFIG}); run without --resume")
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(job.cfg.to_dict(), sort_keys=False))
+    return out
+
+
+def write_outputs(job: SupernetJob, variables: dict[str, Any], history: list[dict[str, float]]) -> Path:
+    """weights.msgpack + manifest.json (via `save_supernet`), history.json and TensorBoard events."""
+    out = job.out_dir
+    save_supernet(out, job.space, variables, space_ref=job.cfg.space, space_input=job.cfg.space_input,
+                  config=job.train, history=history, extra={"experiment": job.cfg.to_dict()})
+    (out / HISTORY).write_text(json.dumps(history, indent=2))
+    with SummaryWriter(str(out / "tensorboard")) as tb:
+        for row in history:
+            for k, v in row.items():
+                if k != "epoch":
+                    tb.add_scalar(f"supernet/{k}", v, int(row["epoch"]))
+    return out
+
+
+def load_run(run_dir: str | Path) -> tuple[SavedSupernet, ExperimentConfig]:
+    """The trained supernet of a run directory and its experiment config (one-line errors)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise NasError(f"{run_dir}: not a directory")
+    saved = load_supernet(run_dir / SUPERNET_DIR, load_space)
+    raw = dict(saved.manifest.get("experiment") or {})
+    if not raw:
+        raise NasError(f"{run_dir / SUPERNET_DIR}/manifest.json: no experiment config recorded")
+    raw["output_dir"] = str(run_dir.resolve().parent)
+    return saved, config_from_dict(raw, source=str(run_dir / SUPERNET_DIR / CONFIG))
+
+
+def evaluate_keys(run_dir: str | Path, keys: Sequence[str], *, n_images: int | None = None) -> list[dict[str, Any]]:
+    """Inherited validation accuracy of each architecture key on the run's supernet."""
+    saved, cfg = load_run(run_dir)
+    archs = [saved.space.decode(k) for k in keys]  # a key of another space: one-line SpaceError
+    cfg_train = SupernetConfig.from_dict(saved.manifest.get("config") or {})
+    acc = score(saved.space, saved.variables, archs, load_data(cfg),
+                n_images=n_images or cfg_train.recalibration_images)
+    return [{"key": a.key, "val_accuracy": float(x)} for a, x in zip(archs, acc)]

@@ -22,13 +22,11 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-import yaml
-
-from evaluators.datasets import Dataset, load_dataset
+from evaluators.datasets import Dataset
 from evaluators.predictor import Predictor, PredictorConfig, fit_predictor, load_predictor
-from evaluators.supernet import load_supernet, recalibrate, score
+from evaluators.supernet import SupernetConfig, recalibrate, score
+from nas.supernet import load_data, load_run
 from search_spaces.architecture import Architecture
-from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
 from search_spaces.supernet import extract
@@ -70,7 +68,7 @@ class SupernetScorer:
     """Inherited validation accuracy from a trained supernet, its weights loaded once.
 
     Build with `SupernetScorer.from_run(RUN_DIR)`: the supernet of `RUN_DIR/supernet/` (written by
-    `nas supernet train`) and the dataset of the run's config.yaml. Each candidate's BatchNorm
+    `nas supernet train`) and the dataset of the experiment recorded with it. Each candidate's BatchNorm
     statistics are re-estimated on `n_images` training images before the whole validation split is
     scored (`evaluators.supernet.score`: a fixed number of compiled programs however many candidates).
     """
@@ -80,7 +78,7 @@ class SupernetScorer:
     data: Dataset
     run_dir: Path
     n_images: int = 2000
-    manifest: dict[str, Any] | None = None
+    experiment: Any = None  # the supernet run's ExperimentConfig
 
     @property
     def cache_dir(self) -> Path:
@@ -89,17 +87,9 @@ class SupernetScorer:
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "SupernetScorer":
         run_dir = Path(run_dir).resolve()
-        if not run_dir.is_dir():
-            raise NasError(f"{run_dir}: no such run directory")
-        saved = load_supernet(run_dir / "supernet", load_space)
-        raw = _run_config(run_dir)
-        ds = raw.get("dataset", "digits")
-        ds = {"name": ds} if isinstance(ds, str) else dict(ds or {})
-        data = load_dataset(ds.get("name", "digits"), seed=int(raw.get("seed", 0)), path=ds.get("path"),
-                            val_fraction=float(ds.get("val_fraction", 0.15)),
-                            test_fraction=float(ds.get("test_fraction", 0.15)))
-        n_images = int(((saved.manifest.get("config") or {}).get("recalibration_images")) or 2000)
-        return cls(saved.space, saved.variables, data, run_dir, n_images, saved.manifest)
+        saved, cfg = load_run(run_dir)
+        n_images = SupernetConfig.from_dict(saved.manifest.get("config") or {}).recalibration_images
+        return cls(saved.space, saved.variables, load_data(cfg), run_dir, n_images, cfg)
 
     def score(self, archs: Sequence[Architecture], split: str = "val") -> np.ndarray:
         for a in archs:
@@ -115,16 +105,6 @@ class SupernetScorer:
         """The candidate's stand-alone variables, BatchNorm statistics re-estimated for it."""
         stats = recalibrate(self.space, self.variables, [arch], self.data, self.n_images)[0]
         return extract(self.space, arch, {"params": self.variables["params"], "batch_stats": stats})
-
-
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise NasError(f"{run_dir}: not a run directory (no config.yaml)")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise NasError(f"{path}: expected a mapping of config keys")
-    return raw
 
 
 def fitted_predictor(scorer: Scorer, *, n_measure: int = 300, seed: int = 0,

@@ -278,7 +278,7 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target], cfg: Speciali
         NasError: no supernet in the run, or a target no candidate meets (checked for every target
         before any is searched).
     """
-    from nas.inherited import SupernetScorer, _run_config, fitted_predictor
+    from nas.inherited import SupernetScorer, fitted_predictor
     from nas.teacher import largest
 
     cfg = cfg or SpecializeConfig()
@@ -298,7 +298,7 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target], cfg: Speciali
         teacher_dir.mkdir(parents=True, exist_ok=True)
         save_variables(teacher_dir / "variables.msgpack", scorer.extract(big))
         (teacher_dir / "architecture.json").write_text(big.to_json(indent=2))
-    base = _run_config(scorer.run_dir)
+    base = scorer.experiment.to_dict()
     results = []
     for t in targets:
         r = specialize_target(scorer, predictor, t, cfg)

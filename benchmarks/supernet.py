@@ -44,7 +44,6 @@ from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.predictor import PredictorConfig, fit_predictor  # noqa: E402
 from evaluators.supernet import SupernetConfig, score, train_supernet  # noqa: E402
 from evaluators.train import TrainConfig, evaluate, train  # noqa: E402
-from nas.inherited import SupernetScorer  # noqa: E402
 from nas.objective import cost_value  # noqa: E402
 from nas.specialize import SpecializeConfig, Target, specialize_target  # noqa: E402
 from nas.objective import Constraint  # noqa: E402

@@ -4,13 +4,14 @@ directory `nas distill`/`nas export` read, and one-line errors with exit code 2.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from evaluators.train import check_variables, load_variables
 from nas.cli import main
 from nas.objective import Constraint, cost_value
+from nas.search import experiment_from_run_dir, load_winners
 from nas.specialize import SpecializeConfig, Target, parse_targets, run_specialize
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -74,7 +75,9 @@ def test_specialized_winners_meet_the_constraint_and_load_as_models(supernet_run
             assert cost_value(f"latency_ms@{r.target.profile}", arch) <= cap
             variables = load_variables(folder / w["checkpoint"] / "variables.msgpack")
             check_variables(arch, variables)  # the stand-alone tree build_model(arch) expects
-        assert (folder / "config.yaml").exists()
+        exp = experiment_from_run_dir(folder)  # what nas distill / nas export read first
+        assert exp.space.name == "mobile_small" and load_winners(folder) == winners
+        assert (Path(exp.cfg.distill["teacher"]["checkpoint"]) / "variables.msgpack").exists()
 
 
 @pytest.mark.slow

@@ -302,6 +302,7 @@ def train_supernet(space: SearchSpace, data: Dataset, cfg: SupernetConfig, *,
         state, history, first = _restore(resume_from, state, rng)
     x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
     hp = {"kd_weight": jnp.float32(cfg.kd_weight), "kd_temperature": jnp.float32(cfg.kd_temperature)}
+    n_recal = min(cfg.recalibration_images, n)
     compile_s = 0.0
     t_train = time.perf_counter()
     for epoch in range(first, cfg.epochs + 1):
@@ -324,7 +325,7 @@ def train_supernet(space: SearchSpace, data: Dataset, cfg: SupernetConfig, *,
                                                   channel_importance(space, jax.device_get(state["params"]))))
         current = {"params": jax.device_get(state["params"]), "batch_stats": variables["batch_stats"]}
         ends = [sample_arch(space, None, stage, "max"), sample_arch(space, None, stage, "min")]
-        acc = score(space, current, ends, data, n_images=min(cfg.recalibration_images, 500))
+        acc = score(space, current, ends, data, n_images=n_recal)
         metrics = {"train_loss": float(losses[:, 0].mean()), "train_loss_student": float(losses[:, 1:].mean())
                    if losses.shape[1] > 1 else float("nan"), "val_accuracy_largest": float(acc[0]),
                    "val_accuracy_smallest": float(acc[1]), "phase": float(PHASES.index(stage)),
@@ -337,9 +338,10 @@ def train_supernet(space: SearchSpace, data: Dataset, cfg: SupernetConfig, *,
     if not history:
         raise NasError(f"resume_from: the saved state is already past the last epoch ({cfg.epochs})")
     params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
-    big = extreme(space, largest=True)
-    n_recal = min(cfg.recalibration_images, n)
-    stats_big = recalibrate(space, {"params": params, "batch_stats": variables["batch_stats"]}, [big], data, n_recal)[0]
+    # the per-epoch scoring program, so training compiles nothing more for this
+    _, (stats_big,) = _run_chunks(space, {"params": params, "batch_stats": variables["batch_stats"]},
+                                  [extreme(space, largest=True)], _recal_batches(data, n_recal, RECAL_BATCH),
+                                  _val_batches(data.x_val, data.y_val, RECAL_BATCH), SCORE_CHUNK)
     return SupernetResult({"params": params, "batch_stats": stats_big}, history,
                           time.perf_counter() - t_train, compile_s)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from evaluators.supernet import MANIFEST, WEIGHTS, load_supernet, save_supernet, train_supernet
 from nas.config import ExperimentConfig
@@ -57,6 +58,19 @@ def _resume_blob() -> bytes | None:
         return path.read_bytes() if path.exists() else None
 
 
+class _Progress(tune.Callback):
+    """One line per supernet epoch on the driver's console."""
+
+    def __init__(self, printer):
+        self.printer = printer
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "val_accuracy_largest" in result and "done_training" not in result:
+            self.printer(f"  epoch {result.get('epoch')}: loss {result['train_loss']:.4f}  inherited val acc "
+                         f"largest {result['val_accuracy_largest']:.4f} smallest {result['val_accuracy_smallest']:.4f}"
+                         f"  ({result['epoch_s']:.1f} s)", flush=True)
+
+
 def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
@@ -75,6 +89,9 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
     job = prepare(cfg)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # num_to_keep=2 (a checkpoint holds the whole supernet and its optimizer state) forces a snapshot of the
+    # one-trial experiment per checkpoint, which is cheap here; Tune warns about it every epoch otherwise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _init_ray(address)
     out = check_out_dir(job, resume=resume, force=force)
     trainable = tune.with_resources(tune.with_parameters(supernet_trial, job=job),
@@ -88,6 +105,7 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
         tuner = tune.Tuner(trainable, param_space={}, tune_config=tune.TuneConfig(num_samples=1),
                            run_config=tune.RunConfig(
                                name="tune", storage_path=str(out), verbose=0,
+                               callbacks=[_Progress(printer), CSVLoggerCallback(), JsonLoggerCallback()],
                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     grid = tuner.fit()

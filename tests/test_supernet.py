@@ -131,10 +131,13 @@ def _check_train(space: SearchSpace, archs) -> None:
         got_g = extract(space, arch, {"params": g, "batch_stats": v["batch_stats"]})["params"]
         for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got_g),
                                      jax.tree_util.tree_leaves_with_path(want_g)):
-            # float32 sums over masked and sliced tensors add up in other orders: compare to the tensor's scale
-            scale = float(np.abs(np.asarray(b)).max()) or 1.0
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3 * scale + 1e-5, rtol=0,
-                                       err_msg=f"{arch.key} {jax.tree_util.keystr(path)}")
+            # float32 sums over masked and sliced tensors add up in other orders, and training-mode BatchNorm
+            # over a batch of 4 on 1x1 maps amplifies that through a deep net: compare relative norms (a
+            # wrong slice or mask is off by O(1))
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-5, \
+                f"{arch.key} {jax.tree_util.keystr(path)}: |got - want| = {np.linalg.norm(a - b):.3g}, |want| = " \
+                f"{np.linalg.norm(b):.3g}"
 
 
 # ------------------------------------------------------------------ equivalence, every space
@@ -156,9 +159,9 @@ def test_supernet_train_loss_and_gradients_equal_standalone_network(name):
 @pytest.mark.slow
 def test_mnas_imagenet_supernet_equals_standalone_and_takes_a_training_step():
     space = _space("mnas_imagenet")
-    archs = _archs(space, 1)
-    _check_eval(space, archs[:2])
-    _check_train(SearchSpace(**{**space.__dict__, "dropout": 0.0}), archs[2:])
+    _check_eval(space, _archs(space, 0))
+    no_dropout = SearchSpace(**{**space.__dict__, "dropout": 0.0})
+    _check_train(no_dropout, _archs(no_dropout, 1)[2:])
 
 
 def test_custom_space_resolutions_each_compile_once():

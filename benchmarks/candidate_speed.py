@@ -1,13 +1,13 @@
 """Cost of one candidate on the CPU, JAX (this framework) against PyTorch eager on the same networks.
 
 Architectures: `mbv2_6` (below: a MobileNetV2-style net of 6 inverted-bottleneck blocks on
-28x28x1, 8.70 M MACs, the net of PLATFORM-NOTES) and `--samples` seeded samples of
+28x28x1, 8.70 M MACs) and `--samples` seeded samples of
 `mobile_small`. The PyTorch twin (benchmarks/_torch_models.py) has exactly the same parameter
 count (asserted) and MACs. JAX and PyTorch are measured alternately in the same run, each
 figure `--repeats` times; the median is reported. Per architecture:
 
   train step   one optimizer step at batch 128 (AdamW, cross-entropy, BatchNorm in training
-               mode): JAX = `evaluators.train.train_step` compiled ahead of time; PyTorch =
+               mode): JAX = `evaluators.step.train_step` compiled ahead of time; PyTorch =
                eager, channels_last
   candidate    wall time of a fresh candidate: `evaluators.train.train(arch, mnist5k,
                TrainConfig(epochs=3, batch_size=128))` (init, XLA compile, 3 epochs, validation
@@ -18,8 +18,8 @@ figure `--repeats` times; the median is reported. Per architecture:
                channels_last under inference_mode)
 
 plus GFLOP/s (training = 3 x forward = 6 x MACs per image) and its fraction of the machine's
-fp32 peak (`--peak`, default 520 GFLOP/s: 2 cores x 2 AVX-512 FMA units, as measured by a large
-matmul in PLATFORM-NOTES), and the share of a JAX candidate spent in init + compile.
+fp32 peak (`--peak`, default 520 GFLOP/s: 2 cores x 2 AVX-512 FMA units; a 2048^2 float32 matmul
+in JAX reached ~490 GFLOP/s on the development machine), and the share of a JAX candidate spent in init + compile.
 Ratios are JAX / PyTorch (below 1 = JAX faster). The machine's load average is printed:
 on a shared machine absolute figures move a lot, ratios from the same run much less.
 
@@ -54,7 +54,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from evaluators import train as jtrain  # noqa: E402
+from evaluators.optim import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: E402
+from evaluators.packing import Packing  # noqa: E402
+from evaluators.programs import compiled_programs  # noqa: E402
+from evaluators.step import make_loss, train_step  # noqa: E402
+from evaluators.train import train  # noqa: E402
+from evaluators.variables import TrainState, initialize, variable_shapes  # noqa: E402
 from evaluators.cost import analytic_cost  # noqa: E402
 from evaluators.datasets import Dataset, load_dataset  # noqa: E402
 from search_spaces.architecture import Architecture  # noqa: E402
@@ -65,7 +70,7 @@ from search_spaces.space import SearchSpace  # noqa: E402
 BATCH = 128
 PEAK_GFLOPS = 520.0
 
-# The 6-block net of PLATFORM-NOTES' "candidate training speed" table, as a one-point space:
+# The 6-block MobileNetV2-style reference net, as a one-point space:
 # stem 3x3/24, three stride-2 stages of two MobileNetV2 blocks (3x3, expansion 6, relu6) with
 # 24, 32, 64 channels, head 1x1/256: 8,704,208 MACs, 137,570 parameters.
 MBV2_6 = {
@@ -95,18 +100,18 @@ def median_time(fn, n: int) -> float:
 
 
 # ==================================================================== JAX
-def jax_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
+def jax_train_step(arch: Architecture, cfg: TrainConfig):
     """A compiled framework train step at batch 128, with its state and batch: call `run()`."""
     model = build_model(arch, cfg.conv_impl)
-    tx = jtrain.OPTIMIZERS.get(cfg.optimizer)(jtrain.SCHEDULES.get(cfg.schedule)(cfg, 100), cfg)
-    v = jtrain.initialize(arch, seed=0, conv_impl=cfg.conv_impl)
-    packing = jtrain.Packing.of(v["params"])
-    state = jtrain.TrainState.create(apply_fn=model.apply, params=jax.device_put(packing.pack(v["params"])), tx=tx,
+    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, 100), cfg)
+    v = initialize(arch, seed=0, conv_impl=cfg.conv_impl)
+    packing = Packing.of(v["params"])
+    state = TrainState.create(apply_fn=model.apply, params=jax.device_put(packing.pack(v["params"])), tx=tx,
                                      batch_stats=v["batch_stats"], key=jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = {"x": jnp.asarray(rng.standard_normal(input_shape(arch, BATCH), np.float32)),
              "y": jnp.asarray(rng.integers(0, arch.num_classes, BATCH).astype(np.int32))}
-    step = jax.jit(functools.partial(jtrain.train_step, loss_fn=jtrain.make_loss(cfg), packing=packing),
+    step = jax.jit(functools.partial(train_step, loss_fn=make_loss(cfg), packing=packing),
                    donate_argnums=0)
     step = step.lower(state, batch, {}).compile()
     box = [state]
@@ -121,7 +126,7 @@ def jax_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
 
 def jax_infer(arch: Architecture, batch: int):
     model = build_model(arch)
-    v = jtrain.initialize(arch, seed=0)
+    v = initialize(arch, seed=0)
     x = jnp.asarray(np.random.default_rng(0).standard_normal(input_shape(arch, batch), np.float32))
     f = jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).compile()
     f(v, x).block_until_ready()
@@ -129,11 +134,11 @@ def jax_infer(arch: Architecture, batch: int):
 
 
 def jax_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str, float]:
-    jtrain._programs.cache_clear()  # a new candidate: nothing compiled or traced yet
-    jtrain.variable_shapes.cache_clear()
+    compiled_programs.cache_clear()  # a new candidate: nothing compiled or traced yet
+    variable_shapes.cache_clear()
     jax.clear_caches()
     t = time.perf_counter()
-    res = jtrain.train(arch, data, jtrain.TrainConfig(epochs=epochs, batch_size=BATCH))
+    res = train(arch, data, TrainConfig(epochs=epochs, batch_size=BATCH))
     wall = time.perf_counter() - t
     return {"wall_s": wall, "compile_s": res.compile_s, "init_s": res.init_s, "train_s": res.train_s,
             "val_accuracy": res.val_accuracy}
@@ -151,14 +156,14 @@ def torch_model(arch: Architecture):
     return m
 
 
-def torch_optimizer(model, cfg: "jtrain.TrainConfig", total_steps: int):
+def torch_optimizer(model, cfg: TrainConfig, total_steps: int):
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total_steps))
 
 
-def torch_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
+def torch_train_step(arch: Architecture, cfg: TrainConfig):
     import torch
 
     torch.manual_seed(0)
@@ -200,7 +205,7 @@ def torch_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str,
     import torch
 
     t = time.perf_counter()
-    cfg = jtrain.TrainConfig(epochs=epochs, batch_size=BATCH)
+    cfg = TrainConfig(epochs=epochs, batch_size=BATCH)
     torch.manual_seed(0)
 
     def nchw(a):
@@ -234,7 +239,7 @@ def torch_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str,
 # ==================================================================== driver
 def measure(arch: Architecture, data: Dataset | None, args) -> dict:
     macs = analytic_cost(arch).macs
-    cfg = jtrain.TrainConfig(batch_size=BATCH)
+    cfg = TrainConfig(batch_size=BATCH)
     out: dict = {"arch": arch.key or arch.space, "space": arch.space, "macs": macs, "tokens": arch.describe()}
     runs = {"jax": jax_train_step(arch, cfg), "torch": torch_train_step(arch, cfg)}
     step = {k: [] for k in runs}

@@ -43,7 +43,9 @@ from scipy.stats import kendalltau  # noqa: E402
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.predictor import PredictorConfig, fit_predictor  # noqa: E402
 from evaluators.supernet import SupernetConfig, score, train_supernet  # noqa: E402
-from evaluators.train import TrainConfig, evaluate, train  # noqa: E402
+from evaluators.optim import TrainConfig  # noqa: E402
+from evaluators.predict import evaluate  # noqa: E402
+from evaluators.train import train  # noqa: E402
 from nas.objective import cost_value  # noqa: E402
 from nas.specialize import SpecializeConfig, Target, specialize_target  # noqa: E402
 from nas.objective import Constraint  # noqa: E402

@@ -20,12 +20,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, fields
-from numbers import Real
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +36,7 @@ import optax
 from evaluators.datasets import Dataset, epoch_indices, pad_batches
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
+from search_spaces.schema import build, spec
 from search_spaces.space import SearchSpace
 from search_spaces.supernet import (
     Supernet, candidate, channel_importance, check_arch, extreme, initialize, permute_channels, stack_candidates,
@@ -52,75 +51,30 @@ RECAL_BATCH = 250
 # ==================================================================== config
 @dataclass(frozen=True)
 class SupernetConfig:
-    """How a supernet is trained. Build from user data with `SupernetConfig.from_dict`."""
+    """How a supernet is trained: the `supernet:` section of an experiment (built by
+    `search_spaces.schema.build`, the project's one config builder)."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    weight_decay: float = 1e-4
-    candidates_per_step: int = 2  # random candidates per step besides the largest and the smallest
-    kd_weight: float = 1.0  # in-place distillation weight for all but the largest (1 = soft targets only)
-    kd_temperature: float = 1.0
+    epochs: int = spec(10, ge=1)
+    batch_size: int = spec(64, ge=1)
+    learning_rate: float = spec(3e-3, gt=0)
+    optimizer: str = spec("adamw", choices=("adamw", "adam", "sgd"), what="optimizer")
+    weight_decay: float = spec(1e-4, ge=0)
+    candidates_per_step: int = spec(2, ge=0)  # random candidates per step besides the largest and the smallest
+    kd_weight: float = spec(1.0, ge=0, le=1)  # in-place distillation weight for all but the largest (1 = soft only)
+    kd_temperature: float = spec(1.0, gt=0)
     progressive: bool = False  # OFA progressive shrinking over the epochs
     sort_channels: bool = True  # re-order channel groups by importance after every epoch
-    recalibration_images: int = 2000  # BatchNorm re-estimation images per candidate (capped at the train split)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _validate(self.__dict__, "supernet")
+    recalibration_images: int = spec(2000, ge=1)  # BatchNorm re-estimation images per candidate (capped at the train split)
+    seed: int = spec(0, ge=0)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "supernet") -> "SupernetConfig":
-        """Validate a mapping (the `supernet:` section of an experiment); one-line `NasError` naming the key."""
-        if d is None:
-            return cls()
-        if not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        values = {}
-        for k, v in d.items():
-            if k not in allowed:
-                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(allowed)}")
-            if isinstance(v, str) and k in ("learning_rate", "weight_decay", "kd_weight", "kd_temperature"):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise NasError(f"{source}.{k}: {v!r} is not a number") from None
-            values[k] = v
-        _validate({**{f.name: f.default for f in fields(cls)}, **values}, source)
-        return cls(**values)
+        """Validate a mapping; `source` is 'FILE: KEY' or just 'KEY' (one-line `NasError` naming the key)."""
+        file, _, key = source.rpartition(": ")
+        return build(cls, {} if d is None else d, file, key)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _validate(v: Mapping[str, Any], source: str) -> None:
-    def bad(key: str, allowed: str) -> NasError:
-        return NasError(f"{source}.{key}: invalid value {v[key]!r}; allowed {allowed}")
-
-    def is_int(x: Any) -> bool:
-        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-    def is_num(x: Any) -> bool:
-        return isinstance(x, Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
-
-    for key, low in (("epochs", 1), ("batch_size", 1), ("candidates_per_step", 0), ("recalibration_images", 1),
-                     ("seed", 0)):
-        if not is_int(v[key]) or v[key] < low:
-            raise bad(key, f"an integer >= {low}")
-    for key in ("learning_rate", "kd_temperature"):
-        if not is_num(v[key]) or v[key] <= 0:
-            raise bad(key, "a number > 0")
-    if not is_num(v["weight_decay"]) or v["weight_decay"] < 0:
-        raise bad("weight_decay", "a number >= 0")
-    if not is_num(v["kd_weight"]) or not 0 <= v["kd_weight"] <= 1:
-        raise bad("kd_weight", "a number in [0, 1]")
-    if v["optimizer"] not in _OPTIMIZERS:
-        raise bad("optimizer", f"one of {', '.join(_OPTIMIZERS)}")
-    for key in ("progressive", "sort_channels"):
-        if not isinstance(v[key], bool):
-            raise bad(key, "true or false")
 
 
 def _decay_mask(params: Any) -> Any:

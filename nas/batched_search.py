@@ -9,7 +9,8 @@ ask/tell), score the batch in one call, tell every score back, repeat until `num
 The supernet's weights are loaded once for the whole search. The outputs are those of a Tune
 search: trials.csv (same columns), infeasible.jsonl, winners.json with winners/NN/ holding the
 winners' extracted weights, the Pareto fronts and the TensorBoard files of `nas.monitor`; the
-state is saved after every batch, so `--resume` continues where a killed search stopped.
+state is saved after every batch, so `--resume` continues where a killed search stopped. Ray-free:
+`nas search` calls `run_supernet_search` for such an experiment without starting Ray.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import optuna
 
-from evaluators.train import save_variables
+from evaluators.variables import save_variables
 from nas.config import ExperimentConfig
-from nas.inherited import Scorer
-from nas.monitor import SearchMonitor
-from nas.search import (METRIC, SUGGESTION, TRIAL_COLUMNS, Experiment, Feasibility, OPTUNA_ALGORITHMS,
-                        check_run_dir, prepare, write_results)
+from nas.inherited import Scorer, SupernetScorer
+from nas.monitor import LineStream, SearchMonitor
+from nas.preflight import OPTUNA_ALGORITHMS, prepare
+from nas.rundir import (ARCHITECTURE, METRIC, SUGGESTION, TRIAL_COLUMNS, VARIABLES, Experiment, Feasibility,
+                        check_run_dir, read_infeasible, result_columns, write_results)
 from nas.strategies import make_strategy
 from search_spaces.errors import NasError
 
 STATE_FILE = "batched_search.json"
-ROWS_FILE = "finished.jsonl"
+ROWS_FILE = "scored.jsonl"  # one scored candidate a line (its row of trials.csv and its decisions)
 
 
 # ==================================================================== askers: one batch interface for every algorithm
@@ -65,13 +68,11 @@ class StrategyAsker:
 
 class OptunaAsker:
     """Optuna's TPE (`tpe`) or NSGA-II (`nsga2`) through Optuna's own ask/tell; infeasible candidates
-    are told as failures' worst values and asked again (as `nas.search.ConstrainedSearcher` does)."""
+    are told as failures' worst values and asked again (as `nas.tune.searchers.ConstrainedSearcher` does)."""
 
     MAX_TRIES = 1000
 
     def __init__(self, exp: Experiment, feasible: Feasibility):
-        import optuna
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.exp, self.feasible = exp, feasible
         self.multi = OPTUNA_ALGORITHMS[exp.cfg.search.algorithm]
@@ -101,8 +102,6 @@ class OptunaAsker:
             config = {k: int(v) for k, v in trial.params.items()}
             arch = self.exp.space.from_choices(config)
             if arch.key in self.told or arch.key in self.live:  # a repeat: told what it got, never scored twice
-                import optuna
-
                 if arch.key in self.told:
                     self.study.tell(trial, self.told[arch.key])
                 else:
@@ -129,8 +128,6 @@ class OptunaAsker:
         if trial is None:
             return
         if row["status"] != "ok":
-            import optuna
-
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
         self.told[row["key"]] = self._values(float(row["accuracy"]), float(row[METRIC]),
@@ -142,8 +139,6 @@ class OptunaAsker:
 
     def restore(self, state: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
         """Replay the finished candidates into a fresh study (Optuna samplers are conditioned on them)."""
-        import optuna
-
         for r in rows:
             if r["status"] != "ok":
                 continue
@@ -183,8 +178,9 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
     printer(f"search '{cfg.name}': space {exp.space.name} ({exp.space.size():,d} architectures), evaluator "
             f"{cfg.evaluator.kind} ({cfg.evaluator.run}), {cfg.num_trials} candidates in batches of {batch}, "
             f"algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
-    monitor = BatchMonitor(run_dir, exp.space, cfg.num_trials, stream=None if printer is print else _Lines(printer),
-                            tty=False, latency_profile=(cfg.objective.profiles or ("host",))[0])
+    monitor = BatchMonitor(run_dir, exp.space, cfg.num_trials, tty=False,
+                           stream=None if printer is print else LineStream(printer),
+                           latency_profile=(cfg.objective.profiles or ("host",))[0])
     t_start = time.perf_counter()
     try:
         while len(rows) < cfg.num_trials:
@@ -206,7 +202,7 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
             flush=True)
     _attach_winner_weights(exp, scorer, rows, run_dir)
     out = [{k: v for k, v in r.items() if k != "config"} for r in rows]
-    for rec in Feasibility.read(run_dir / "infeasible.jsonl"):
+    for rec in read_infeasible(run_dir):
         if rec.pop("proposed", False):
             out.append({**{c: "" for c in TRIAL_COLUMNS}, **rec, "status": "infeasible", "checkpoint": ""})
     write_results(exp, out)
@@ -231,7 +227,7 @@ def _score_batch(exp: Experiment, scorer: Scorer, configs: list[dict[str, int]],
         ok = math.isfinite(float(a))
         row = {c: "" for c in TRIAL_COLUMNS}
         row.update({SUGGESTION: first + i, "trial_id": f"c{first + i:06d}", "key": arch.key,
-                    "status": "ok" if ok else "failed", **{k.replace("@", "_at_"): v for k, v in costs.items()},
+                    "status": "ok" if ok else "failed", **result_columns(costs),
                     "accuracy": float(a) if ok else "", METRIC: exp.objective.score(float(a), costs) if ok else "",
                     "epochs": 0, "wall_s": per, "node_id": "", "error": "" if ok else (error or "non-finite accuracy"),
                     "checkpoint": "", "config": dict(config)})
@@ -255,8 +251,8 @@ def _attach_winner_weights(exp: Experiment, scorer: Scorer, rows: list[dict[str,
             continue
         folder = run_dir / "candidates" / r["key"]
         folder.mkdir(parents=True, exist_ok=True)
-        save_variables(folder / "variables.msgpack", variables)
-        (folder / "architecture.json").write_text(arch.to_json(indent=2))
+        save_variables(folder / VARIABLES, variables)
+        (folder / ARCHITECTURE).write_text(arch.to_json(indent=2))
         for same in rows:
             if same["key"] == r["key"]:
                 same["checkpoint"] = str(folder)
@@ -303,29 +299,8 @@ class BatchMonitor(SearchMonitor):
             super()._pareto_image()
 
 
-class _Lines:
-    """A text stream handing each complete line to `printer`."""
-
-    def __init__(self, printer):
-        self.printer, self.buf = printer, ""
-
-    def write(self, text: str) -> int:
-        self.buf += text
-        while "\n" in self.buf:
-            line, self.buf = self.buf.split("\n", 1)
-            self.printer(line, flush=True)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
 def run_supernet_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False, printer=print) -> Path:
     """`evaluator: {kind: supernet, run: RUN_DIR}`: the search scores inherited accuracy on that supernet."""
-    from nas.inherited import SupernetScorer
 
     def load(exp: Experiment) -> Scorer:
         scorer = SupernetScorer.from_run(Path(cfg.evaluator.run))

@@ -22,98 +22,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from nas.search import experiment_from_run_dir, load_winners
-from nas.teacher import cached_outputs, check_teacher_spec, dataset_fingerprint, resolve_teacher, search_candidates
+from evaluators.cost import analytic_cost
+from evaluators.datasets import load_dataset
+from evaluators.predict import evaluate
+from evaluators.train import train
+from evaluators.variables import load_variables, save_variables
+from nas.config import DistillConfig
+from nas.preflight import preflight
+from nas.rundir import (TEACHER_DIR, VARIABLES, enable_compilation_cache, experiment_from_run_dir, load_winners,
+                        write_distill)
+from nas.teacher import cached_outputs, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
-
-INITS = ("search", "scratch")
-FLOAT_KEYS = ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The `distill:` section of an experiment config (validated by `from_dict`)."""
-
-    enabled: bool = True
-    teacher: Mapping[str, Any] = field(default_factory=lambda: {"key": "largest"})
-    temperature: float = 2.0  # chosen on the validation split: benchmarks/distill_sweep.py
-    alpha: float = 0.5
-    beta: float = 0.0  # weight of the hint loss on penultimate features (0: response-based KD only)
-    epochs: int = 3
-    learning_rate: float = 1e-3
-    schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
-    warmup_epochs: float = 0
-    init: str = "search"  # search: start from the winner's search checkpoint | scratch: fresh weights
-    seeds: int = 1
-    teacher_epochs: int | None = None  # None: the search's train.epochs
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
-        """Validate a mapping; a bad key or value raises `NasError` naming `{source}.{key}` and what is allowed."""
-        if d is not None and not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
-        d = dict(d or {})
-        allowed = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in allowed:
-                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        for k in FLOAT_KEYS:
-            if isinstance(d.get(k), str):  # YAML 1.1 reads '2e-3' as a string
-                try:
-                    d[k] = float(d[k])
-                except ValueError:
-                    raise NasError(f"{source}.{k}: {d[k]!r} is not a number") from None
-        cfg = cls(**d)
-        if not isinstance(cfg.enabled, bool):
-            raise NasError(f"{source}.enabled: expected true or false, got {cfg.enabled!r}")
-        check_teacher_spec(cfg.teacher, f"{source}.teacher")
-        for k in ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs"):
-            v = getattr(cfg, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise NasError(f"{source}.{k}: expected a number, got {v!r}")
-        if cfg.temperature <= 0:
-            raise NasError(f"{source}.temperature: must be > 0, got {cfg.temperature}")
-        if not 0 <= cfg.alpha <= 1:
-            raise NasError(f"{source}.alpha: must be in [0, 1], got {cfg.alpha}")
-        if cfg.beta < 0:
-            raise NasError(f"{source}.beta: must be >= 0, got {cfg.beta}")
-        if cfg.learning_rate <= 0:
-            raise NasError(f"{source}.learning_rate: must be > 0, got {cfg.learning_rate}")
-        for k in ("epochs", "teacher_epochs", "seeds"):
-            v = getattr(cfg, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise NasError(f"{source}.{k}: must be an integer >= 1, got {v!r}")
-        if cfg.init not in INITS:
-            raise NasError(f"{source}.init: {cfg.init!r}; allowed: {', '.join(INITS)}")
-        from evaluators.train import TrainConfig
-
-        TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
-        return cfg
-
-    def _schedule(self) -> dict[str, Any]:
-        schedule = self.schedule or ("warmup_cosine" if self.warmup_epochs else "cosine")
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "schedule": schedule,
-                "warmup_epochs": self.warmup_epochs}
-
-    def student_train(self, base: Any) -> Any:
-        """The students' `TrainConfig`: the search's `base` with this stage's schedule."""
-        return dataclasses.replace(base, **self._schedule())
-
-    def kd(self) -> Any:
-        """The `KDConfig` of the KD students."""
-        from evaluators.train import KDConfig
-
-        return KDConfig(temperature=float(self.temperature), alpha=float(self.alpha), beta=float(self.beta))
-
 
 # ============================================================ one student
 @dataclass(frozen=True)
@@ -131,7 +58,6 @@ def train_student(arch: Architecture, data, cfg: Any, *, init_variables: Any = N
                   teacher_logits: np.ndarray | None = None,
                   teacher_features: np.ndarray | None = None) -> StudentResult:
     """Train one student (baseline when `kd` is None) and evaluate it on the test split."""
-    from evaluators.train import evaluate, train
 
     t0 = time.perf_counter()
     if kd is None:
@@ -174,17 +100,14 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     Raises:
       NasError: a bad `distill:` section or `seeds`, a teacher that does not fit the dataset; before training.
     """
-    from evaluators.datasets import load_dataset
-    from evaluators.train import load_variables, save_variables
 
-    from nas.search import _enable_compilation_cache
-
-    _enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
+    enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
     t_start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
     cfg = exp.cfg
-    d = DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
+    preflight(cfg, ("distill",))
+    d: DistillConfig = cfg.distill
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise NasError(f"--seeds: {seeds!r}; allowed an integer >= 1")
@@ -196,11 +119,11 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     student_cfg = d.student_train(exp.train)
     seed_list = [student_cfg.seed + i for i in range(d.seeds)]
     teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
-    teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / "teacher", printer,
+    teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / TEACHER_DIR, printer,
                               candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
     printer(f"teacher {teacher.key} ({teacher.kind}, {teacher.params:,d} params): test accuracy "
             f"{teacher.test_accuracy:.4f}", flush=True)
-    logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / "teacher")
+    logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / TEACHER_DIR)
     printer(f"teacher outputs {'reused from' if reused else 'cached in'} {cache_path.relative_to(run_dir)}",
             flush=True)
     hints = standardize_features(feats) if d.beta > 0 else None
@@ -215,11 +138,9 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
         "winners": [],
     }
     for w in winners:
-        from evaluators.cost import analytic_cost
-
-        arch = Architecture.from_dict(w["architecture"])
-        folder = run_dir / w["checkpoint"]
-        search_vars = load_variables(folder / "variables.msgpack")
+        arch = w.architecture
+        folder = w.folder(run_dir)
+        search_vars = load_variables(folder / VARIABLES)
         before = _test_accuracy(arch, search_vars, data)
         init = search_vars if d.init == "search" else None
         cache_file = folder / "baselines.json"
@@ -227,7 +148,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
         per_seed, distilled, baseline_reused = [], None, 0
         for seed in seed_list:
             scfg = dataclasses.replace(student_cfg, seed=seed)
-            bkey = _baseline_key(scfg, d.init, folder / "variables.msgpack", data_fp)
+            bkey = _baseline_key(scfg, d.init, folder / VARIABLES, data_fp)
             if bkey in cache:
                 base = StudentResult(**cache[bkey])
                 baseline_reused += 1
@@ -245,28 +166,26 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
                              "gain": student.test_accuracy - base.test_accuracy,
                              "baseline_val_acc": base.val_accuracy, "kd_val_acc": student.val_accuracy,
                              "baseline_s": base.wall_s, "kd_s": student.wall_s})
-            printer(f"  winner {w['rank']} {w['key']} seed {seed}: baseline {base.test_accuracy:.4f} "
+            printer(f"  winner {w.rank} {w.key} seed {seed}: baseline {base.test_accuracy:.4f} "
                     f"KD {student.test_accuracy:.4f} ({student.wall_s:.1f}s)", flush=True)
         b_mean, b_std = mean_std([r["baseline_acc"] for r in per_seed])
         k_mean, k_std = mean_std([r["kd_acc"] for r in per_seed])
         g_mean, g_std = mean_std([r["gain"] for r in per_seed])
-        row = {"rank": w["rank"], "key": w["key"], "params": int(analytic_cost(arch).params),
+        row = {"rank": w.rank, "key": w.key, "params": int(analytic_cost(arch).params),
                "test_accuracy_before": before, "teacher_acc": teacher.test_accuracy,
                "baseline_acc": b_mean, "baseline_std": b_std, "kd_acc": k_mean, "kd_std": k_std,
                "gain": g_mean, "gain_std": g_std, "distilled": "distilled.msgpack",
                "test_accuracy_after": distilled, "baselines_reused": baseline_reused, "per_seed": per_seed}
         out["winners"].append(row)
-        printer(f"winner {w['rank']} {w['key']} ({row['params']:,d} params): search {before:.4f} | baseline "
+        printer(f"winner {w.rank} {w.key} ({row['params']:,d} params): search {before:.4f} | baseline "
                 f"{b_mean:.4f} ± {b_std:.4f} | KD {k_mean:.4f} ± {k_std:.4f} | gain {g_mean:+.4f} ± {g_std:.4f} "
                 f"({d.seeds} seed{'s' if d.seeds > 1 else ''})", flush=True)
     out["wall_s"] = time.perf_counter() - t_start
-    (run_dir / "distill.json").write_text(json.dumps(out, indent=2))
+    write_distill(run_dir, out)
     return out
 
 
 def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
-    from evaluators.train import evaluate
-
     return evaluate(arch, variables, data.x_test, data.y_test)[0]
 
 

@@ -22,12 +22,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import yaml
 
 from evaluators.cost import analytic_cost
+from evaluators.hardware import PROFILES
 from evaluators.predictor import Predictor
-from nas.inherited import Scorer
+from evaluators.variables import save_variables
+from nas.inherited import Scorer, SupernetScorer, fitted_predictor
 from nas.objective import LATENCY_PREFIX, Constraint, Objective, check_cost_name
+from nas.rundir import ARCHITECTURE, CONFIG, VARIABLES, WINNERS_DIR, Winner, write_winners
 from nas.strategies import make_strategy
+from nas.teacher import largest
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
@@ -85,8 +90,6 @@ def parse_targets(profiles: Sequence[str], constraints: Sequence[str], *, all_pr
     constraint on `latency_ms` without a profile applies to every target's own latency; any other
     cost (params, macs, ...) applies to every target. `all_profiles` targets every registered profile.
     """
-    from evaluators.hardware import PROFILES
-
     if all_profiles and profiles:
         raise NasError("--all-profiles: give either --all-profiles or --profile, not both")
     names = list(PROFILES.names()) if all_profiles else list(dict.fromkeys(profiles))
@@ -211,35 +214,29 @@ def write_specialized(out_dir: Path, result: Specialized, scorer: Scorer, base_c
 
     `base_config` (the supernet run's experiment config as plain data) is saved as config.yaml with
     the target's constraints, so `nas distill`/`nas export` read this folder as a run directory;
-    `teacher` (a checkpoint folder) becomes `distill.teacher` when given.
+    `teacher` (a checkpoint folder) becomes `distill.teacher` when given. The predicted accuracy and
+    the costs of each winner are in specialize.json.
     """
-    import yaml
-
-    from evaluators.train import save_variables
-
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    (out_dir / "winners").mkdir(parents=True)
+    (out_dir / WINNERS_DIR).mkdir(parents=True)
     winners = []
     for rank, w in enumerate(result.winners, start=1):
         arch: Architecture = w["architecture"]
         variables = scorer.extract(arch)
         checkpoint = None
         if variables is not None:
-            dest = out_dir / "winners" / f"{rank:02d}"
+            dest = out_dir / WINNERS_DIR / f"{rank:02d}"
             dest.mkdir(parents=True)
-            save_variables(dest / "variables.msgpack", variables)
-            (dest / "architecture.json").write_text(arch.to_json(indent=2))
+            save_variables(dest / VARIABLES, variables)
+            (dest / ARCHITECTURE).write_text(arch.to_json(indent=2))
             checkpoint = str(dest.relative_to(out_dir))
         cost = analytic_cost(arch)
-        winners.append({
-            "rank": rank, "key": w["key"], "space": arch.space, "trial_id": f"specialized-{result.target.profile}",
-            "score": w["measured"], "val_accuracy": w["measured"], "predicted_accuracy": w["predicted"],
-            "params": int(cost.params), "macs": int(cost.macs),
-            **{k.replace("@", "_at_"): v for k, v in w["costs"].items() if k.startswith(LATENCY_PREFIX)},
-            "architecture": arch.to_dict(), "checkpoint": checkpoint,
-        })
-    (out_dir / "winners.json").write_text(json.dumps(winners, indent=2))
+        winners.append(Winner(rank=rank, key=w["key"], space=arch.space,
+                              trial_id=f"specialized-{result.target.profile}", score=w["measured"],
+                              val_accuracy=w["measured"], params=int(cost.params), macs=int(cost.macs),
+                              architecture=arch, checkpoint=checkpoint))
+    write_winners(out_dir, winners)
     if base_config is not None:
         cfg = json.loads(json.dumps(base_config))
         cfg["name"] = out_dir.name
@@ -249,7 +246,7 @@ def write_specialized(out_dir: Path, result: Specialized, scorer: Scorer, base_c
         obj["profiles"] = [result.target.profile]
         if teacher:
             cfg.setdefault("distill", {})["teacher"] = {"checkpoint": teacher}
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (out_dir / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     (out_dir / "specialize.json").write_text(json.dumps({
         "profile": result.target.profile, "constraints": {c.cost: c.maximum for c in result.target.constraints},
         "proposed": result.proposed, "feasible_predicted": result.feasible_seen, "measured": result.measured,
@@ -278,9 +275,6 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target], cfg: Speciali
         NasError: no supernet in the run, or a target no candidate meets (checked for every target
         before any is searched).
     """
-    from nas.inherited import SupernetScorer, fitted_predictor
-    from nas.teacher import largest
-
     cfg = cfg or SpecializeConfig()
     scorer = SupernetScorer.from_run(run_dir)
     for t in targets:
@@ -292,12 +286,10 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target], cfg: Speciali
     out_root = scorer.run_dir / "specialized"
     teacher_dir = out_root / "teacher-largest"
     big = largest(scorer.space)
-    if not (teacher_dir / "variables.msgpack").exists():
-        from evaluators.train import save_variables
-
+    if not (teacher_dir / VARIABLES).exists():
         teacher_dir.mkdir(parents=True, exist_ok=True)
-        save_variables(teacher_dir / "variables.msgpack", scorer.extract(big))
-        (teacher_dir / "architecture.json").write_text(big.to_json(indent=2))
+        save_variables(teacher_dir / VARIABLES, scorer.extract(big))
+        (teacher_dir / ARCHITECTURE).write_text(big.to_json(indent=2))
     base = scorer.experiment.to_dict()
     results = []
     for t in targets:

@@ -1,13 +1,13 @@
 """The supernet route, Ray-free: validate an experiment's `supernet:` section, lay out
 RUN_DIR/supernet/, write its outputs (weights, manifest, history, TensorBoard events) and score
-candidates of a trained supernet (`nas supernet eval`). Training on Ray lives in `nas.supernet_ray`.
+candidates of a trained supernet (`nas supernet eval`). Training on Ray lives in `nas.tune.supernet`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +17,8 @@ from tensorboardX import SummaryWriter
 from evaluators.datasets import Dataset, load_dataset
 from evaluators.supernet import SavedSupernet, SupernetConfig, load_supernet, save_supernet, score
 from nas.config import ExperimentConfig, config_from_dict
+from nas.preflight import load_fitting_data, preflight
+from nas.rundir import resolve_space
 from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
@@ -39,11 +41,6 @@ class SupernetJob:
         return self.cfg.run_dir / SUPERNET_DIR
 
 
-def resolve_space(cfg: ExperimentConfig) -> SearchSpace:
-    space = load_space(cfg.space)
-    return space.with_input(**cfg.space_input) if cfg.space_input else space
-
-
 def load_data(cfg: ExperimentConfig) -> Dataset:
     c = cfg.dataset
     return load_dataset(c.name, seed=cfg.seed, path=c.path, val_fraction=c.val_fraction,
@@ -52,19 +49,10 @@ def load_data(cfg: ExperimentConfig) -> Dataset:
 
 def prepare(cfg: ExperimentConfig) -> SupernetJob:
     """Validate everything supernet training needs before anything runs (one-line errors)."""
+    preflight(cfg)
     space = resolve_space(cfg)
-    train = SupernetConfig.from_dict(cfg.supernet, source=f"{cfg.source}: supernet")
-    if cfg.dataset.path is not None:  # a trial runs in its own working directory
-        cfg = replace(cfg, dataset=replace(cfg.dataset, path=str(Path(cfg.dataset.path).resolve())))
-    data = load_data(cfg)
-    if (data.resolution, data.channels, data.num_classes) != (space.resolutions[0], space.in_channels,
-                                                               space.num_classes) or len(space.resolutions) > 1:
-        raise NasError(
-            f"{cfg.source}: dataset '{cfg.dataset.name}' gives {data.resolution}x{data.resolution}x{data.channels} "
-            f"images with {data.num_classes} classes but space '{space.name}' expects {list(space.resolutions)}x"
-            f"{space.in_channels} with {space.num_classes} classes; set space_input: {{resolution: {data.resolution}, "
-            f"in_channels: {data.channels}, num_classes: {data.num_classes}}}")
-    return SupernetJob(cfg, space, train)
+    load_fitting_data(cfg, space)
+    return SupernetJob(cfg, space, cfg.supernet or SupernetConfig())
 
 
 def check_out_dir(job: SupernetJob, *, resume: bool, force: bool) -> Path:

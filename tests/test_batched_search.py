@@ -9,11 +9,11 @@ import json
 import pytest
 import yaml
 
-from evaluators.train import check_variables, load_variables
+from evaluators.variables import check_variables, load_variables
+from nas.batched_search import run_supernet_search
 from nas.cli import main
 from nas.config import load_config
 from nas.objective import cost_value
-from nas.search import run_search
 from search_spaces.architecture import Architecture
 
 CAP = 0.12  # ms on pixel4; mobile_small at 8x8 predicts 0.04-0.19 ms, so the cap binds
@@ -35,7 +35,7 @@ def _experiment(tmp_path, run, algorithm="evolution", trials=24, **extra):
 @pytest.mark.parametrize("algorithm", ["evolution", "tpe"])
 def test_search_on_a_supernet_writes_trials_and_winners_with_weights(tmp_path, supernet_run, algorithm):
     cfg = load_config(_experiment(tmp_path, supernet_run, algorithm))
-    run_dir = run_search(cfg, printer=lambda *a, **k: None)
+    run_dir = run_supernet_search(cfg, printer=lambda *a, **k: None)
     rows = list(csv.DictReader((run_dir / "trials.csv").open()))
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 24 and len({r["key"] for r in ok}) == 24

@@ -121,7 +121,7 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
     head (FailureConfig max_failures), the search completes its budget, and every trial that had
     finished is kept. Training trials: table look-ups end before the worker's first actor is up."""
     n = 3
-    sets = [f"output_dir={tmp_path}", "name=nodeloss", f"num_trials={n}", "max_concurrent=2", "train.epochs=3",
+    sets = [f"output_dir={tmp_path}", "name=nodeloss", f"num_trials={n}", "max_concurrent=2", "train.epochs=6",
             "resources.cpu=1", "max_failures=2", "top_k=1"]
     p = drivers(_search_args(QUICKSTART, *sets, address=cluster.address), cluster.env)
     worker = cluster.worker_node_id
@@ -130,7 +130,11 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
         assert p.poll() is None, "the search ended before a trial ran on the worker node:\n" + p.stdout.read()
         assert time.time() < deadline, "no trial actor started on the worker node"
         time.sleep(0.5)
-    time.sleep(3.0)  # into its training
+    # into its training: its first epoch reported (so an epoch checkpoint exists), its last not yet
+    while not _reported_epochs(tmp_path / "nodeloss", worker):
+        assert p.poll() is None and time.time() < deadline, "no epoch reported on the worker node"
+        time.sleep(0.2)
+    assert max(_reported_epochs(tmp_path / "nodeloss", worker)) < 6, "the trial finished before the kill"
     killed_at = time.time()
     cluster.kill_worker()
     out = _finish(p, timeout=900)
@@ -143,6 +147,20 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
     assert all(by_id[t]["node_id"] == cluster.head_node_id for t in retried)  # finished on the head
     print(f"node loss: {len(retried)} trial(s) retried on the head; search finished "
           f"{time.time() - killed_at:.0f} s after the kill")
+
+
+def _reported_epochs(run_dir: Path, node_id: str) -> list[int]:
+    """Epochs that trials on `node_id` have reported so far (Tune's per-trial result.json lines)."""
+    epochs = []
+    for f in (run_dir / "tune").glob("*/result.json"):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if r.get("node_id") == node_id and r.get("epochs"):
+                epochs.append(int(r["epochs"]))
+    return epochs
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_path, macro_table_path, drivers):

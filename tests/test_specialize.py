@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from evaluators.train import check_variables, load_variables
+from evaluators.hardware import PROFILES
+from evaluators.variables import check_variables, load_variables
 from nas.cli import main
 from nas.objective import Constraint, cost_value
-from nas.search import experiment_from_run_dir, load_winners
+from nas.rundir import experiment_from_run_dir, load_winners
 from nas.specialize import SpecializeConfig, Target, parse_targets, run_specialize
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -26,8 +27,6 @@ def test_constraints_pair_with_their_profiles():
 
 
 def test_all_profiles_with_a_latency_budget_each():
-    from evaluators.hardware import PROFILES
-
     targets = parse_targets([], ["latency_ms=2.5"], all_profiles=True)
     assert [t.profile for t in targets] == PROFILES.names()
     assert all(t.constraints == (Constraint(f"latency_ms@{t.profile}", 2.5),) for t in targets)
@@ -76,8 +75,10 @@ def test_specialized_winners_meet_the_constraint_and_load_as_models(supernet_run
             variables = load_variables(folder / w["checkpoint"] / "variables.msgpack")
             check_variables(arch, variables)  # the stand-alone tree build_model(arch) expects
         exp = experiment_from_run_dir(folder)  # what nas distill / nas export read first
-        assert exp.space.name == "mobile_small" and load_winners(folder) == winners
-        assert (Path(exp.cfg.distill["teacher"]["checkpoint"]) / "variables.msgpack").exists()
+        assert exp.space.name == "mobile_small"
+        assert [(w.rank, w.key, w.checkpoint) for w in load_winners(folder)] == \
+            [(w["rank"], w["key"], w["checkpoint"]) for w in winners]
+        assert (Path(exp.cfg.distill.teacher.checkpoint) / "variables.msgpack").exists()
 
 
 @pytest.mark.slow

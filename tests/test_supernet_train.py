@@ -59,7 +59,7 @@ def trained(digits):
 
 # ------------------------------------------------------------------ config
 def test_config_from_dict_names_the_unknown_key_on_one_line():
-    with pytest.raises(NasError, match=r"exp.yaml: supernet.candidates: unknown key; allowed: epochs") as e:
+    with pytest.raises(NasError, match=r"exp.yaml: supernet.candidates: unknown key; allowed: batch_size, candidates_per_step, epochs") as e:
         SupernetConfig.from_dict({"candidates": 3}, source="exp.yaml: supernet")
     assert "\n" not in str(e.value)
 

@@ -39,6 +39,8 @@ _LOG_BOUNDS_NOISE = (np.log(1e-6), np.log(1.0))
 _PRIOR_SD = 2.0  # weak log-normal priors on all hyper-parameters
 
 
+# Kept over Optuna's GPSampler: NAS-Bench-Macro, 20 seeds, no constraint, median queries to the best network
+# 37.5 (20/20 seeds) vs 78 (16/20), to within 0.1 point 24 vs 22.5 (benchmarks/search_macro.py --algorithms default,optuna-gp).
 @STRATEGIES.register("bayesopt")
 class GPBayesOpt(BaseStrategy):
     """GP + UCB over categorical decisions (see the module docstring).

@@ -19,6 +19,8 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from evaluators.supernet import MANIFEST, WEIGHTS, load_supernet, save_supernet, train_supernet
 from nas.config import ExperimentConfig
+from nas.tune.driver import init_ray
+from nas.messages import last_line
 from nas.supernet import SupernetJob, check_out_dir, load_data, prepare, write_outputs
 from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
@@ -71,18 +73,6 @@ class _Progress(tune.Callback):
                          f"  ({result['epoch_s']:.1f} s)", flush=True)
 
 
-def _init_ray(address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    env = {"PYTHONWARNINGS": "ignore"}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:  # a new local instance, never whatever cluster this machine happens to run
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env}, configure_logging=False)
-
-
 def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False,
                  address: str | None = None, printer=print) -> Path:
     """Train the supernet of `cfg` as one Tune trial; writes RUN_DIR/supernet/ and returns it."""
@@ -92,7 +82,7 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
     # num_to_keep=2 (a checkpoint holds the whole supernet and its optimizer state) forces a snapshot of the
     # one-trial experiment per checkpoint, which is cheap here; Tune warns about it every epoch otherwise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    _init_ray(address)
+    init_ray(address)
     out = check_out_dir(job, resume=resume, force=force)
     trainable = tune.with_resources(tune.with_parameters(supernet_trial, job=job),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
@@ -111,7 +101,7 @@ def train_on_ray(cfg: ExperimentConfig, *, resume: bool = False, force: bool = F
     grid = tuner.fit()
     result = grid[0]
     if result.error is not None or result.checkpoint is None:
-        raise NasError(f"supernet training of '{cfg.name}' failed: {str(result.error).strip().splitlines()[-1:]} "
+        raise NasError(f"supernet training of '{cfg.name}' failed: {last_line(str(result.error))} "
                        f"(continue with: nas supernet train {cfg.source} --resume)")
     with result.checkpoint.as_directory() as d:
         if not (Path(d) / WEIGHTS).exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,12 +14,14 @@ from evaluators.energy import energy
 from evaluators.hardware import PROFILES
 from evaluators.calibrate import calibrate, validate
 from evaluators.latency import latency_breakdown
-from nas.config import EXPORT_FORMATS, ExportConfig, load_config
+from nas.batched_search import run_supernet_search
 from nas.compress import compress_options, run_compress
+from nas.config import EXPORT_FORMATS, ExperimentConfig, ExportConfig, load_config
 from nas.distill import run_distill
 from nas.export import export_run
 from nas.preflight import STAGES, preflight
 from nas.report import write_report
+from nas.specialize import SpecializeConfig, parse_targets, run_specialize
 from nas.supernet import evaluate_keys
 from nas.rundir import WINNERS, SearchInterrupted, read_architecture, read_distill, read_winners
 from search_spaces.catalog import SPACES, load_space
@@ -212,13 +215,42 @@ def _report_args(p):
                    help="skip training the hand-designed reference networks")
 
 
-@command("search", "run a search experiment on Ray Tune")(_search_args)
-def _search(args):
+def _run_search(cfg: ExperimentConfig, args) -> Path:
+    """The search of `cfg`: on Ray Tune, or in this process without Ray for `evaluator.kind: supernet`."""
+    if cfg.evaluator.kind == "supernet":  # many candidates per call, no Tune trial each
+        return run_supernet_search(cfg, resume=args.resume, force=args.force)
     from nas.tune import run_search  # imported when used: importing Ray takes seconds, `nas spaces` should not
 
+    return run_search(cfg, resume=args.resume, force=args.force, address=args.address)
+
+
+@command("search", "run a search experiment on Ray Tune (or on a trained supernet)")(_search_args)
+def _search(args):
     cfg = load_config(args.config, args.overrides)
-    run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
+    run_dir = _run_search(cfg, args)
     _print_winners(run_dir)
+
+
+def _specialize_args(p):
+    _run_dir_args(p)
+    p.add_argument("--profile", action="append", default=[], help="hardware profile to specialize for (repeatable)")
+    p.add_argument("--all-profiles", action="store_true", help="every registered hardware profile")
+    p.add_argument("--constraint", action="append", default=[], metavar="COST=MAX",
+                   help="hard constraint, e.g. latency_ms@pixel4=3.0 (latency_ms=3.0: each profile's own latency)")
+    p.add_argument("--budget", type=int, default=None, help="candidates predicted per profile")
+    p.add_argument("--confirm", type=int, default=None, help="best predicted candidates measured on the supernet")
+    p.add_argument("--measure", type=int, default=300, help="random candidates measured to fit the predictor (once)")
+
+
+@command("specialize", "pick the best supernet candidate per hardware profile, without training")(_specialize_args)
+def _specialize(args):
+    targets = parse_targets(args.profile, args.constraint, all_profiles=args.all_profiles)
+    cfg = SpecializeConfig()
+    if args.budget is not None:
+        cfg = dataclasses.replace(cfg, budget=args.budget, population=min(cfg.population, args.budget))
+    if args.confirm is not None:
+        cfg = dataclasses.replace(cfg, confirm=args.confirm, top_k=min(cfg.top_k, args.confirm))
+    run_specialize(args.run_dir, targets, cfg, measure=args.measure)
 
 
 def _distill_args(p):
@@ -253,11 +285,9 @@ def _report(args):
 
 @command("run", "search, distill, compress (when compress.enabled) and export, in order")(_search_args)
 def _run(args):
-    from nas.tune import run_search  # imported when used: importing Ray takes seconds, `nas spaces` should not
-
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, STAGES)  # the later stages' files too, before the search spends its hours
-    run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
+    run_dir = _run_search(cfg, args)
     if cfg.distill.enabled:
         print("distillation:", flush=True)
         run_distill(run_dir)

@@ -7,7 +7,7 @@ applied to the raw document before validation, so they are validated the same wa
 live here, in the field declarations, and nowhere else.
 
 Paths: every path of an experiment (`dataset.path`, `output_dir`, `storage_path` unless a URI,
-`distill.teacher.checkpoint`) is resolved once, when the config is loaded, relative to the
+`distill.teacher.checkpoint`, `evaluator.run`) is resolved once, when the config is loaded, relative to the
 current working directory, and stored absolute: Ray trials run in their own working directory,
 and a run directory's config.yaml then names the files it used. Whether those files exist is
 checked by `nas.preflight.preflight`.
@@ -81,16 +81,23 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    """How a candidate is evaluated: trained on the dataset, or looked up in a benchmark table."""
+    """How a candidate is evaluated: trained on the dataset, looked up in a benchmark table, or scored
+    on a trained supernet (inherited accuracy, `batch` candidates per call; nas.batched_search)."""
 
-    kind: str = spec("train", choices=("train", "table"), what="evaluator")
+    kind: str = spec("train", choices=("train", "table", "supernet"), what="evaluator")
     table: str | None = None  # a NAS-Bench-Macro-format JSON (kind: table)
+    run: str | None = spec(None, check=lambda v: None if v else "empty; allowed a run directory with a trained "
+                           "supernet (from `nas supernet train`)")  # kind: supernet; absolute once loaded
+    batch: int = spec(64, ge=1)  # candidates scored per call (kind: supernet)
     metric: str = "mean_acc"
     sample_repeat: bool = False
 
     def check(self, err: Errors) -> None:
         if self.kind == "table" and not self.table:
             raise err("table", "required with evaluator.kind = table (a benchmark table JSON file)")
+        if self.kind == "supernet" and not self.run:
+            raise err("run", "required with evaluator.kind = supernet (a run directory with a trained supernet, "
+                             "from `nas supernet train`)")
 
 
 @dataclass(frozen=True)
@@ -326,6 +333,7 @@ def _resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
             evaluator = dataclasses.replace(evaluator, table=str(resolve_table(evaluator.table)))
         except NasError as e:
             raise NasError(f"{cfg.source}: evaluator.table: {e}") from None
+    evaluator = dataclasses.replace(evaluator, run=absolute(evaluator.run))
     return dataclasses.replace(
         cfg, output_dir=absolute(cfg.output_dir), storage_path=absolute(cfg.storage_path), evaluator=evaluator,
         dataset=dataclasses.replace(cfg.dataset, path=absolute(cfg.dataset.path)),

@@ -1,7 +1,7 @@
 """Watch a search while it runs: TensorBoard event files and live terminal progress (Ray-free).
 
 `SearchMonitor` is fed plain dicts (the per-epoch results a trial reports) by a thin adapter in
-the driver (`nas.search`), and writes, under ``RUN_DIR/tensorboard/``:
+the driver (`nas.tune.progress`, `nas.batched_search`), and writes, under ``RUN_DIR/tensorboard/``:
 
 * ``trials/<trial_id>-<key>/``: per trial, ``trial/train_loss``, ``trial/val_loss`` and
   ``trial/val_accuracy`` at step = epoch; at the end ``result/accuracy``, ``result/score``,
@@ -377,6 +377,26 @@ class SearchMonitor:
         return grid
 
 
+class LineStream:
+    """A text stream that hands each complete line to `printer` (print, or a test's collector)."""
+
+    def __init__(self, printer):
+        self.printer, self.buf = printer, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.printer(line, flush=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.printer is print and sys.stdout.isatty()
+
+
 def _step(result: Mapping[str, Any]) -> int:
     """The epoch of a result (Tune's training_iteration when it has no 'epochs')."""
     for k in ("epochs", "training_iteration"):
@@ -385,4 +405,4 @@ def _step(result: Mapping[str, Any]) -> int:
     return 0
 
 
-__all__ = ["SearchMonitor", "latency_of"]
+__all__ = ["LineStream", "SearchMonitor", "latency_of"]

@@ -1,8 +1,9 @@
 """Everything a run needs, checked before Ray starts and before anything is written (Ray-free).
 
 `preflight(cfg, stages)` checks what the config names on the disk: the dataset file, a teacher
-checkpoint (when distillation runs), the output and storage folders (writable, probed without
-leaving anything behind) and the latency tables the objective will read. `prepare(cfg)` runs it,
+checkpoint (when distillation runs), the run a `kind: supernet` evaluator scores on, the output
+and storage folders (writable, probed without leaving anything behind) and the latency tables the
+objective will read. `prepare(cfg)` runs it,
 then resolves the space, objective and training config, checks the search algorithm and its
 options, the dataset or benchmark table against the space, and that some architecture satisfies
 the hard constraints. Every failure is a one-line `NasError` naming the file, the key and the
@@ -54,6 +55,9 @@ def preflight(cfg: ExperimentConfig, stages: Collection[str] = ("search",)) -> N
         _check_file(Path(cfg.dataset.path), src, "dataset.path", "a dataset file")
     if "search" in stages:
         _check_writable(Path(cfg.output_dir), src, "output_dir")
+        if cfg.evaluator.kind == "supernet" and not Path(cfg.evaluator.run).is_dir():
+            raise NasError(f"{src}: evaluator.run: {cfg.evaluator.run}: no such folder (a run directory with a "
+                           f"trained supernet, from `nas supernet train`)")
         if cfg.storage_path and "://" not in cfg.storage_path:
             _check_writable(Path(cfg.storage_path), src, "storage_path")
     if "distill" in stages and cfg.distill.enabled:

@@ -5,20 +5,21 @@ One reader and one writer per file, so no other module parses these files by han
 | file | written by | record / function |
 |---|---|---|
 | `config.yaml` | `check_run_dir` (the search) | `experiment_from_run_dir`, `read_saved_config` |
-| `trials.csv` | `write_trials` | `read_trials` (rows of str; old `latency_ms@P` columns renamed) |
+| `trials.csv` | `write_trials` (`write_results`: with pareto.json and winners) | `read_trials` (rows of str; old `latency_ms@P` columns renamed) |
 | `winners.json` | `write_winners` | `Winner`, `load_winners`, `read_winners` |
 | `winners/NN/` | the search (trial's final checkpoint) | `Winner.folder`, `VARIABLES`, `ARCHITECTURE` |
 | `distill.json` | `write_distill` | `DistillReport`, `DistillRow`, `read_distill` (both schemas) |
 | `pareto.json` | `nas.pareto.write_pareto` | - |
 | `finished.jsonl` | the Tune callback in `nas.tune` | `read_finished`, `suggestion_id` |
-| `infeasible.jsonl` | `append_infeasible` | `read_infeasible` |
+| `infeasible.jsonl` | `append_infeasible` (`Feasibility`) | `read_infeasible` |
+| `scored.jsonl`, `batched_search.json`, `candidates/` | `nas.batched_search` (rows, searcher state, top-k weights) | `nas.batched_search` |
 | `tune/` | Ray Tune (its own layout) | `trial_checkpoints` (final checkpoints only) |
 | `export/` | `nas.export` | `export_dir` |
 
 Result columns spell a latency cost `latency_ms_at_PROFILE` (`result_column`); the cost model
 calls it `latency_ms@PROFILE`. trials.csv files written with the `@` spelling still read.
 
-One module on purpose (about 400 lines): the table above is the whole contract between the
+One module on purpose (about 500 lines): the table above is the whole contract between the
 stages, and keeping its readers and writers side by side is what keeps them in step.
 """
 
@@ -39,6 +40,7 @@ from evaluators.cost import analytic_cost
 from evaluators.optim import TrainConfig
 from nas.config import ExperimentConfig, config_from_dict
 from nas.objective import LATENCY_PREFIX, Objective
+from nas.pareto import write_pareto
 from search_spaces.architecture import Architecture
 from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
@@ -59,6 +61,7 @@ VARIABLES = "variables.msgpack"  # a checkpoint folder's weights
 ARCHITECTURE = "architecture.json"  # a checkpoint folder's architecture
 TRAIN_STATE = "train_state.msgpack"  # an epoch checkpoint's training state
 SUGGESTION = "suggestion"  # the searcher's running count, stamped into each trial's config
+METRIC = "score"  # the result field a search maximizes
 TRIAL_COLUMNS = ["suggestion", "trial_id", "key", "status", "params", "macs", "accuracy", "score", "epochs", "wall_s",
                  "node_id", "error"]
 RESULT_LATENCY_PREFIX = "latency_ms_at_"
@@ -228,6 +231,45 @@ def write_winners(run_dir: Path, winners: Iterable[Winner]) -> Path:
     return path
 
 
+def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> None:
+    """trials.csv (every trial), pareto.json, winners.json (top-k by score, with what is needed to rebuild
+    them; each winner's checkpoint folder, a row's `checkpoint`, copied to winners/NN/)."""
+    run_dir = exp.run_dir
+    write_trials(run_dir, rows)
+    done = [r for r in rows if r["status"] == "ok"]
+    write_pareto([{k: _float(v) for k, v in r.items() if k in ("accuracy", "params", "macs") or k.startswith("latency")}
+                  | {"key": r["key"]} for r in done], run_dir)
+    table_mode = exp.cfg.evaluator.kind == "table"
+    ok = [r for r in rows if r["status"] == "ok" and (r["checkpoint"] or table_mode)]
+    ok.sort(key=lambda r: (-float(r[METRIC]), r["key"]))
+    winners, seen = [], set()
+    for r in ok:
+        if r["key"] in seen:
+            continue
+        seen.add(r["key"])
+        rank = len(winners) + 1
+        dest = run_dir / WINNERS_DIR / f"{rank:02d}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        if r["checkpoint"]:
+            shutil.copytree(r["checkpoint"], dest)
+        winners.append(Winner(
+            rank=rank, key=r["key"], space=exp.space.name, trial_id=r["trial_id"], score=float(r[METRIC]),
+            val_accuracy=float(r["accuracy"]), params=int(float(r["params"])), macs=int(float(r["macs"])),
+            architecture=exp.space.decode(r["key"]),
+            checkpoint=str(dest.relative_to(run_dir)) if r["checkpoint"] else None))
+        if len(winners) == exp.cfg.top_k:
+            break
+    write_winners(run_dir, winners)
+
+
+def _float(v: Any) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
 def read_winners(run_dir: str | Path) -> list[Winner]:
     """The winners of a run; empty when there is no winners.json."""
     path = Path(run_dir) / WINNERS
@@ -378,6 +420,27 @@ def read_finished(run_dir: str | Path, printer: Callable[..., None] | None = Non
 def append_infeasible(run_dir: Path, record: Mapping[str, Any]) -> None:
     with (Path(run_dir) / INFEASIBLE).open("a") as f:
         f.write(json.dumps(dict(record)) + "\n")
+
+
+class Feasibility:
+    """A picklable feasibility check that logs every candidate the cost model rejects (once) to
+    infeasible.jsonl, marking whether a searcher proposed it (`proposed`) or a strategy only
+    screened it while choosing (e.g. the GP scoring every key of a small space)."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.seen = {(r["key"], r.get("proposed", False)) for r in read_infeasible(exp.run_dir)}
+
+    def __call__(self, arch: Architecture, proposed: bool = False) -> bool:
+        if not self.exp.objective.constraints:
+            return True
+        costs = self.exp.objective.costs(arch)
+        violations = self.exp.objective.violations(costs)
+        if violations and (arch.key, proposed) not in self.seen:
+            self.seen.add((arch.key, proposed))
+            append_infeasible(self.exp.run_dir, {"key": arch.key, **result_columns(costs),
+                                                 "error": "; ".join(violations), "proposed": proposed})
+        return not violations
 
 
 def read_infeasible(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -6,6 +6,10 @@ then the head width. Decisions with a single option are not decisions and take n
 the key. The key has one character per decision (the option index in base 62) and '-' for a
 layer decision that is inactive because its stage is shallower; that makes the key canonical:
 every distinct choice assignment has exactly one key.
+
+One module for the value and its declaration (about 460 lines): the parser at the bottom builds
+exactly the `Op`/`Stage`/`SearchSpace` values above and nothing else, and `SearchSpace.from_dict`
+calls it; apart, the two would import each other.
 """
 
 from __future__ import annotations

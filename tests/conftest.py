@@ -22,3 +22,25 @@ def macro_table_path() -> Path:
     from evaluators.table import resolve_table
 
     return resolve_table("nas-bench-macro")
+
+
+@pytest.fixture(scope="session")
+def supernet_run(tmp_path_factory) -> Path:
+    """A run directory with a tiny trained supernet (mobile_small on 8x8 digits, 1 epoch), as
+    `nas supernet train` leaves it (RUN_DIR/supernet/ with the experiment in its manifest)."""
+    from evaluators.datasets import load_dataset
+    from evaluators.supernet import SupernetConfig, save_supernet, train_supernet
+    from nas.config import config_from_dict
+    from search_spaces.catalog import load_space
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-supernet"
+    cfg = SupernetConfig(epochs=1, batch_size=64, recalibration_images=200)
+    exp = config_from_dict({"name": run.name, "space": "mobile_small", "space_input": {"resolution": 8},
+                            "dataset": "digits", "output_dir": str(run.parent), "objective": {"cost": None},
+                            "supernet": cfg.to_dict()})
+    space = load_space("mobile_small").with_input(resolution=8)
+    result = train_supernet(space, load_dataset("digits", seed=0), cfg)
+    save_supernet(run / "supernet", space, result.variables, space_ref="mobile_small",
+                  space_input={"resolution": 8}, config=cfg, history=result.history,
+                  extra={"experiment": exp.to_dict()})
+    return run

@@ -35,6 +35,9 @@ def test_set_overrides_dotted_keys_with_yaml_values(tmp_path):
     ("search.scheduler=hyperband", "unknown scheduler 'hyperband'; allowed: asha"),
     ("objective.target=null", "objective.target: required"),
     ("top_k=50", "top_k: 50 exceeds num_trials"),
+    ("evaluator.kind=supernet", "evaluator.run: required with evaluator.kind = supernet"),
+    ("evaluator.batch=0", "evaluator.batch: must be >= 1"),
+    ("evaluator.kind=supernets", "unknown evaluator 'supernets'; allowed: train, table, supernet"),
 ])
 def test_bad_values_name_the_file_and_key(tmp_path, override, message):
     p = tmp_path / "c.yaml"

@@ -94,6 +94,12 @@ def test_a_missing_dataset_file_is_one_line_naming_the_key(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_supernet_run_is_one_line_naming_the_key(tmp_path, capsys):
+    path = _config(tmp_path, evaluator={"kind": "supernet", "run": "runs/no-supernet"})
+    _refused(capsys, ["search", str(path)], "evaluator.run", "no-supernet", "no such folder")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_storage_path_under_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     path = _config(tmp_path, storage_path=str(tmp_path / "afile" / "tune"))
@@ -104,11 +110,12 @@ def test_paths_are_made_absolute_against_the_current_directory(tmp_path, monkeyp
     work = tmp_path / "work"
     work.mkdir()
     path = _config(tmp_path, output_dir="runs", storage_path="shared/tune", dataset={"name": "npz", "path": "d.npz"},
-                   distill={"teacher": {"checkpoint": "teachers/t1"}})
+                   distill={"teacher": {"checkpoint": "teachers/t1"}}, evaluator={"kind": "supernet", "run": "sn"})
     monkeypatch.chdir(work)
     cfg = load_config(path)
     assert cfg.output_dir == str(work / "runs") and cfg.storage_path == str(work / "shared" / "tune")
     assert cfg.dataset.path == str(work / "d.npz") and cfg.distill.teacher.checkpoint == str(work / "teachers" / "t1")
+    assert cfg.evaluator.run == str(work / "sn")
     assert load_config(path, ["storage_path=s3://bucket/nas"]).storage_path == "s3://bucket/nas"  # a URI stays
     saved = cfg.to_dict()
     assert saved["output_dir"] == str(work / "runs") and json.dumps(saved)  # config.yaml names absolute files

@@ -3,8 +3,9 @@
 A Tune `Tuner` whose searcher (`nas.tune.searchers`) proposes feasible architectures of the
 configured space, whose trainable (`nas.tune.trial`) trains each candidate and reports validation
 accuracy, costs and score after every epoch, and whose results become `trials.csv` and
-`winners.json` in the run directory (`nas.tune.results`). Everything is checked before Ray starts
-(`nas.preflight.prepare`).
+`winners.json` in the run directory (`nas.tune.results`, `nas.rundir.write_results`). Everything is
+checked before Ray starts (`nas.preflight.prepare`). An experiment with `evaluator.kind: supernet`
+is scored in this process, many candidates per call, without Ray (`nas.batched_search`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from nas.batched_search import run_supernet_search
 from nas.config import ExperimentConfig
 from nas.preflight import prepare
-from nas.rundir import TUNE_DIR, SearchInterrupted, check_run_dir, read_finished
+from nas.rundir import TUNE_DIR, SearchInterrupted, check_run_dir, read_finished, write_results
 from nas.tune.progress import MonitorCallback
-from nas.tune.results import collect_trials, write_results
+from nas.tune.results import collect_trials
 from nas.tune.searchers import make_searcher
 from nas.tune.trial import METRIC, MODE, FinishedLog, run_trial
 from search_spaces.errors import NasError
@@ -99,6 +101,8 @@ def _storage(cfg: ExperimentConfig, run_dir: Path) -> str:
 def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False,
                address: str | None = None, printer=print) -> Path:
     """Run (or resume) the search of `cfg`; returns the run directory with trials.csv and winners.json."""
+    if cfg.evaluator.kind == "supernet":  # no Tune trial per candidate: Ray is not started for it
+        return run_supernet_search(cfg, resume=resume, force=force, printer=printer)
     exp = prepare(cfg)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Our own TensorBoard writer (nas/monitor.py) owns the HParams view; Tune's would shadow it.

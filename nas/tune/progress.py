@@ -7,28 +7,8 @@ import sys
 from ray import tune
 
 from nas.messages import last_line
-from nas.monitor import SearchMonitor
+from nas.monitor import LineStream, SearchMonitor
 from nas.rundir import Experiment
-
-
-class _LineStream:
-    """A text stream that hands each complete line to `printer` (print, or a test's collector)."""
-
-    def __init__(self, printer):
-        self.printer, self.buf = printer, ""
-
-    def write(self, text: str) -> int:
-        self.buf += text
-        while "\n" in self.buf:
-            line, self.buf = self.buf.split("\n", 1)
-            self.printer(line, flush=True)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return self.printer is print and sys.stdout.isatty()
 
 
 class MonitorCallback(tune.Callback):
@@ -45,7 +25,7 @@ class MonitorCallback(tune.Callback):
     def monitor(self):
         if self._monitor is None:
             c = self.exp.cfg
-            stream = sys.stdout if self.printer is print else _LineStream(self.printer)
+            stream = sys.stdout if self.printer is print else LineStream(self.printer)
             self._monitor = SearchMonitor(self.exp.run_dir, self.exp.space, c.num_trials, stream=stream,
                                           latency_profile=(c.objective.profiles or ("host",))[0])
         return self._monitor

@@ -1,15 +1,13 @@
-"""A finished Tune experiment -> trials.csv, pareto.json and winners.json (with copied checkpoints)."""
+"""A finished Tune experiment -> the rows of trials.csv (written with pareto.json and winners.json by
+`nas.rundir.write_results`, which the batched search shares)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from nas.messages import last_line
-from nas.pareto import write_pareto
-from nas.rundir import (SUGGESTION, TRIAL_COLUMNS, WINNERS_DIR, Experiment, Winner, read_infeasible, result_columns,
-                        write_trials, write_winners)
+from nas.rundir import SUGGESTION, TRIAL_COLUMNS, Experiment, read_infeasible, result_columns
 from search_spaces.errors import NasError
 
 
@@ -44,41 +42,3 @@ def _key_from_config(exp: Experiment, config: dict | None) -> str:
         return exp.space.from_choices(config or {}).key
     except NasError:
         return ""
-
-
-def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> None:
-    """trials.csv (every trial), winners.json (top-k by score, with what is needed to rebuild them)."""
-    run_dir = exp.run_dir
-    write_trials(run_dir, rows)
-    done = [r for r in rows if r["status"] == "ok"]
-    write_pareto([{k: _float(v) for k, v in r.items() if k in ("accuracy", "params", "macs") or k.startswith("latency")}
-                  | {"key": r["key"]} for r in done], run_dir)
-    table_mode = exp.cfg.evaluator.kind == "table"
-    ok = [r for r in rows if r["status"] == "ok" and (r["checkpoint"] or table_mode)]
-    ok.sort(key=lambda r: (-float(r["score"]), r["key"]))
-    winners, seen = [], set()
-    for r in ok:
-        if r["key"] in seen:
-            continue
-        seen.add(r["key"])
-        rank = len(winners) + 1
-        dest = run_dir / WINNERS_DIR / f"{rank:02d}"
-        if dest.exists():
-            shutil.rmtree(dest)
-        if r["checkpoint"]:
-            shutil.copytree(r["checkpoint"], dest)
-        winners.append(Winner(
-            rank=rank, key=r["key"], space=exp.space.name, trial_id=r["trial_id"], score=float(r["score"]),
-            val_accuracy=float(r["accuracy"]), params=int(float(r["params"])), macs=int(float(r["macs"])),
-            architecture=exp.space.decode(r["key"]),
-            checkpoint=str(dest.relative_to(run_dir)) if r["checkpoint"] else None))
-        if len(winners) == exp.cfg.top_k:
-            break
-    write_winners(run_dir, winners)
-
-
-def _float(v: Any) -> Any:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v

@@ -1,6 +1,6 @@
 """Tune searchers: Ray-free ask/tell strategies behind `StrategySearcher`, Optuna's samplers behind
 `ConstrainedSearcher`; both keep infeasible candidates (hard constraints, checked with the cost
-model) away from Tune and record them in infeasible.jsonl.
+model) away from Tune and record them in infeasible.jsonl (`nas.rundir.Feasibility`).
 """
 
 from __future__ import annotations
@@ -14,32 +14,12 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from nas.preflight import OPTUNA_ALGORITHMS
-from nas.rundir import SUGGESTION, Experiment, append_infeasible, read_infeasible, result_columns
+from nas.rundir import SUGGESTION, Experiment, Feasibility, result_columns
 from nas.strategies import make_strategy
 from nas.tune.trial import METRIC, MODE
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
-
-class Feasibility:
-    """A picklable feasibility check that logs every candidate the cost model rejects (once) to
-    infeasible.jsonl, marking whether a searcher proposed it (`proposed`) or a strategy only
-    screened it while choosing (e.g. the GP scoring every key of a small space)."""
-
-    def __init__(self, exp: Experiment):
-        self.exp = exp
-        self.seen = {(r["key"], r.get("proposed", False)) for r in read_infeasible(exp.run_dir)}
-
-    def __call__(self, arch: Architecture, proposed: bool = False) -> bool:
-        if not self.exp.objective.constraints:
-            return True
-        costs = self.exp.objective.costs(arch)
-        violations = self.exp.objective.violations(costs)
-        if violations and (arch.key, proposed) not in self.seen:
-            self.seen.add((arch.key, proposed))
-            append_infeasible(self.exp.run_dir, {"key": arch.key, **result_columns(costs),
-                                                 "error": "; ".join(violations), "proposed": proposed})
-        return not violations
 
 class StrategySearcher(Searcher):
     """Adapts a Ray-free ask/tell strategy (nas.strategies) to Tune's `Searcher` interface."""

@@ -22,12 +22,12 @@ from evaluators.datasets import load
 from evaluators.table import TableEvaluator
 from evaluators.train import train
 from evaluators.variables import save_variables
-from nas.rundir import (ARCHITECTURE, FINAL_CHECKPOINT, SUGGESTION, TRAIN_STATE, VARIABLES, Experiment, append_finished,
-                        enable_compilation_cache, result_columns, suggestion_id)
+from nas.rundir import (ARCHITECTURE, FINAL_CHECKPOINT, METRIC, SUGGESTION, TRAIN_STATE, VARIABLES, Experiment,
+                        append_finished, enable_compilation_cache, result_columns, suggestion_id)
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
-METRIC, MODE = "score", "max"
+MODE = "max"  # of METRIC (nas.rundir)
 
 
 def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict] | None = None) -> None:

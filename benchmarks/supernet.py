@@ -1,0 +1,274 @@
+"""Benchmark the weight-sharing supernet route against stand-alone training (issue 22).
+
+On `mobile_small` and a dataset (default mnist5k), in one process, no Ray:
+
+* ranking: Kendall tau between inherited accuracy (BatchNorm re-estimated, whole validation
+  split) and stand-alone accuracy (mean of 2 seeds trained at the search's budget with
+  `evaluators.train.train`) on `--candidates` random candidates, beside tau between the two
+  stand-alone seeds (the noise ceiling);
+* throughput: candidates scored per CPU-minute (process CPU time) on the supernet and trained
+  per CPU-minute stand-alone; XLA compilations while scoring `--compile-probe` candidates;
+  predictions per minute and the predictor's held-out tau against measured inherited accuracy;
+* specialization: seconds per hardware profile (all built-in profiles, each constrained to its
+  median sampled latency);
+* end to end at equal wall clock (`--seeds` seeds): supernet training + batched search on the
+  supernet + fine-tuning of the winner, against a stand-alone random search given the same wall
+  time, both under the same latency constraint; the winners' test accuracy;
+* inheritance: the supernet winner fine-tuned from its inherited weights against the same
+  architecture trained from scratch with the same schedule (test accuracy, points).
+
+    python benchmarks/supernet.py [--json] [--quick]
+
+The last line with --json is one JSON object (keys listed in `SUMMARY_KEYS`). Timings on a shared
+machine are noisy: the figures are ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+from scipy.stats import kendalltau  # noqa: E402
+
+from evaluators.datasets import load_dataset  # noqa: E402
+from evaluators.predictor import PredictorConfig, fit_predictor  # noqa: E402
+from evaluators.supernet import SupernetConfig, score, train_supernet  # noqa: E402
+from evaluators.optim import TrainConfig  # noqa: E402
+from evaluators.predict import evaluate  # noqa: E402
+from evaluators.train import train  # noqa: E402
+from nas.objective import cost_value  # noqa: E402
+from nas.specialize import SpecializeConfig, Target, specialize_target  # noqa: E402
+from nas.objective import Constraint  # noqa: E402
+from search_spaces.catalog import load_space  # noqa: E402
+from search_spaces.supernet import extract  # noqa: E402
+
+SUMMARY_KEYS = ("kendall_tau", "seed_tau", "candidates", "evals_per_cpu_minute", "predicted_per_minute",
+                "predictor_tau", "standalone_per_cpu_minute", "compiles_per_1000", "specialize_s_max",
+                "e2e_seeds_won", "inherit_vs_scratch_pt")
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring duration events) while active."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event: str, duration: float, **kw) -> None:
+        if self.active and event.endswith("backend_compile_duration"):
+            self.count += 1
+
+
+def cpu_s() -> float:
+    return time.process_time()  # every thread of this process: XLA's included
+
+
+def sample(space, n, rng, feasible=None):
+    keys, out = set(), []
+    while len(out) < n:
+        a = space.sample(rng)
+        if a.key not in keys and (feasible is None or feasible(a)):
+            keys.add(a.key)
+            out.append(a)
+    return out
+
+
+def standalone(arch, data, cfg):
+    r = train(arch, data, cfg)
+    return r.val_accuracy, r
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: digits, few candidates, 1 seed")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--candidates", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--supernet-epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="stand-alone training budget (the search's)")
+    p.add_argument("--out", default=None, help="write the summary JSON here too")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ranking,e2e,specialize")
+    a = p.parse_args()
+    quick = a.quick
+    dataset = a.dataset or ("digits" if quick else "mnist5k")
+    n_cand = a.candidates or (8 if quick else 40)
+    seeds = a.seeds or (1 if quick else 3)
+    sn_epochs = a.supernet_epochs or (2 if quick else 15)
+    epochs = a.epochs or (2 if quick else 4)
+    skip = set(filter(None, a.skip.split(",")))
+    log = (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
+
+    data = load_dataset(dataset, seed=0)
+    space = load_space("mobile_small").with_input(resolution=data.resolution)
+    tcfg = TrainConfig(epochs=epochs, batch_size=64)
+    out: dict = {"dataset": dataset, "space": space.name, "quick": quick, "supernet_epochs": sn_epochs,
+                 "standalone_epochs": epochs}
+    counter = CompileCounter()
+
+    # ---------------------------------------------------------------- supernet training
+    scfg = SupernetConfig(epochs=sn_epochs, batch_size=64, seed=0)
+    t0, c0 = time.perf_counter(), cpu_s()
+    res = train_supernet(space, data, scfg)
+    out["supernet_train_s"] = time.perf_counter() - t0
+    out["supernet_train_cpu_s"] = cpu_s() - c0
+    variables = res.variables
+    log(f"supernet: {sn_epochs} epochs in {out['supernet_train_s']:.0f} s")
+
+    def inherited(archs, split="val"):
+        return np.asarray(score(space, variables, archs, data, n_images=scfg.recalibration_images, split=split))
+
+    rng = np.random.default_rng(0)
+    cands = sample(space, n_cand, rng)
+    inherited(cands[:1])  # compile outside the timed region
+    counter.active = True
+    t0, c0 = time.perf_counter(), cpu_s()
+    inh = inherited(cands)
+    sn_cpu = cpu_s() - c0
+    counter.active = False
+    out["evals_per_cpu_minute"] = len(cands) / (sn_cpu / 60)
+    out["evals_per_wall_minute"] = len(cands) / ((time.perf_counter() - t0) / 60)
+    out["compiles_scoring_n"] = counter.count
+
+    # ---------------------------------------------------------------- compile count for many candidates
+    probe = 200 if quick else 1000
+    more = sample(space, probe, np.random.default_rng(5))
+    counter.count, counter.active = 0, True
+    t0, c0 = time.perf_counter(), cpu_s()
+    more_acc = inherited(more)
+    counter.active = False
+    out["compiles_per_1000"] = counter.count
+    out["compiles_measured_on"] = probe
+    out["evals_per_cpu_minute_probe"] = probe / ((cpu_s() - c0) / 60)
+    log(f"scoring: {out['evals_per_cpu_minute']:.0f} candidates per CPU-minute; {counter.count} compiles for {probe}")
+
+    # ---------------------------------------------------------------- predictor
+    n_fit = int(len(more) * 0.8)
+    keys = [m.key for m in more]
+    pred = fit_predictor(space, keys[:n_fit], more_acc[:n_fit], PredictorConfig())
+    out["predictor_tau"] = pred.evaluate(keys[n_fit:], more_acc[n_fit:])["kendall_tau"]
+    out["predictor_fit_on"] = n_fit
+    big = [s.key for s in sample(space, 2000, np.random.default_rng(9))] * 50
+    pred.predict(big[:1000])
+    t0 = time.perf_counter()
+    pred.predict(big)
+    out["predicted_per_minute"] = len(big) / ((time.perf_counter() - t0) / 60)
+    log(f"predictor: tau {out['predictor_tau']:.3f} on {len(more) - n_fit} held out; "
+        f"{out['predicted_per_minute']:,.0f} per minute")
+
+    # ---------------------------------------------------------------- ranking vs stand-alone
+    if "ranking" not in skip:
+        acc = np.zeros((2, len(cands)))
+        t0, c0 = time.perf_counter(), cpu_s()
+        for s in range(2):
+            for i, arch in enumerate(cands):
+                acc[s, i], _ = standalone(arch, data, dataclasses.replace(tcfg, seed=s))
+        out["standalone_per_cpu_minute"] = 2 * len(cands) / ((cpu_s() - c0) / 60)
+        out["standalone_per_wall_minute"] = 2 * len(cands) / ((time.perf_counter() - t0) / 60)
+        out["kendall_tau"] = float(kendalltau(inh, acc.mean(axis=0)).statistic)
+        out["seed_tau"] = float(kendalltau(acc[0], acc[1]).statistic)
+        out["candidates"] = len(cands)
+        out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
+        log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "
+            f"on {len(cands)}; stand-alone {out['standalone_per_cpu_minute']:.1f} per CPU-minute "
+            f"({out['throughput_ratio']:.0f}x fewer than the supernet)")
+
+    # ---------------------------------------------------------------- specialization
+    class _Scorer:
+        cache_dir = None
+
+        def __init__(self):
+            self.space = space
+
+        def score(self, archs):
+            return inherited(archs)
+
+        def extract(self, arch):
+            return extract(space, arch, variables)
+
+    scorer = _Scorer()
+    if "specialize" not in skip:
+        from evaluators.hardware import PROFILES
+
+        per = {}
+        lat_sample = sample(space, 100, np.random.default_rng(3))
+        for prof in PROFILES.names():
+            cap = float(np.median([cost_value(f"latency_ms@{prof}", x) for x in lat_sample]))
+            t0 = time.perf_counter()
+            r = specialize_target(scorer, pred, Target(prof, (Constraint(f"latency_ms@{prof}", cap),)),
+                                  SpecializeConfig(budget=300 if quick else 1000))
+            per[prof] = {"seconds": time.perf_counter() - t0, "cap_ms": cap, "winner": r.winners[0]["key"],
+                         "inherited": r.winners[0]["measured"]}
+        out["specialize"] = per
+        out["specialize_s_max"] = max(v["seconds"] for v in per.values())
+        log("specialize: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in per.items()))
+
+    # ---------------------------------------------------------------- end to end + inheritance
+    if "e2e" not in skip:
+        cap_prof = "pixel4"
+        lat = [cost_value(f"latency_ms@{cap_prof}", x) for x in sample(space, 100, np.random.default_rng(4))]
+        cap = float(np.percentile(lat, 30))
+        feasible = lambda x: cost_value(f"latency_ms@{cap_prof}", x) <= cap  # noqa: E731
+        target = Target(cap_prof, (Constraint(f"latency_ms@{cap_prof}", cap),))
+        runs, won, gains = [], 0, []
+        for seed in range(seeds):
+            t_start = time.perf_counter()
+            r = specialize_target(scorer, pred, target, SpecializeConfig(budget=300 if quick else 1000, seed=seed,
+                                                                          top_k=1))
+            arch = r.winners[0]["architecture"]
+            stats = scorer_recal(space, variables, arch, data, scfg.recalibration_images)
+            init = extract(space, arch, {"params": variables["params"], "batch_stats": stats})
+            ft = train(arch, data, dataclasses.replace(tcfg, seed=seed), init_variables=init)
+            sn_test = evaluate(arch, ft.variables, data.x_test, data.y_test)[0]
+            sn_wall = out["supernet_train_s"] + (time.perf_counter() - t_start)
+            scratch = train(arch, data, dataclasses.replace(tcfg, seed=seed))
+            scratch_test = evaluate(arch, scratch.variables, data.x_test, data.y_test)[0]
+            gains.append(100 * (sn_test - scratch_test))
+            # stand-alone random search under the same constraint for the same wall time
+            t1, best, rs = time.perf_counter(), None, np.random.default_rng([seed, 77])
+            n_trained = 0
+            while time.perf_counter() - t1 < sn_wall:
+                cand = sample(space, 1, rs, feasible)[0]
+                val, tr = standalone(cand, data, dataclasses.replace(tcfg, seed=seed))
+                n_trained += 1
+                if best is None or val > best[0]:
+                    best = (val, cand, tr.variables)
+            sa_test = evaluate(best[1], best[2], data.x_test, data.y_test)[0]
+            won += int(sn_test >= sa_test)
+            runs.append({"seed": seed, "supernet_test": sn_test, "supernet_key": arch.key, "wall_s": sn_wall,
+                         "standalone_test": sa_test, "standalone_key": best[1].key, "standalone_trained": n_trained,
+                         "scratch_test": scratch_test})
+            log(f"e2e seed {seed}: supernet {sn_test:.4f} vs stand-alone {sa_test:.4f} ({n_trained} trained in "
+                f"{sn_wall:.0f} s); inherited+fine-tuned vs scratch {100 * (sn_test - scratch_test):+.2f} pt")
+        out["e2e"] = runs
+        out["e2e_seeds_won"] = won
+        out["e2e_seeds"] = seeds
+        out["inherit_vs_scratch_pt"] = float(np.mean(gains))
+
+    summary = {k: out.get(k) for k in SUMMARY_KEYS}
+    summary.update({k: v for k, v in out.items() if k not in summary and not isinstance(v, (dict, list))})
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2, default=float))
+    print(json.dumps(summary, default=float) if a.json else json.dumps(out, indent=2, default=float))
+    return 0
+
+
+def scorer_recal(space, variables, arch, data, n_images):
+    from evaluators.supernet import recalibrate
+
+    return recalibrate(space, variables, [arch], data, n_images)[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The accuracy predictor: encoding, fitting and ranking a real per-architecture quantity, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluators.cost import analytic_cost
+from evaluators.predictor import Encoding, PredictorConfig, fit_predictor, load_predictor
+from search_spaces.catalog import SPACES
+from search_spaces.errors import NasError
+from search_spaces.space import INACTIVE
+
+SMALL = PredictorConfig(hidden=(64, 64), members=2, steps=1000, learning_rate=3e-3, seed=0)
+
+
+def _sample(space, n, seed):
+    rng = np.random.default_rng(seed)
+    keys = []
+    while len(keys) < n:
+        k = space.sample(rng).key
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+def test_encoding_is_one_hot_per_active_decision_and_zero_for_inactive_layers():
+    space = SPACES.get("mobile_small")
+    enc = Encoding.of(space)
+    keys = _sample(space, 50, 0)
+    x = enc.encode(keys)
+    assert x.shape == (50, enc.width) and enc.width > sum(len(d.options) for d in space.decisions())
+    for key, row in zip(keys, x):
+        widths = [len(t[0]) for t in enc.tables]
+        blocks = np.split(row, np.cumsum(widths)[:-1])
+        for c, size, block in zip(key, enc.sizes, blocks):
+            onehot = block[:size]  # each decision's block starts with the one-hot of its option
+            assert onehot.sum() == (0 if c == INACTIVE else 1)
+            if c == INACTIVE:
+                assert not block.any()
+
+
+def test_encoding_rejects_a_key_of_another_space_in_one_line():
+    enc = Encoding.of(SPACES.get("mobile_small"))
+    with pytest.raises(NasError, match="has 4 characters, expected"):
+        enc.encode(["0120"])
+    bad = "z" * len(enc.sizes)
+    with pytest.raises(NasError, match="position 0"):
+        enc.encode([bad])
+
+
+def test_predictor_ranks_held_out_candidates_of_a_per_architecture_quantity():
+    # A real quantity of each architecture (its log multiply-accumulates, from the cost model),
+    # learned from 400 candidates and ranked on 200 others.
+    space = SPACES.get("mobile_small")
+    keys = _sample(space, 600, 1)
+    target = np.array([np.log(analytic_cost(space.decode(k)).macs) for k in keys])
+    pred = fit_predictor(space, keys[:400], target[:400], SMALL)
+    ev = pred.evaluate(keys[400:], target[400:])
+    assert ev["n"] == 200
+    assert ev["kendall_tau"] >= 0.8
+    assert ev["rmse"] < target[400:].std()  # better than predicting the mean
+
+
+def test_saved_predictor_loads_with_the_same_predictions_and_refuses_another_space(tmp_path):
+    space = SPACES.get("mobile_small")
+    keys = _sample(space, 40, 2)
+    pred = fit_predictor(space, keys, np.linspace(0.5, 0.9, 40), PredictorConfig(hidden=(16,), members=2, steps=20))
+    path = pred.save(tmp_path / "p.msgpack")
+    again = load_predictor(path, space)
+    np.testing.assert_allclose(again.predict(keys), pred.predict(keys), rtol=1e-6)
+    with pytest.raises(NasError, match="trained on space 'mobile_small'"):
+        load_predictor(path, SPACES.get("macro_cifar"))
+    with pytest.raises(NasError, match="no predictor file"):
+        load_predictor(tmp_path / "missing.msgpack")
+
+
+def test_fit_refuses_too_few_or_mismatched_measurements():
+    space = SPACES.get("mobile_small")
+    keys = _sample(space, 3, 3)
+    with pytest.raises(NasError, match="at least 2"):
+        fit_predictor(space, keys[:1], [0.5])
+    with pytest.raises(NasError, match="3 keys but 2 accuracies"):
+        fit_predictor(space, keys, [0.5, 0.6])
+    with pytest.raises(NasError, match="predictor.members"):
+        PredictorConfig(members=0)

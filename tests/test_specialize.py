@@ -1,0 +1,89 @@
+"""Specialization without training: targets from the command line, constraints respected, winners a run
+directory `nas distill`/`nas export` read, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluators.hardware import PROFILES
+from evaluators.variables import check_variables, load_variables
+from nas.cli import main
+from nas.objective import Constraint, cost_value
+from nas.rundir import experiment_from_run_dir, load_winners
+from nas.specialize import SpecializeConfig, Target, parse_targets, run_specialize
+from search_spaces.architecture import Architecture
+from search_spaces.errors import NasError
+
+
+def test_constraints_pair_with_their_profiles():
+    targets = parse_targets(["pixel4", "rpi4"], ["latency_ms@pixel4=3.0", "latency_ms@rpi4<=9", "params=50000"])
+    assert targets == [
+        Target("pixel4", (Constraint("latency_ms@pixel4", 3.0), Constraint("params", 50000.0))),
+        Target("rpi4", (Constraint("latency_ms@rpi4", 9.0), Constraint("params", 50000.0))),
+    ]
+
+
+def test_all_profiles_with_a_latency_budget_each():
+    targets = parse_targets([], ["latency_ms=2.5"], all_profiles=True)
+    assert [t.profile for t in targets] == PROFILES.names()
+    assert all(t.constraints == (Constraint(f"latency_ms@{t.profile}", 2.5),) for t in targets)
+
+
+@pytest.mark.parametrize("profiles, constraints, message", [
+    (["pixel5"], [], "unknown hardware profile 'pixel5'"),
+    (["pixel4"], ["latency_ms@rpi4=3"], "profile 'rpi4' is not a target"),
+    (["pixel4"], ["latency_ms@pixel4"], "expected COST=MAX"),
+    (["pixel4"], ["latency_ms@pixel4=-1"], "positive number"),
+    (["pixel4"], ["flops=3"], "unknown cost 'flops'"),
+    ([], [], "at least one --profile"),
+])
+def test_bad_targets_are_one_line_errors(profiles, constraints, message):
+    with pytest.raises(NasError, match=message) as e:
+        parse_targets(profiles, constraints)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_unknown_profile_and_run_without_supernet_exit_2(tmp_path, capsys):
+    assert main(["specialize", str(tmp_path), "--profile", "nope", "--constraint", "latency_ms=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nas: error:") and "unknown hardware profile 'nope'" in err and "\n" not in err
+    (tmp_path / "config.yaml").write_text("name: x\nspace: mobile_small\n")
+    assert main(["specialize", str(tmp_path), "--profile", "pixel4", "--constraint", "latency_ms=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no trained supernet" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_specialized_winners_meet_the_constraint_and_load_as_models(supernet_run, capsys):
+    # mobile_small at 8x8 predicts 0.04-0.19 ms on pixel4, 0.07-0.37 ms on rpi4: both caps bind
+    results = run_specialize(supernet_run, parse_targets(["pixel4", "rpi4"], ["latency_ms@pixel4=0.07",
+                                                                            "latency_ms@rpi4=0.15"]),
+                             SpecializeConfig(budget=120, batch=40, population=20, sample=5, confirm=4, top_k=2),
+                             measure=30, printer=lambda *a, **k: None)
+    assert [r.target.profile for r in results] == ["pixel4", "rpi4"]
+    for r, cap in zip(results, (0.07, 0.15)):
+        folder = supernet_run / "specialized" / r.target.profile
+        winners = json.loads((folder / "winners.json").read_text())
+        assert [w["rank"] for w in winners] == [1, 2]
+        assert winners[0]["val_accuracy"] >= winners[1]["val_accuracy"]  # ranked by measured accuracy
+        for w in winners:
+            arch = Architecture.from_dict(w["architecture"])
+            assert cost_value(f"latency_ms@{r.target.profile}", arch) <= cap
+            variables = load_variables(folder / w["checkpoint"] / "variables.msgpack")
+            check_variables(arch, variables)  # the stand-alone tree build_model(arch) expects
+        exp = experiment_from_run_dir(folder)  # what nas distill / nas export read first
+        assert exp.space.name == "mobile_small"
+        assert [(w.rank, w.key, w.checkpoint) for w in load_winners(folder)] == \
+            [(w["rank"], w["key"], w["checkpoint"]) for w in winners]
+        assert (Path(exp.cfg.distill.teacher.checkpoint) / "variables.msgpack").exists()
+
+
+@pytest.mark.slow
+def test_a_constraint_no_candidate_meets_is_one_line_exit_2(supernet_run, capsys):
+    assert main(["specialize", str(supernet_run), "--profile", "pixel4", "--constraint",
+                 "latency_ms@pixel4=0.00001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no candidate of space 'mobile_small' meets latency_ms@pixel4 <= 1e-05" in err and "\n" not in err

@@ -28,7 +28,7 @@ import time
 import zlib
 from dataclasses import dataclass, fields
 from numbers import Real
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.serialization
 from flax import serialization
@@ -40,7 +40,9 @@ import optax
 from flax.training import train_state
 
 from evaluators.datasets import Dataset, epoch_indices, pad_batches
-from evaluators.losses import check_kd, cross_entropy, distillation, hint_loss
+from evaluators.augment import AugmentConfig
+from evaluators.losses import check_kd, cross_entropy, distillation, function_matching, hint_loss, soft_cross_entropy
+from evaluators.teaching import Lesson, TeacherForward, lesson_key
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.model import BN_MOMENTUM, MOMENTS, Net, build_model, input_shape
@@ -51,6 +53,7 @@ Variables = dict[str, Any]
 Schedule = Callable[[Any], Any]
 EVAL_BATCH = 256
 HINT = "hint_projection"  # the hint projection's entry in the trained parameter tree (never in the model's)
+TEACHER_VARIABLES = "teacher_variables"  # an online teacher's members' variables, passed to the epoch with hparams
 
 
 class TrainingDiverged(NasError):
@@ -391,18 +394,24 @@ class Packing:
 LossFn = Callable[[jnp.ndarray, Mapping[str, jnp.ndarray], Mapping[str, jnp.ndarray]], jnp.ndarray]
 
 
-def make_loss(cfg: TrainConfig, distill: bool = False, hints: bool = False) -> LossFn:
+def make_loss(cfg: TrainConfig, distill: bool = False, hints: bool = False, soft: bool = False) -> LossFn:
     """`loss(logits, batch, hparams)`: CE on batch['y'], or (`distill`) Hinton KD against batch['teacher']
     with hparams['temperature'] and hparams['alpha'] (runtime scalars: one compile serves every KDConfig).
+    With `soft`, the labels are batch['targets'] (soft, e.g. mixed by `Lesson`) and KD is
+    `function_matching` on the view both networks saw.
 
     With `hints`, plus hparams['beta'] * hint_loss(batch['student_features'], batch['teacher_features'],
     batch['hint_projection']): `train_step` adds the student's features and the projection to the batch.
     """
     ls = cfg.label_smoothing
+    if soft and not distill:
+        return lambda logits, batch, hp: soft_cross_entropy(logits, batch["targets"], ls)
     if not distill:
         return lambda logits, batch, hp: cross_entropy(logits, batch["y"], ls)
 
     def kd(logits, batch, hp):
+        if soft:
+            return function_matching(logits, batch["teacher"], batch["targets"], hp["temperature"], hp["alpha"], ls)
         return distillation(logits, batch["teacher"], batch["y"], hp["temperature"], hp["alpha"], ls)
 
     if not hints:
@@ -459,25 +468,35 @@ def _step(state: TrainState, batch_stats: Any, batch: Mapping[str, jnp.ndarray],
 
 def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.ndarray,
                 hparams: Mapping[str, jnp.ndarray], loss_fn: LossFn, packing: Packing | None = None,
-                stats: Packing | None = None) -> tuple[TrainState, jnp.ndarray]:
+                stats: Packing | None = None, lesson: Lesson | None = None) -> tuple[TrainState, jnp.ndarray]:
     """All steps of an epoch as one `lax.scan`; `idx` is (steps, batch) rows of `data`. Returns per-step losses.
+
+    With an active `lesson`, each gathered batch is first augmented and, with an online teacher, given
+    the teacher's logits on that view (`evaluators.teaching`; the teacher's variables are
+    hparams[TEACHER_VARIABLES]), with a key of the state's (key, step).
 
     With `stats` (`Packing.of(batch_stats, by_name=True)`; needs the fast BatchNorm), `state.batch_stats`
     is that packed vector, and the running averages are updated once, after the loop, from every
     step's batch moments (`fold_moments`): the same numbers as one update per step, without
     XLA:CPU's two or three small kernels per BatchNorm per step (10-13% of an epoch's kernels).
     """
-    def batch(rows):
-        return {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+    def gather(st, rows):
+        b = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+        if lesson is None or not lesson.active:
+            return b
+        return lesson(b, lesson_key(st.key, st.step), hparams.get(TEACHER_VARIABLES))
 
+    loss_hparams = {k: v for k, v in hparams.items() if k != TEACHER_VARIABLES}
     if stats is None:
-        return jax.lax.scan(lambda st, rows: train_step(st, batch(rows), hparams, loss_fn, packing), state, idx)
+        return jax.lax.scan(lambda st, rows: train_step(st, gather(st, rows), loss_hparams, loss_fn, packing),
+                            state, idx)
 
     layers = [path[:-1] for path, *_ in stats.leaves if path[-1] == "mean"]  # the packed means' order
     counts = []  # per channel, in that order: static, filled while tracing the body
 
     def body(st, rows):
-        st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(rows), hparams, loss_fn, packing, MOMENTS)
+        st, loss, moments = _step(st, stats.unpack(st.batch_stats), gather(st, rows), loss_hparams, loss_fn,
+                                  packing, MOMENTS)
         flat = flax.traverse_util.flatten_dict(moments)
         counts[:] = [np.full(flat[(*k, "sum")].shape, flat[(*k, "count")], np.float32) for k in layers]
         return st, (loss, jnp.concatenate([flat[(*k, "sum")] for k in layers] + [flat[(*k, "sumsq")] for k in layers]))
@@ -547,7 +566,8 @@ class _Programs:
 @functools.lru_cache(maxsize=4)
 def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
               val_batches: tuple[int, int], teacher_classes: int | None,
-              compiler_options: tuple[tuple[str, Any], ...] = (), teacher_features: int | None = None) -> _Programs:
+              compiler_options: tuple[tuple[str, Any], ...] = (), teacher_features: int | None = None,
+              lesson: Lesson | None = None) -> _Programs:
     t0 = time.perf_counter()
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
@@ -564,14 +584,18 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     hwc = input_shape(arch, 1)[1:]
     data = {"x": jax.ShapeDtypeStruct((n_train, *hwc), jnp.float32),
             "y": jax.ShapeDtypeStruct((n_train,), jnp.int32)}
-    if teacher_classes is not None:
+    online = lesson is not None and lesson.teacher is not None
+    if teacher_classes is not None and not online:
         data["teacher"] = jax.ShapeDtypeStruct((n_train, teacher_classes), jnp.float32)
     if teacher_features is not None:
         data["teacher_features"] = jax.ShapeDtypeStruct((n_train, teacher_features), jnp.float32)
-    loss_fn = make_loss(cfg, distill=teacher_classes is not None, hints=teacher_features is not None)
+    loss_fn = make_loss(cfg, distill=teacher_classes is not None, hints=teacher_features is not None,
+                        soft=lesson is not None and lesson.soft_targets)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     names = _hparams(KDConfig(), teacher_features is not None) if teacher_classes is not None else {}
-    hparams = {k: scalar for k in names}
+    hparams: dict[str, Any] = {k: scalar for k in names}
+    if online:
+        hparams[TEACHER_VARIABLES] = tuple(variable_shapes(a) for a in lesson.teacher.archs)
     k, b = val_batches
     lowered_eval = jax.jit(functools.partial(eval_split, model)).lower(
         {"params": shapes["params"], "batch_stats": shapes["batch_stats"]},
@@ -582,7 +606,7 @@ def _programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         compiling_eval = pool.submit(lowered_eval.compile, opts)
         opt_init = jax.jit(tx.init).lower(state.params).compile()
-        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats),
+        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats, lesson=lesson),
                         donate_argnums=0).lower(
             state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
         evaluate = compiling_eval.result()
@@ -618,7 +642,8 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
           compiler_options: Mapping[str, Any] | None = None,
           teacher_features: np.ndarray | None = None,
           checkpoint: Callable[[int, bytes], None] | None = None,
-          resume_from: bytes | None = None) -> TrainResult:
+          resume_from: bytes | None = None, augment: AugmentConfig | None = None,
+          teacher: Sequence[tuple[Architecture, Mapping[str, Any]]] | None = None) -> TrainResult:
     """Train `arch` on `data.x_train` per `cfg`, evaluating on the validation split after every epoch.
 
     Args:
@@ -638,6 +663,12 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         teacher's penultimate pooled features); with them the loss adds `kd.beta * hint_loss` between
         the student's penultimate features, through a learned (C_student, C_teacher) projection
         (initialised LeCun-normal from `cfg.seed`, trained by the same optimizer), and these.
+      augment: augmentation of every training batch inside the compiled step (`AugmentConfig`); with
+        mixup/cutmix the labels (and cached teacher logits) are blended like the images.
+      teacher: an online teacher, (architecture, variables) per member: its logits (averaged over
+        members, evaluation mode) are computed inside the step on exactly the view the student sees,
+        and the loss is `function_matching` / `kd_loss` with `kd` (default `KDConfig()`). Exclusive
+        with `teacher_logits`; no hints.
       eval_batch_size: largest batch used for validation.
       compiler_options: XLA options for the training and validation programs, e.g.
         {"xla_backend_optimization_level": 1} (compiles faster, may run slower).
@@ -667,8 +698,13 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         raise NasError(f"train.batch_size: {cfg.batch_size} exceeds the {n_train} training rows of '{data.name}'")
     if len(data.y_val) == 0:
         raise NasError(f"dataset '{data.name}' has an empty validation split")
-    if kd is not None and teacher_logits is None:
-        raise NasError("kd: distillation needs teacher_logits (one row of logits per training image)")
+    if teacher is not None:
+        if teacher_logits is not None or teacher_features is not None:
+            raise NasError("teacher: an online teacher replaces teacher_logits/teacher_features; give one or the other")
+        teacher = _check_teacher(teacher, data)
+        kd = kd or KDConfig()
+    elif kd is not None and teacher_logits is None:
+        raise NasError("kd: distillation needs teacher_logits (one row of logits per training image) or a teacher")
     if teacher_logits is not None:
         kd = kd or KDConfig()
         teacher_logits = np.asarray(teacher_logits, np.float32)
@@ -686,7 +722,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
                            f"aligned with the training rows of '{data.name}'")
         if not np.all(np.isfinite(teacher_features)):
             raise NasError("teacher_features: contains NaN or infinite values")
-    elif kd is not None and kd.beta:
+    elif kd is not None and kd.beta and teacher is None:
         raise NasError(f"kd.beta: {kd.beta} weighs a hint loss, which needs teacher_features")
     steps = n_train // cfg.batch_size
 
@@ -700,12 +736,18 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         trained[HINT] = {"kernel": kernel.astype(np.float32)}
     init_s = time.perf_counter() - t_init
 
+    if teacher is not None and kd.beta:
+        raise NasError(f"kd.beta: {kd.beta}; an online teacher gives logits only (hints need cached teacher_features)")
+    lesson = Lesson(augment or AugmentConfig(),
+                    None if teacher is None else TeacherForward(tuple(a for a, _ in teacher), cfg.conv_impl),
+                    data.num_classes)
     val_plan = _val_plan(len(data.y_val), eval_batch_size)
     misses = _programs.cache_info().misses
     progs = _programs(arch, dataclasses.replace(cfg, seed=0), steps, n_train, val_plan,
-                      None if teacher_logits is None else data.num_classes,
+                      None if teacher_logits is None and teacher is None else data.num_classes,
                       tuple(sorted((compiler_options or {}).items())),
-                      None if teacher_features is None else teacher_features.shape[1])
+                      None if teacher_features is None else teacher_features.shape[1],
+                      lesson if lesson.active else None)
     compile_s = progs.compile_s if _programs.cache_info().misses > misses else 0.0  # 0 on a cache hit
 
     t0 = time.perf_counter()
@@ -725,7 +767,9 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     mask = (np.arange(k * b) < nv).astype(np.float32)
     val = (jax.device_put(xv.reshape(k, b, *xv.shape[1:])), jax.device_put(yv.reshape(k, b)),
            jax.device_put(mask.reshape(k, b)))
-    hparams = {k: jnp.float32(v) for k, v in _hparams(kd, teacher_features is not None).items()}
+    hparams: dict[str, Any] = {k: jnp.float32(v) for k, v in _hparams(kd, teacher_features is not None).items()}
+    if teacher is not None:
+        hparams[TEACHER_VARIABLES] = jax.device_put(tuple(v for _, v in teacher))
     order_rng = np.random.default_rng([cfg.seed, 1])
     init_s += time.perf_counter() - t0
 
@@ -766,6 +810,22 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     return TrainResult(variables=_plain(final), history=history, val_accuracy=history[-1]["val_accuracy"],
                        val_loss=history[-1]["val_loss"], train_s=train_s, compile_s=compile_s, init_s=init_s,
                        steps=steps * cfg.epochs, hint_projection=projection)
+
+
+def _check_teacher(teacher: Sequence[tuple[Architecture, Mapping[str, Any]]],
+                   data: Dataset) -> tuple[tuple[Architecture, Variables], ...]:
+    """An online teacher's members, each checked against the dataset and its own architecture."""
+    members = tuple(teacher)
+    if not members:
+        raise NasError("teacher: no members")
+    out = []
+    for i, (a, v) in enumerate(members):
+        if tuple(input_shape(a, 1)[1:]) != tuple(data.input_shape) or a.num_classes != data.num_classes:
+            raise NasError(f"teacher member {i} '{a.key}': takes {input_shape(a, 1)[1:]} -> {a.num_classes} classes; "
+                           f"dataset '{data.name}' has {tuple(data.input_shape)} -> {data.num_classes}")
+        checked = _check_variables(v, variable_shapes(a), f"teacher member {i} '{a.key}'")
+        out.append((a, jax.tree.map(lambda x: np.asarray(x, np.float32), checked)))
+    return tuple(out)
 
 
 def _state_blob(state: TrainState, history: list[dict[str, float]], epoch: int,

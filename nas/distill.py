@@ -1,26 +1,30 @@
 """Distillation stage: fine-tune each winner with knowledge distillation, against a same-budget baseline.
 
-For every winner and every seed, two students are trained with the same schedule, seed and
-starting point (the search checkpoint, or a fresh initialisation): a **baseline** with plain
-cross-entropy and a **KD** student with
+For every winner and every seed, two students are trained with the same schedule, seed, starting
+point (the search checkpoint, or a fresh initialisation) and augmentation (`distill.augment`: the
+same views, step by step): a **baseline** with cross-entropy only and a **KD** student with
 
     loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels)
-           + beta * ||P(student features) - teacher features||^2    (beta > 0: hint loss, learned 1x1 projection P)
+           + beta * ||P(student features) - teacher features||^2    (beta > 0: hint loss, cached outputs only)
 
-plugged into the same compiled training step as the search (`evaluators.train.train`). The
-teacher (see `nas.teacher`) is built once; its logits and features on the training rows are
-cached once per (teacher, dataset) under `RUN_DIR/teacher/`. Baselines are cached per
-(winner weights, schedule, seed, dataset) in `RUN_DIR/winners/NN/baselines.json` and reused when
-only the teacher or the KD settings change. Test accuracies are reported as mean and sample
-standard deviation over the seeds, with the paired gain (KD - baseline) per seed; the KD student
-of the first seed is saved as `RUN_DIR/winners/NN/distilled.msgpack`; everything goes to
+plugged into the same compiled training step as the search (`evaluators.train.train`). With
+`teacher_outputs: online` (the default) the teacher (see `nas.teacher`; an ensemble's logits are
+averaged) runs inside that step, in evaluation mode, on exactly the augmented (mixed) batch the
+student sees: function matching (Beyer et al., CVPR 2022; alpha = 1 uses no labels at all). With
+`cached`, its logits and features on the un-augmented training rows are computed once per
+(teacher, dataset) under `RUN_DIR/teacher/` (for teachers too large to run every step). The budget
+is `epochs` (or `steps`) with warm-up + cosine, separate from the search's. Finished students are
+kept per key in `RUN_DIR/winners/NN/baselines.json` and `kd_students.json` (baselines are reused
+when only the teacher or the KD settings change); an unfinished one saves its training state after
+every epoch and a re-run continues it (`nas.student_runs`). Test accuracies are reported as mean and
+sample standard deviation over the seeds, with the paired gain (KD - baseline) per seed; the KD
+student of the first seed is saved as `RUN_DIR/winners/NN/distilled.msgpack`; everything goes to
 `RUN_DIR/distill.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -31,11 +35,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from nas.search import experiment_from_run_dir, load_winners
+from nas.student_runs import ResultCache, TrainingState, student_key
 from nas.teacher import cached_outputs, check_teacher_spec, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
 INITS = ("search", "scratch")
+TEACHER_OUTPUTS = ("online", "cached")
 FLOAT_KEYS = ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs")
 
 
@@ -55,6 +61,11 @@ class DistillConfig:
     init: str = "search"  # search: start from the winner's search checkpoint | scratch: fresh weights
     seeds: int = 1
     teacher_epochs: int | None = None  # None: the search's train.epochs
+    # -- consistent, patient teaching (issue #26): see README, Distillation
+    teacher_outputs: str = "online"  # online: the teacher inside the step on the student's view | cached
+    augment: Mapping[str, Any] = field(default_factory=lambda: {"mixup": 1.0})  # evaluators.augment.AugmentConfig
+    steps: int | None = None  # the budget in optimizer steps instead of `epochs` (rounded up to whole epochs)
+    resume: bool = True  # keep each student's training state per epoch; a re-run continues after a kill
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
@@ -88,12 +99,20 @@ class DistillConfig:
             raise NasError(f"{source}.beta: must be >= 0, got {cfg.beta}")
         if cfg.learning_rate <= 0:
             raise NasError(f"{source}.learning_rate: must be > 0, got {cfg.learning_rate}")
-        for k in ("epochs", "teacher_epochs", "seeds"):
+        for k in ("epochs", "teacher_epochs", "seeds", "steps"):
             v = getattr(cfg, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise NasError(f"{source}.{k}: must be an integer >= 1, got {v!r}")
         if cfg.init not in INITS:
             raise NasError(f"{source}.init: {cfg.init!r}; allowed: {', '.join(INITS)}")
+        if cfg.teacher_outputs not in TEACHER_OUTPUTS:
+            raise NasError(f"{source}.teacher_outputs: {cfg.teacher_outputs!r}; allowed: {', '.join(TEACHER_OUTPUTS)}")
+        if cfg.beta and cfg.teacher_outputs == "online":
+            raise NasError(f"{source}.beta: {cfg.beta}; the hint loss needs teacher_outputs: cached "
+                           f"(an online teacher gives logits only)")
+        if not isinstance(cfg.resume, bool):
+            raise NasError(f"{source}.resume: expected true or false, got {cfg.resume!r}")
+        cfg.augment_config(source)
         from evaluators.train import TrainConfig
 
         TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
@@ -104,9 +123,22 @@ class DistillConfig:
         return {"epochs": self.epochs, "learning_rate": self.learning_rate, "schedule": schedule,
                 "warmup_epochs": self.warmup_epochs}
 
-    def student_train(self, base: Any) -> Any:
-        """The students' `TrainConfig`: the search's `base` with this stage's schedule."""
-        return dataclasses.replace(base, **self._schedule())
+    def student_train(self, base: Any, n_train: int | None = None) -> Any:
+        """The students' `TrainConfig`: the search's `base` with this stage's schedule; with `steps`, as
+        many whole epochs of `n_train` rows as cover them."""
+        sched = self._schedule()
+        if self.steps is not None and n_train is not None:
+            sched["epochs"] = max(1, math.ceil(self.steps / max(1, n_train // base.batch_size)))
+            from evaluators.train import TrainConfig
+
+            TrainConfig.from_dict(sched, "distill (epochs from steps)")
+        return dataclasses.replace(base, **sched)
+
+    def augment_config(self, source: str = "distill") -> Any:
+        """The `AugmentConfig` both arms train with (the same views for baseline and KD)."""
+        from evaluators.augment import AugmentConfig
+
+        return AugmentConfig.from_dict(self.augment, f"{source}.augment")
 
     def kd(self) -> Any:
         """The `KDConfig` of the KD students."""
@@ -128,17 +160,26 @@ class StudentResult:
 
 
 def train_student(arch: Architecture, data, cfg: Any, *, init_variables: Any = None, kd: Any = None,
-                  teacher_logits: np.ndarray | None = None,
-                  teacher_features: np.ndarray | None = None) -> StudentResult:
-    """Train one student (baseline when `kd` is None) and evaluate it on the test split."""
+                  teacher_logits: np.ndarray | None = None, teacher_features: np.ndarray | None = None,
+                  teacher: Any = None, augment: Any = None, checkpoint: Any = None,
+                  resume_from: bytes | None = None) -> StudentResult:
+    """Train one student (baseline when `kd` is None) and evaluate it on the test split.
+
+    `teacher` ((arch, variables) members) runs online inside the step, on the `augment`ed view the
+    student sees; `teacher_logits`/`teacher_features` are the cached alternative. `checkpoint` and
+    `resume_from` are passed to `evaluators.train.train` (per-epoch state, resume after a kill)."""
     from evaluators.train import evaluate, train
 
     t0 = time.perf_counter()
+    common = {"init_variables": init_variables, "augment": augment, "checkpoint": checkpoint,
+              "resume_from": resume_from}
     if kd is None:
-        result = train(arch, data, cfg, init_variables=init_variables)
+        result = train(arch, data, cfg, **common)
+    elif teacher is not None:
+        result = train(arch, data, cfg, kd=kd, teacher=teacher, **common)
     else:
-        result = train(arch, data, cfg, init_variables=init_variables, teacher_logits=teacher_logits, kd=kd,
-                       teacher_features=teacher_features)
+        result = train(arch, data, cfg, teacher_logits=teacher_logits, kd=kd, teacher_features=teacher_features,
+                       **common)
     acc = evaluate(arch, result.variables, data.x_test, data.y_test)[0]
     return StudentResult(acc, result.val_accuracy, time.perf_counter() - t0, result.compile_s, result.variables)
 
@@ -193,24 +234,34 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
                         val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
     kd = d.kd()
-    student_cfg = d.student_train(exp.train)
+    augment = d.augment_config(f"{cfg.source}: distill")
+    student_cfg = d.student_train(exp.train, len(data.y_train))
     seed_list = [student_cfg.seed + i for i in range(d.seeds)]
     teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
     teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / "teacher", printer,
                               candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
     printer(f"teacher {teacher.key} ({teacher.kind}, {teacher.params:,d} params): test accuracy "
             f"{teacher.test_accuracy:.4f}", flush=True)
-    logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / "teacher")
-    printer(f"teacher outputs {'reused from' if reused else 'cached in'} {cache_path.relative_to(run_dir)}",
-            flush=True)
-    hints = standardize_features(feats) if d.beta > 0 else None
+    online = d.teacher_outputs == "online"
+    logits = hints = None
+    teacher_doc = teacher.to_dict()
+    if online:
+        printer("teacher outputs: online (the teacher runs inside each step on the student's view)", flush=True)
+    else:
+        logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / "teacher")
+        printer(f"teacher outputs {'reused from' if reused else 'cached in'} {cache_path.relative_to(run_dir)}",
+                flush=True)
+        hints = standardize_features(feats) if d.beta > 0 else None
+        teacher_doc["outputs_cache"] = str(cache_path.relative_to(run_dir))
     data_fp = dataset_fingerprint(data)
+    steps_per_epoch = len(data.y_train) // student_cfg.batch_size
 
     out: dict[str, Any] = {
-        "teacher": {**teacher.to_dict(), "outputs_cache": str(cache_path.relative_to(run_dir))},
+        "teacher": teacher_doc,
         "dataset": data.name, "seeds": d.seeds, "seed_list": seed_list,
         "config": {"temperature": d.temperature, "alpha": d.alpha, "beta": d.beta, "init": d.init,
-                   **student_cfg.to_dict()},
+                   "teacher_outputs": d.teacher_outputs, "augment": augment.to_dict(),
+                   "steps": steps_per_epoch * student_cfg.epochs, **student_cfg.to_dict()},
         "std": "sample standard deviation over seeds (ddof=1); gain_std is that of the per-seed paired gains",
         "winners": [],
     }
@@ -222,24 +273,30 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
         search_vars = load_variables(folder / "variables.msgpack")
         before = _test_accuracy(arch, search_vars, data)
         init = search_vars if d.init == "search" else None
-        cache_file = folder / "baselines.json"
-        cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        start = (folder / "variables.msgpack",) if d.init == "search" else ()
+        baselines, kd_students = ResultCache(folder / "baselines.json"), ResultCache(folder / "kd_students.json")
         per_seed, distilled, baseline_reused = [], None, 0
         for seed in seed_list:
             scfg = dataclasses.replace(student_cfg, seed=seed)
-            bkey = _baseline_key(scfg, d.init, folder / "variables.msgpack", data_fp)
-            if bkey in cache:
-                base = StudentResult(**cache[bkey])
-                baseline_reused += 1
-            else:
-                base = train_student(arch, data, scfg, init_variables=init)
-                cache[bkey] = {"test_accuracy": base.test_accuracy, "val_accuracy": base.val_accuracy,
-                               "wall_s": base.wall_s, "compile_s": base.compile_s}
-                cache_file.write_text(json.dumps(cache, indent=2))
-            student = train_student(arch, data, scfg, init_variables=init, kd=kd, teacher_logits=logits,
-                                    teacher_features=hints)
-            if distilled is None:
-                save_variables(folder / "distilled.msgpack", student.variables)
+            common = {"train": scfg.to_dict(), "init": d.init, "augment": augment.to_dict(), "data": data_fp}
+            bkey = student_key({"arm": "baseline", **common}, *start)
+            base, reused = _resumable(baselines, bkey, folder, d.resume, scfg.epochs, printer, lambda **kw: train_student(
+                arch, data, scfg, init_variables=init, augment=augment, **kw))
+            baseline_reused += reused
+            kkey = student_key({"arm": "kd", **common, "teacher": teacher.fingerprint(), "outputs": d.teacher_outputs,
+                                "kd": {"temperature": d.temperature, "alpha": d.alpha, "beta": d.beta}}, *start)
+            first = distilled is None
+
+            def kd_student(**kw):
+                s = train_student(arch, data, scfg, init_variables=init, kd=kd, augment=augment,
+                                  teacher=teacher.members if online else None, teacher_logits=logits,
+                                  teacher_features=hints, **kw)
+                if first:  # before the result is kept: a kill in between re-trains, never loses the weights
+                    save_variables(folder / "distilled.msgpack", s.variables)
+                return s
+
+            student, _ = _resumable(kd_students, kkey, folder, d.resume, scfg.epochs, printer, kd_student)
+            if first:
                 distilled = student.test_accuracy
             per_seed.append({"seed": seed, "baseline_acc": base.test_accuracy, "kd_acc": student.test_accuracy,
                              "gain": student.test_accuracy - base.test_accuracy,
@@ -264,16 +321,32 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     return out
 
 
+def _resumable(cache: ResultCache, key: str, folder: Path, resume: bool, epochs: int, printer,
+               train_fn) -> tuple[StudentResult, bool]:
+    """A student's result from `cache`, or trained by `train_fn(checkpoint=..., resume_from=...)` (continuing
+    after the last epoch saved by a killed run when `resume`) and kept in `cache`. Returns (result, reused)."""
+    hit = cache.get(key)
+    if hit is not None:
+        return StudentResult(**hit), True
+    state = TrainingState(folder, key)
+    blob = state.load() if resume else None
+    save = (lambda epoch, b: state.save(epoch, b) if epoch < epochs else None) if resume else None
+    try:
+        result = train_fn(checkpoint=save, resume_from=blob)
+    except NasError as e:
+        if blob is None or "resume_from" not in str(e):
+            raise
+        printer(f"  {state.path.name}: unusable saved state ({e}); training from the start", flush=True)
+        result = train_fn(checkpoint=save, resume_from=None)
+    if blob is not None:
+        printer(f"  resumed {state.path.name} from its last saved epoch", flush=True)
+    cache.put(key, {"test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy,
+                    "wall_s": result.wall_s, "compile_s": result.compile_s})
+    state.clear()
+    return result, False
+
+
 def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
     from evaluators.train import evaluate
 
     return evaluate(arch, variables, data.x_test, data.y_test)[0]
-
-
-def _baseline_key(cfg: Any, init: str, checkpoint: Path, data_fp: str) -> str:
-    """Identifies a baseline student: schedule and seed, starting point, dataset."""
-    h = hashlib.sha1(json.dumps({"train": cfg.to_dict(), "init": init}, sort_keys=True).encode())
-    if init == "search":
-        h.update(checkpoint.read_bytes())
-    h.update(data_fp.encode())
-    return h.hexdigest()[:16]

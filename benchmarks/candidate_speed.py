@@ -7,7 +7,7 @@ count (asserted) and MACs. JAX and PyTorch are measured alternately in the same 
 figure `--repeats` times; the median is reported. Per architecture:
 
   train step   one optimizer step at batch 128 (AdamW, cross-entropy, BatchNorm in training
-               mode): JAX = `evaluators.train.train_step` compiled ahead of time; PyTorch =
+               mode): JAX = `evaluators.step.train_step` compiled ahead of time; PyTorch =
                eager, channels_last
   candidate    wall time of a fresh candidate: `evaluators.train.train(arch, mnist5k,
                TrainConfig(epochs=3, batch_size=128))` (init, XLA compile, 3 epochs, validation
@@ -54,7 +54,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from evaluators import train as jtrain  # noqa: E402
+from evaluators.optim import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: E402
+from evaluators.packing import Packing  # noqa: E402
+from evaluators.programs import compiled_programs  # noqa: E402
+from evaluators.step import make_loss, train_step  # noqa: E402
+from evaluators.train import train  # noqa: E402
+from evaluators.variables import TrainState, initialize, variable_shapes  # noqa: E402
 from evaluators.cost import analytic_cost  # noqa: E402
 from evaluators.datasets import Dataset, load_dataset  # noqa: E402
 from search_spaces.architecture import Architecture  # noqa: E402
@@ -95,18 +100,18 @@ def median_time(fn, n: int) -> float:
 
 
 # ==================================================================== JAX
-def jax_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
+def jax_train_step(arch: Architecture, cfg: TrainConfig):
     """A compiled framework train step at batch 128, with its state and batch: call `run()`."""
     model = build_model(arch, cfg.conv_impl)
-    tx = jtrain.OPTIMIZERS.get(cfg.optimizer)(jtrain.SCHEDULES.get(cfg.schedule)(cfg, 100), cfg)
-    v = jtrain.initialize(arch, seed=0, conv_impl=cfg.conv_impl)
-    packing = jtrain.Packing.of(v["params"])
-    state = jtrain.TrainState.create(apply_fn=model.apply, params=jax.device_put(packing.pack(v["params"])), tx=tx,
+    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, 100), cfg)
+    v = initialize(arch, seed=0, conv_impl=cfg.conv_impl)
+    packing = Packing.of(v["params"])
+    state = TrainState.create(apply_fn=model.apply, params=jax.device_put(packing.pack(v["params"])), tx=tx,
                                      batch_stats=v["batch_stats"], key=jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = {"x": jnp.asarray(rng.standard_normal(input_shape(arch, BATCH), np.float32)),
              "y": jnp.asarray(rng.integers(0, arch.num_classes, BATCH).astype(np.int32))}
-    step = jax.jit(functools.partial(jtrain.train_step, loss_fn=jtrain.make_loss(cfg), packing=packing),
+    step = jax.jit(functools.partial(train_step, loss_fn=make_loss(cfg), packing=packing),
                    donate_argnums=0)
     step = step.lower(state, batch, {}).compile()
     box = [state]
@@ -121,7 +126,7 @@ def jax_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
 
 def jax_infer(arch: Architecture, batch: int):
     model = build_model(arch)
-    v = jtrain.initialize(arch, seed=0)
+    v = initialize(arch, seed=0)
     x = jnp.asarray(np.random.default_rng(0).standard_normal(input_shape(arch, batch), np.float32))
     f = jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).compile()
     f(v, x).block_until_ready()
@@ -129,11 +134,11 @@ def jax_infer(arch: Architecture, batch: int):
 
 
 def jax_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str, float]:
-    jtrain._programs.cache_clear()  # a new candidate: nothing compiled or traced yet
-    jtrain.variable_shapes.cache_clear()
+    compiled_programs.cache_clear()  # a new candidate: nothing compiled or traced yet
+    variable_shapes.cache_clear()
     jax.clear_caches()
     t = time.perf_counter()
-    res = jtrain.train(arch, data, jtrain.TrainConfig(epochs=epochs, batch_size=BATCH))
+    res = train(arch, data, TrainConfig(epochs=epochs, batch_size=BATCH))
     wall = time.perf_counter() - t
     return {"wall_s": wall, "compile_s": res.compile_s, "init_s": res.init_s, "train_s": res.train_s,
             "val_accuracy": res.val_accuracy}
@@ -151,14 +156,14 @@ def torch_model(arch: Architecture):
     return m
 
 
-def torch_optimizer(model, cfg: "jtrain.TrainConfig", total_steps: int):
+def torch_optimizer(model, cfg: TrainConfig, total_steps: int):
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total_steps))
 
 
-def torch_train_step(arch: Architecture, cfg: "jtrain.TrainConfig"):
+def torch_train_step(arch: Architecture, cfg: TrainConfig):
     import torch
 
     torch.manual_seed(0)
@@ -200,7 +205,7 @@ def torch_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str,
     import torch
 
     t = time.perf_counter()
-    cfg = jtrain.TrainConfig(epochs=epochs, batch_size=BATCH)
+    cfg = TrainConfig(epochs=epochs, batch_size=BATCH)
     torch.manual_seed(0)
 
     def nchw(a):
@@ -234,7 +239,7 @@ def torch_candidate(arch: Architecture, data: Dataset, epochs: int) -> dict[str,
 # ==================================================================== driver
 def measure(arch: Architecture, data: Dataset | None, args) -> dict:
     macs = analytic_cost(arch).macs
-    cfg = jtrain.TrainConfig(batch_size=BATCH)
+    cfg = TrainConfig(batch_size=BATCH)
     out: dict = {"arch": arch.key or arch.space, "space": arch.space, "macs": macs, "tokens": arch.describe()}
     runs = {"jax": jax_train_step(arch, cfg), "torch": torch_train_step(arch, cfg)}
     step = {k: [] for k in runs}

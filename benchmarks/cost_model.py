@@ -29,8 +29,9 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from evaluators.latency import (  # noqa: E402
-    RUNTIMES, arch_callable, calibrate, default_cache_path, load_average, median_ms, sample_archs, validate)
+from evaluators.calibrate import calibrate, sample_archs, validate  # noqa: E402
+from evaluators.lut import default_cache_path  # noqa: E402
+from evaluators.timing import RUNTIMES, arch_callable, load_average, median_ms  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
 from search_spaces.errors import NasError  # noqa: E402
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.augment import AugmentConfig  # noqa: E402
 from evaluators.cost import analytic_cost  # noqa: E402
 from evaluators.datasets import load_dataset  # noqa: E402
-from evaluators.train import KDConfig, TrainConfig  # noqa: E402
+from evaluators.optim import KDConfig, TrainConfig  # noqa: E402
 from nas.distill import mean_std, train_student  # noqa: E402
 from nas.teacher import cached_outputs, resolve_teacher  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill import STUDENTS, TEACHER, parse_augment  # noqa: E402
 
 from evaluators.datasets import load_dataset  # noqa: E402
-from evaluators.train import KDConfig, TrainConfig, train  # noqa: E402
+from evaluators.optim import KDConfig, TrainConfig  # noqa: E402
+from evaluators.train import train  # noqa: E402
 from nas.distill import mean_std  # noqa: E402
 from nas.teacher import cached_outputs, resolve_teacher  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402

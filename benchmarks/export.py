@@ -40,7 +40,10 @@ SIZE_TARGET, DROP_TARGET = 3.5, 1.0
 def build_run(work: Path, keys: list[str], epochs: int, printer=print) -> Path:
     """A run directory (config.yaml, winners.json, winners/NN/) of `keys` trained on mnist5k."""
     from evaluators.datasets import load_dataset
-    from evaluators.train import TrainConfig, evaluate, save_variables, train
+    from evaluators.optim import TrainConfig
+    from evaluators.predict import evaluate
+    from evaluators.train import train
+    from evaluators.variables import save_variables
     from nas.config import config_from_dict
     from search_spaces.catalog import load_space
 
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     args = ap.parse_args(argv)
 
-    from evaluators.latency import load_average
+    from evaluators.timing import load_average
     from nas.export import export_run
 
     load_before = load_average()

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from evaluators.cost import op_macs, op_params
 from search_spaces.architecture import Architecture
+from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 from search_spaces.graph import OpSpec, layer_names, network_ops
 from search_spaces.registry import Registry
@@ -140,8 +142,6 @@ def profile_from_dict(d: Mapping[str, Any], source: str = "<python>") -> Profile
 
 def profile_from_yaml(path: str | Path) -> Profile:
     """Parse one profile file (a missing file or bad YAML is a one-line error naming it)."""
-    from search_spaces.catalog import read_yaml
-
     return profile_from_dict(read_yaml(path) or {}, source=str(path))
 
 
@@ -249,8 +249,6 @@ def op_class(op: OpSpec) -> str | None:
 
 def op_work(op: OpSpec) -> tuple[int, int, int]:
     """(operations, weight elements, activation elements moved) of one kernel at batch 1."""
-    from evaluators.cost import op_macs, op_params
-
     if op.kind in ("conv", "pwconv", "dwconv", "dense"):
         return 2 * op_macs(op), op_params(op), _prod(op.in_shape) + _prod(op.out_shape)
     if op.kind == "pool":

@@ -127,20 +127,20 @@ def _hw(args):
         return
     if not args.space:
         raise NasError(f"nas hw {args.action}: --space is required")
-    from evaluators import latency
+    from evaluators.calibrate import calibrate, validate
 
     def progress(done: int, total: int, what: str) -> None:
         if sys.stderr.isatty() or done == total or done % max(total // 10, 1) == 0:
             print(f"  [{done}/{total}] {what}", file=sys.stderr, flush=True)
 
     if args.action == "calibrate":
-        table = latency.calibrate(args.space, args.profile, args.runtime, cache_path=args.cache, progress=progress,
-                                  recalibrate=args.recalibrate)
+        table = calibrate(args.space, args.profile, args.runtime, cache_path=args.cache, progress=progress,
+                          recalibrate=args.recalibrate)
         print(f"calibrated {len(table.entries)} layer configurations of {args.space} on {args.profile} "
               f"({args.runtime}) -> {table.path}")
         return
-    res = latency.validate(args.space, args.profile, args.runtime, n=args.n, cache_path=args.cache,
-                           progress=progress)
+    res = validate(args.space, args.profile, args.runtime, n=args.n, cache_path=args.cache,
+                   progress=progress)
     if args.json:
         print(json.dumps(res, indent=2))
         return

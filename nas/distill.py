@@ -113,7 +113,7 @@ class DistillConfig:
         if not isinstance(cfg.resume, bool):
             raise NasError(f"{source}.resume: expected true or false, got {cfg.resume!r}")
         cfg.augment_config(source)
-        from evaluators.train import TrainConfig
+        from evaluators.optim import TrainConfig
 
         TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
         return cfg
@@ -129,7 +129,7 @@ class DistillConfig:
         sched = self._schedule()
         if self.steps is not None and n_train is not None:
             sched["epochs"] = max(1, math.ceil(self.steps / max(1, n_train // base.batch_size)))
-            from evaluators.train import TrainConfig
+            from evaluators.optim import TrainConfig
 
             TrainConfig.from_dict(sched, "distill (epochs from steps)")
         return dataclasses.replace(base, **sched)
@@ -142,7 +142,7 @@ class DistillConfig:
 
     def kd(self) -> Any:
         """The `KDConfig` of the KD students."""
-        from evaluators.train import KDConfig
+        from evaluators.optim import KDConfig
 
         return KDConfig(temperature=float(self.temperature), alpha=float(self.alpha), beta=float(self.beta))
 
@@ -168,7 +168,8 @@ def train_student(arch: Architecture, data, cfg: Any, *, init_variables: Any = N
     `teacher` ((arch, variables) members) runs online inside the step, on the `augment`ed view the
     student sees; `teacher_logits`/`teacher_features` are the cached alternative. `checkpoint` and
     `resume_from` are passed to `evaluators.train.train` (per-epoch state, resume after a kill)."""
-    from evaluators.train import evaluate, train
+    from evaluators.predict import evaluate
+    from evaluators.train import train
 
     t0 = time.perf_counter()
     common = {"init_variables": init_variables, "augment": augment, "checkpoint": checkpoint,
@@ -216,7 +217,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
       NasError: a bad `distill:` section or `seeds`, a teacher that does not fit the dataset; before training.
     """
     from evaluators.datasets import load_dataset
-    from evaluators.train import load_variables, save_variables
+    from evaluators.variables import load_variables, save_variables
 
     from nas.search import _enable_compilation_cache
 
@@ -347,6 +348,6 @@ def _resumable(cache: ResultCache, key: str, folder: Path, resume: bool, epochs:
 
 
 def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
-    from evaluators.train import evaluate
+    from evaluators.predict import evaluate
 
     return evaluate(arch, variables, data.x_test, data.y_test)[0]

@@ -138,7 +138,7 @@ class LoadedModel:
     runner: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from evaluators.train import predict_logits
+        from evaluators.predict import predict_logits
 
         x = np.asarray(x, np.float32)
         if self.runner is None:
@@ -260,7 +260,7 @@ def _leaves(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _expected_leaves(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    from evaluators.train import variable_shapes
+    from evaluators.variables import variable_shapes
 
     return _leaves(variable_shapes(arch))
 
@@ -402,7 +402,8 @@ def _calibration(data, n: int, seed: int) -> np.ndarray:
 def _export_one(w: Mapping[str, Any], weights: Path, drow: Mapping[str, Any] | None, out: Path, name: str,
                 opts: ExportConfig, ctx: Mapping[str, Any], printer) -> tuple[Path, list[str]]:
     """Write and check one model folder; returns (its final path, the failed formats' reasons)."""
-    from evaluators.train import load_variables, predict_logits
+    from evaluators.predict import predict_logits
+    from evaluators.variables import load_variables
 
     data = ctx["dataset"]
     arch = Architecture.from_dict(w["architecture"])
@@ -547,7 +548,7 @@ def _check_int8(model: LoadedModel, x: np.ndarray, y: np.ndarray, fp32_logits: n
 
 # ------------------------------------------------------------ writers (module level: tests patch them)
 def _write_flax(stage: Path, variables: Any) -> dict[str, Any]:
-    from evaluators.train import load_variables, save_variables
+    from evaluators.variables import load_variables, save_variables
 
     path = stage / FILES["flax"]
     save_variables(path, variables)
@@ -687,7 +688,7 @@ def _measure_latencies(stage: Path, arch: Architecture, variables: Any, x: np.nd
     import jax
     import jax.numpy as jnp
 
-    from evaluators.latency import measure_passes
+    from evaluators.timing import measure_passes
     from evaluators.onnx_export import ort_session
     from search_spaces.model import build_model
 
@@ -719,7 +720,7 @@ def machine() -> dict[str, Any]:
     import jax
     import onnxruntime
 
-    from evaluators.latency import cpu_model
+    from evaluators.lut import cpu_model
 
     cpu = cpu_model()
     try:

@@ -244,7 +244,9 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
         hit = cache.get(name)
         if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
             from evaluators.datasets import load_dataset
-            from evaluators.train import TrainConfig, evaluate, train
+            from evaluators.optim import TrainConfig
+            from evaluators.predict import evaluate
+            from evaluators.train import train
 
             c = run.cfg.dataset
             if data is None:

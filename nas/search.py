@@ -66,7 +66,7 @@ def resolve_space(cfg: ExperimentConfig) -> SearchSpace:
 def prepare(cfg: ExperimentConfig) -> Experiment:
     """Validate everything a search needs before any trial runs (one-line errors)."""
     from evaluators.datasets import load_dataset
-    from evaluators.train import TrainConfig
+    from evaluators.optim import TrainConfig
 
     space = resolve_space(cfg)
     objective = Objective.from_config(cfg.objective, where=f"{cfg.source}: objective")
@@ -129,7 +129,8 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
     import ray
 
     from evaluators.datasets import load_dataset
-    from evaluators.train import save_variables, train
+    from evaluators.train import train
+    from evaluators.variables import save_variables
 
     done = _finished_before(finished, config, exp)
     if done is not None and _report_again(exp, done):
@@ -679,7 +680,7 @@ def _scheduler(cfg: ExperimentConfig):
 
 
 def _epochs(cfg: ExperimentConfig) -> int:
-    from evaluators.train import TrainConfig
+    from evaluators.optim import TrainConfig
 
     return TrainConfig.from_dict(cfg.train).epochs
 
@@ -794,7 +795,7 @@ def experiment_from_run_dir(run_dir: Path) -> Experiment:
     raw = yaml.safe_load(saved.read_text())
     raw["output_dir"] = str(Path(run_dir).resolve().parent)
     cfg = config_from_dict(raw, source=str(saved))
-    from evaluators.train import TrainConfig
+    from evaluators.optim import TrainConfig
 
     space = resolve_space(cfg)
     return Experiment(cfg, space, Objective.from_config(cfg.objective), TrainConfig.from_dict(cfg.train))

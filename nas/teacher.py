@@ -62,14 +62,14 @@ class Teacher:
 
     def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits averaged over members, penultimate features concatenated over members) for `x`."""
-        from evaluators.train import predict_features
+        from evaluators.predict import predict_features
 
         outs = [predict_features(a, v, x) for a, v in self.members]
         return ensemble_logits([o[0] for o in outs]), np.concatenate([o[1] for o in outs], axis=1)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for `x`, averaged over the members."""
-        from evaluators.train import predict_logits
+        from evaluators.predict import predict_logits
 
         return ensemble_logits([predict_logits(a, v, x) for a, v in self.members])
 
@@ -134,7 +134,7 @@ def largest(space: SearchSpace) -> Architecture:
 def load_checkpoint_folder(path: str | Path) -> tuple[Architecture, Any]:
     """(architecture, variables) from a folder holding architecture.json and variables.msgpack
     (a search checkpoint, a winners/NN folder, or an export folder with flax/)."""
-    from evaluators.train import load_variables
+    from evaluators.variables import load_variables
 
     folder = Path(path)
     arch_file = folder / "architecture.json"
@@ -232,7 +232,7 @@ def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg
       NasError: a bad spec, a checkpoint that does not fit the dataset or its own architecture,
         or fewer candidates than asked for; all before any training.
     """
-    from evaluators.train import evaluate
+    from evaluators.predict import evaluate
 
     spec = check_teacher_spec(spec, source)
     if "checkpoint" in spec:
@@ -263,14 +263,14 @@ def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg
 
 
 def _logits(arch: Architecture, variables: Any, x: np.ndarray) -> np.ndarray:
-    from evaluators.train import predict_logits
+    from evaluators.predict import predict_logits
 
     return predict_logits(arch, variables, x)
 
 
 def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, Any]:
     """Load a checkpoint folder and check it fits the dataset and its own architecture."""
-    from evaluators.train import check_variables
+    from evaluators.variables import check_variables
 
     arch, variables = load_checkpoint_folder(path)
     expected = (data.resolution, data.channels, data.num_classes)
@@ -283,7 +283,9 @@ def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, An
 
 def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path, printer,
                source: str) -> Teacher:
-    from evaluators.train import evaluate, load_variables, save_variables, train
+    from evaluators.predict import evaluate
+    from evaluators.train import train
+    from evaluators.variables import load_variables, save_variables
 
     if "space" in spec:
         from search_spaces.catalog import load_space

@@ -42,7 +42,7 @@ class BatchNormTrain(nn.Module):
     Applied with `mutable=[MOMENTS]` instead of `mutable=["batch_stats"]`, it leaves the running
     averages alone and returns this batch's 'sum' and 'sumsq' per channel and their 'count' (an
     int: the values each channel's sums cover). A compiled epoch folds all its steps' sums into
-    the averages at once (`evaluators.train.train_epoch`)."""
+    the averages at once (`evaluators.step.train_epoch`)."""
 
     momentum: float
     epsilon: float

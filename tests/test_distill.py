@@ -18,8 +18,10 @@ import yaml
 
 from evaluators.datasets import load_dataset
 from evaluators.losses import cross_entropy, kd_loss
-from evaluators.train import (HINT, KDConfig, TrainConfig, initialize, load_variables, make_loss, predict_logits,
-                              save_variables)
+from evaluators.optim import KDConfig, TrainConfig
+from evaluators.predict import predict_logits
+from evaluators.step import HINT, make_loss
+from evaluators.variables import initialize, load_variables, save_variables
 from nas.config import config_from_dict
 from nas.distill import DistillConfig, mean_std, run_distill
 from nas.student_runs import TrainingState

@@ -34,7 +34,9 @@ def data():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data):
     """A finished 'search' with one winner: digits at 8x8, mobile_small KEY, 3 epochs."""
-    from evaluators.train import TrainConfig, save_variables, train
+    from evaluators.optim import TrainConfig
+    from evaluators.train import train
+    from evaluators.variables import save_variables
     from search_spaces.catalog import load_space
 
     tmp = tmp_path_factory.mktemp("exportrun")
@@ -174,7 +176,7 @@ def test_corrupt_flax_weights_and_unknown_format_are_refused(exported, tmp_path)
 
 
 def test_flax_weights_that_do_not_fit_the_architecture_are_refused_naming_the_entry(exported, tmp_path):
-    from evaluators.train import load_variables, save_variables
+    from evaluators.variables import load_variables, save_variables
 
     folder, _ = exported
     bad = tmp_path / "m"

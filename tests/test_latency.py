@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from evaluators import latency as L
-from evaluators.latency import (
-    LatencyTable, LayerSig, LayerUnit, arch_signatures, calibrate, fingerprint, latency_breakdown, latency_record,
-    load_table, predict_latency_ms, space_signatures, validate,
-)
+from evaluators import lut, timing
+from evaluators.calibrate import calibrate, fit_affine, validate
+from evaluators.latency import latency_breakdown, latency_record, predict_latency_ms
+from evaluators.lut import LatencyTable, fingerprint, load_table
+from evaluators.signatures import LayerSig, LayerUnit, arch_signatures, space_signatures
 from evaluators.onnx_export import arch_variables, function_to_onnx, ort_session, random_variables, run, to_onnx
 from search_spaces.architecture import Architecture, Head, Layer, Stem
 from search_spaces.catalog import SPACES
@@ -40,8 +40,8 @@ TINY = {
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     """Never touch the user's real cache."""
-    monkeypatch.setenv(L.CACHE_ENV, str(tmp_path / "cache"))
-    L._LOADED.clear()
+    monkeypatch.setenv(lut.CACHE_ENV, str(tmp_path / "cache"))
+    lut._LOADED.clear()
 
 
 # ------------------------------------------------------------------ signatures
@@ -111,7 +111,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(L.json, "dump", boom)
+    monkeypatch.setattr(lut.json, "dump", boom)
     with pytest.raises(KeyboardInterrupt):
         _table(path, null_ms=9.0).save()
     assert path.read_text() == before and len(list(tmp_path.iterdir())) == 1
@@ -162,10 +162,10 @@ def test_timing_windows_spread_over_a_pass_escape_a_burst_of_load():
         return lambda: _busy(0.4 if time.perf_counter() - start[0] < 0.3 else 0.2)
 
     # one 0.2 s window per item: the first item timed is inside the burst
-    assert max(L.measure_passes([make] * 4, 1, 0.2, rounds=1)) >= 0.4
+    assert max(timing.measure_passes([make] * 4, 1, 0.2, rounds=1)) >= 0.4
     # ten windows per item spread over the pass: the later ones see the machine at full speed
     start[0], seen = 0.0, []
-    best = L.measure_passes([make] * 4, 1, 0.2, lambda i, ms: seen.append(i), rounds=10)
+    best = timing.measure_passes([make] * 4, 1, 0.2, lambda i, ms: seen.append(i), rounds=10)
     assert max(best) < 0.3 and sorted(seen) == [0, 1, 2, 3]
 
 
@@ -177,10 +177,10 @@ def test_calibrate_refuses_a_stale_cache_unless_told_to_recalibrate(tmp_path, mo
     with pytest.raises(NasError, match="stale latency table"):
         calibrate(SearchSpace.from_dict(TINY), cache_path=path)
     # recalibrate=True discards it (measurements stubbed: only the bookkeeping is under test here)
-    monkeypatch.setattr(L, "median_ms", lambda fn, **kw: 0.5)
-    monkeypatch.setattr(L, "unit_callable", lambda sig, rt: None)
-    monkeypatch.setattr(L, "null_callable", lambda rt: None)
-    monkeypatch.setattr(L, "arch_callable", lambda a, rt: None)
+    monkeypatch.setattr(timing, "median_ms", lambda fn, **kw: 0.5)
+    monkeypatch.setattr("evaluators.calibrate.unit_callable", lambda sig, rt: None)
+    monkeypatch.setattr("evaluators.calibrate.null_callable", lambda rt: None)
+    monkeypatch.setattr("evaluators.calibrate.arch_callable", lambda a, rt: None)
     t = calibrate(SearchSpace.from_dict(TINY), cache_path=path, recalibrate=True, fit_samples=3)
     assert t.fingerprint == fingerprint("onnxruntime") and len(t.entries) == 23
     assert "stem_k3_relu_c1>8_s1_r16" in load_table(path).entries
@@ -209,7 +209,7 @@ def test_predict_uses_analytic_without_a_calibration_and_lut_with_one(tmp_path):
     assert est.method == "lut" and est.total_ms == pytest.approx(n_real * 0.09 + 0.02)
     assert [l.index for l in est.layers] == list(range(len(arch.layers) + 3))
     # the default cache location is picked up too
-    _table(None, entries=entries).save(L.default_cache_path("host", "onnxruntime"))
+    _table(None, entries=entries).save(lut.default_cache_path("host", "onnxruntime"))
     assert predict_latency_ms(arch, "host") == pytest.approx(est.total_ms)
     rec = latency_record(arch, ["host", "rpi4"])
     assert rec["latency_method@host"] == "lut" and rec["latency_method@rpi4"] == "analytic"
@@ -238,10 +238,10 @@ def test_a_table_written_before_slopes_loads_with_slope_one(tmp_path):
 
 def test_affine_fit_recovers_slope_and_constant_and_falls_back_when_degenerate():
     sums = [0.1, 0.2, 0.3, 0.5]
-    slope, const = L.fit_affine(sums, [0.9 * x + 0.01 for x in sums])
+    slope, const = fit_affine(sums, [0.9 * x + 0.01 for x in sums])
     assert slope == pytest.approx(0.9) and const == pytest.approx(0.01)
-    assert L.fit_affine([0.2, 0.2, 0.2], [0.25, 0.27, 0.26]) == (1.0, pytest.approx(0.06))  # no spread
-    assert L.fit_affine([0.1, 0.2, 0.3], [0.9, 0.5, 0.1]) == (1.0, pytest.approx(0.3))  # slope < 0.5: refused
+    assert fit_affine([0.2, 0.2, 0.2], [0.25, 0.27, 0.26]) == (1.0, pytest.approx(0.06))  # no spread
+    assert fit_affine([0.1, 0.2, 0.3], [0.9, 0.5, 0.1]) == (1.0, pytest.approx(0.3))  # slope < 0.5: refused
 
 
 def test_predict_falls_back_to_analytic_when_the_lut_lacks_a_layer(tmp_path):
@@ -335,8 +335,8 @@ def test_calibrate_and_validate_a_tiny_space_for_real(tmp_path):
 
 def test_jax_runtime_layer_and_network_callables_run():
     sig = LayerSig("block", 8, 8, 1, 4, "mb", 3, 3, 0.25, "relu")
-    L.unit_callable(sig, "jax")()
-    L.null_callable("jax")()
+    timing.unit_callable(sig, "jax")()
+    timing.null_callable("jax")()
     arch = SearchSpace.from_dict(TINY).sample(np.random.default_rng(0))
-    L.arch_callable(arch, "jax")()
+    timing.arch_callable(arch, "jax")()
     assert fingerprint("jax")["jaxlib"] == jax.__version__ or "jaxlib" in fingerprint("jax")

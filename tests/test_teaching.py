@@ -13,8 +13,11 @@ from evaluators.augment import AugmentConfig, augment_batch
 from evaluators.datasets import load_dataset
 from evaluators.losses import function_matching, soft_cross_entropy
 from evaluators.teaching import Lesson, TeacherForward, lesson_key
-from evaluators.train import (TEACHER_VARIABLES, KDConfig, TrainConfig, TrainState, initialize, predict_logits,
-                              train, train_epoch)
+from evaluators.optim import KDConfig, TrainConfig
+from evaluators.predict import predict_logits
+from evaluators.step import TEACHER_VARIABLES, train_epoch
+from evaluators.train import train
+from evaluators.variables import TrainState, initialize
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError
 from search_spaces.model import build_model

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from evaluators.datasets import epoch_indices, load_dataset
-from evaluators.train import (
-    OPTIMIZERS, SCHEDULES, KDConfig, Packing, TrainConfig, TrainingDiverged, TrainState, evaluate, initialize,
-    load_variables, make_loss, predict_logits, save_variables, train, train_epoch,
-)
+from evaluators.optim import OPTIMIZERS, SCHEDULES, KDConfig, TrainConfig
+from evaluators.packing import Packing
+from evaluators.predict import evaluate, predict_logits
+from evaluators.step import make_loss, train_epoch
+from evaluators.train import TrainingDiverged, train
+from evaluators.variables import TrainState, initialize, load_variables, save_variables
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError
 from search_spaces.model import build_model

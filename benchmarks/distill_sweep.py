@@ -81,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
                                   schedule="warmup_cosine" if args.warmup_epochs else "cosine",
                                   warmup_epochs=args.warmup_epochs)
                 for a in augments:
-                    val[f"CE {a}"].append(train(arch, data, cfg, augment=parse_augment(a)).val_accuracy)
+                    r = train(arch, data, cfg, augment=parse_augment(a))
+                    val[f"CE {a}"].append(r.val_accuracy)
+                    print(f"    CE {a}: val {r.val_accuracy:.4f} ({r.train_s:.0f}s)", flush=True)
                 for o, a, t, al in recipes:
                     kd = KDConfig(temperature=t, alpha=al)
                     teach = {"teacher": teacher.members} if o == "online" else {"teacher_logits": logits}
                     r = train(arch, data, cfg, kd=kd, augment=parse_augment(a), **teach)
                     val[f"KD {o} {a} T={t:g} a={al:g}"].append(r.val_accuracy)
+                    print(f"    KD {o} {a} T={t:g} a={al:g}: val {r.val_accuracy:.4f} ({r.train_s:.0f}s)", flush=True)
                 print(f"  {name} {epochs} ep seed {seed} done [{time.perf_counter() - t0:.0f}s, load "
                       f"{os.getloadavg()[0]:.1f}]", flush=True)
             plain = np.asarray(val["CE none"])

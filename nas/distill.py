@@ -54,10 +54,10 @@ class DistillConfig:
     temperature: float = 2.0  # chosen on the validation split: benchmarks/distill_sweep.py
     alpha: float = 0.5
     beta: float = 0.0  # weight of the hint loss on penultimate features (0: response-based KD only)
-    epochs: int = 3
+    epochs: int = 6  # chosen on the validation split: benchmarks/distill_sweep.py (README, Distillation)
     learning_rate: float = 1e-3
     schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
-    warmup_epochs: float = 0
+    warmup_epochs: float | None = None  # None: 1 epoch of warm-up when epochs >= 3 (and no schedule given), else 0
     init: str = "search"  # search: start from the winner's search checkpoint | scratch: fresh weights
     seeds: int = 1
     teacher_epochs: int | None = None  # None: the search's train.epochs
@@ -89,6 +89,8 @@ class DistillConfig:
         check_teacher_spec(cfg.teacher, f"{source}.teacher")
         for k in ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs"):
             v = getattr(cfg, k)
+            if k == "warmup_epochs" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NasError(f"{source}.{k}: expected a number, got {v!r}")
         if cfg.temperature <= 0:
@@ -118,17 +120,20 @@ class DistillConfig:
         TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
         return cfg
 
-    def _schedule(self) -> dict[str, Any]:
-        schedule = self.schedule or ("warmup_cosine" if self.warmup_epochs else "cosine")
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "schedule": schedule,
-                "warmup_epochs": self.warmup_epochs}
+    def _schedule(self, epochs: int | None = None) -> dict[str, Any]:
+        epochs = epochs or self.epochs
+        warmup = self.warmup_epochs
+        if warmup is None:
+            warmup = 1 if epochs >= 3 and self.schedule in (None, "warmup_cosine") else 0
+        schedule = self.schedule or ("warmup_cosine" if warmup else "cosine")
+        return {"epochs": epochs, "learning_rate": self.learning_rate, "schedule": schedule, "warmup_epochs": warmup}
 
     def student_train(self, base: Any, n_train: int | None = None) -> Any:
         """The students' `TrainConfig`: the search's `base` with this stage's schedule; with `steps`, as
         many whole epochs of `n_train` rows as cover them."""
         sched = self._schedule()
         if self.steps is not None and n_train is not None:
-            sched["epochs"] = max(1, math.ceil(self.steps / max(1, n_train // base.batch_size)))
+            sched = self._schedule(max(1, math.ceil(self.steps / max(1, n_train // base.batch_size))))
             from evaluators.optim import TrainConfig
 
             TrainConfig.from_dict(sched, "distill (epochs from steps)")

@@ -54,7 +54,7 @@ class DistillConfig:
     temperature: float = 2.0  # chosen on the validation split: benchmarks/distill_sweep.py
     alpha: float = 0.5
     beta: float = 0.0  # weight of the hint loss on penultimate features (0: response-based KD only)
-    epochs: int = 6  # chosen on the validation split: benchmarks/distill_sweep.py (README, Distillation)
+    epochs: int = 12  # chosen on the validation split: benchmarks/distill_sweep.py (README, Distillation)
     learning_rate: float = 1e-3
     schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
     warmup_epochs: float | None = None  # None: 1 epoch of warm-up when epochs >= 3 (and no schedule given), else 0

@@ -103,7 +103,7 @@ def test_distill_config_defaults_and_schedule():
     assert d.kd().beta == 0.5 and d.seeds == 5
     assert DistillConfig.from_dict({"warmup_epochs": 0}).student_train(TrainConfig()).schedule == "cosine"
     default = DistillConfig.from_dict(None).student_train(TrainConfig())  # patience: warm-up + cosine
-    assert (default.schedule, default.warmup_epochs, default.epochs) == ("warmup_cosine", 1, 6)
+    assert (default.schedule, default.warmup_epochs, default.epochs) == ("warmup_cosine", 1, 12)
     short = DistillConfig.from_dict({"epochs": 2}).student_train(TrainConfig())  # too short for a warm-up
     assert (short.schedule, short.warmup_epochs) == ("cosine", 0)
     # a budget in steps: whole epochs of the training rows that cover it (100 rows / batch 32 = 3 steps each)

@@ -12,7 +12,7 @@ steps: min / median / max over the rounds, and the ratio to the baseline of the 
 XLA's own account of the compiled epoch program (`memory_analysis()`: temporaries, arguments,
 outputs), which does not depend on the machine's load.
 
-    python benchmarks/distill_step.py [--rounds 3] [--students small,large] [--json]
+    python benchmarks/distill_step.py [--rounds 3] [--students small,large] [--json]   (--rounds 0: memory only)
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         mem = {a: memory(arch, cfg, data, augment, a, teacher) for a in ARMS}
         entry = {"key": arch.key}
         for arm in ARMS:
+            if not times[arm]:  # --rounds 0: memory only
+                entry[arm] = mem[arm]
+                print(f"{name} {arm:8s} temp {mem[arm]['temp_bytes'] / 2**20:.1f} MiB, args "
+                      f"{mem[arm]['argument_bytes'] / 2**20:.1f} MiB", flush=True)
+                continue
             ratio = [t / b for t, b in zip(times[arm], times["baseline"])]
             entry[arm] = {"ms_per_step": [min(times[arm]), float(np.median(times[arm])), max(times[arm])],
                           "ratio_to_baseline": [min(ratio), float(np.median(ratio)), max(ratio)], **mem[arm]}

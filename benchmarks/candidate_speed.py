@@ -1,7 +1,7 @@
 """Cost of one candidate on the CPU, JAX (this framework) against PyTorch eager on the same networks.
 
 Architectures: `mbv2_6` (below: a MobileNetV2-style net of 6 inverted-bottleneck blocks on
-28x28x1, 8.70 M MACs, the net of PLATFORM-NOTES) and `--samples` seeded samples of
+28x28x1, 8.70 M MACs) and `--samples` seeded samples of
 `mobile_small`. The PyTorch twin (benchmarks/_torch_models.py) has exactly the same parameter
 count (asserted) and MACs. JAX and PyTorch are measured alternately in the same run, each
 figure `--repeats` times; the median is reported. Per architecture:
@@ -18,8 +18,8 @@ figure `--repeats` times; the median is reported. Per architecture:
                channels_last under inference_mode)
 
 plus GFLOP/s (training = 3 x forward = 6 x MACs per image) and its fraction of the machine's
-fp32 peak (`--peak`, default 520 GFLOP/s: 2 cores x 2 AVX-512 FMA units, as measured by a large
-matmul in PLATFORM-NOTES), and the share of a JAX candidate spent in init + compile.
+fp32 peak (`--peak`, default 520 GFLOP/s: 2 cores x 2 AVX-512 FMA units; a 2048^2 float32 matmul
+in JAX reached ~490 GFLOP/s on the development machine), and the share of a JAX candidate spent in init + compile.
 Ratios are JAX / PyTorch (below 1 = JAX faster). The machine's load average is printed:
 on a shared machine absolute figures move a lot, ratios from the same run much less.
 
@@ -70,7 +70,7 @@ from search_spaces.space import SearchSpace  # noqa: E402
 BATCH = 128
 PEAK_GFLOPS = 520.0
 
-# The 6-block net of PLATFORM-NOTES' "candidate training speed" table, as a one-point space:
+# The 6-block MobileNetV2-style reference net, as a one-point space:
 # stem 3x3/24, three stride-2 stages of two MobileNetV2 blocks (3x3, expansion 6, relu6) with
 # 24, 32, 64 channels, head 1x1/256: 8,704,208 MACs, 137,570 parameters.
 MBV2_6 = {

@@ -42,7 +42,6 @@ from ray_cluster import LocalCluster  # noqa: E402
 
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 MACRO = REPO / "experiments" / "macro_bench.yaml"
-MACRO_TABLE = REPO.parent / "shared" / "benchmarks" / "nas-bench-macro_cifar10.json"
 
 
 def _search(cluster: LocalCluster, cfg: Path, sets: list[str]) -> None:
@@ -88,7 +87,7 @@ def training_run(cpus: int, trials: int, epochs: int, out: Path) -> dict:
 def table_run(trials: int, out: Path) -> dict:
     with LocalCluster(with_worker=False, log_dir=out / "logs-table") as cluster:
         _search(cluster, MACRO, [f"output_dir={out}", "name=benchtable", f"num_trials={trials}",
-                                 f"evaluator.table={MACRO_TABLE}", "search.algorithm=random", "max_concurrent=1",
+                                 "search.algorithm=random", "max_concurrent=1",
                                  "resources.cpu=1", "top_k=1"])
     cluster.remove()
     start, results = _tune_results(out / "benchtable" / "tune")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 # Single-threaded XLA:CPU, set before JAX starts: batch-1 jitted latency roughly halves and
-# does not depend on other processes' load (PLATFORM-NOTES). Recorded in the cache fingerprint.
+# does not depend on other processes' load (measured on the development machine). Recorded in the cache fingerprint.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -53,13 +53,14 @@ ARMS = ("baseline", "kd", "plain", "cached")
 
 
 def parse_augment(text: str) -> AugmentConfig:
-    """'crop=2,mixup=1' -> AugmentConfig; 'none' -> no augmentation."""
+    """'crop=2,mixup=1' -> AugmentConfig ('crop' short for crop_padding); 'none' -> no augmentation."""
     if text in ("", "none"):
         return AugmentConfig()
-    d = {}
+    d: dict = {}
     for item in text.split(","):
         k, v = item.split("=")
-        d[k] = v in ("1", "true") if k == "flip" else int(v) if k == "crop" else float(v)
+        k = "crop_padding" if k == "crop" else k
+        d[k] = v in ("1", "true") if k == "flip" else int(v) if k in ("crop_padding", "cutout") else float(v)
     return AugmentConfig.from_dict(d)
 
 

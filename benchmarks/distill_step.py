@@ -36,7 +36,7 @@ from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.optim import KDConfig, TrainConfig  # noqa: E402
 from evaluators.predict import EVAL_BATCH  # noqa: E402
 from evaluators.programs import compiled_programs  # noqa: E402
-from evaluators.teaching import Lesson, TeacherForward  # noqa: E402
+from evaluators.teaching import TeacherForward  # noqa: E402
 from evaluators.train import _val_plan, train  # noqa: E402
 from nas.teacher import cached_outputs, resolve_teacher  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
@@ -48,10 +48,9 @@ def memory(arch, cfg: TrainConfig, data, augment: AugmentConfig, arm: str, teach
     """XLA's memory account of the arm's compiled epoch program (the one `train` compiled)."""
     n = len(data.y_train)
     online = TeacherForward(tuple(a for a, _ in teacher.members), cfg.conv_impl) if arm == "online" else None
-    lesson = Lesson(augment, online, data.num_classes)
     progs = compiled_programs(arch, dataclasses.replace(cfg, seed=0), n // cfg.batch_size, n,
                               _val_plan(len(data.y_val), EVAL_BATCH), None if arm == "baseline" else data.num_classes,
-                              (), None, lesson if lesson.active else None)
+                              (), None, augment, None, online)
     m = progs.epoch.memory_analysis()
     return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
             "output_bytes": int(m.output_size_in_bytes)}

@@ -5,11 +5,15 @@ directly (ask/tell, no Ray) for `--queries` queries; a query is one table look-u
 suggestion (a repeated key counts as a query too). Printed per algorithm: the median best
 accuracy after 50/100/200/300 queries, the median number of queries to reach the setting's
 best and to come within 0.1 of it (with how many seeds got there), and the queries spent on
-infeasible candidates. The reference row "optuna-tpe (direct)" runs Optuna's TPESampler with
-one categorical per layer (and a `Trial.set_constraint` FLOPs excess under the cap).
+infeasible candidates. The reference rows "optuna-tpe (direct)" and "optuna-gp (direct)" run
+Optuna's TPESampler / GPSampler (a GP with a Hamming-distance kernel on categoricals; needs
+torch, the `bench` extra) with one categorical per layer (and a `Trial.set_constraint` FLOPs
+excess under the cap).
 
 Runs of our strategies stop as soon as they have found the setting's best: nothing reported
-can change after that (they never propose an infeasible candidate); TPE always runs in full.
+can change after that (they never propose an infeasible candidate); TPE always runs in full;
+the GP sampler (~0.1-1 s a query) stops at the setting's best too, so its infeasible count is a
+lower bound.
 
     python benchmarks/search_macro.py --seeds 20 --queries 300 --json runs/bench_macro.json
 """
@@ -33,14 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evaluators.cost import analytic_cost  # noqa: E402
-from evaluators.table import TableEvaluator  # noqa: E402
+from evaluators.table import TableEvaluator, resolve_table  # noqa: E402
 from nas.strategies import make_strategy  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
 from search_spaces.errors import NasError  # noqa: E402
 from search_spaces.space import SearchSpace  # noqa: E402
 
-DEFAULT_TABLE = REPO.parent / "shared" / "benchmarks" / "nas-bench-macro_cifar10.json"
-ALGORITHMS = ("random", "evolution", "default", "optuna-tpe")
+DEFAULT_TABLE = "nas-bench-macro"  # the packaged table (evaluators/tables/)
+OPTUNA = {"optuna-tpe": "TPESampler", "optuna-gp": "GPSampler"}
+ALGORITHMS = ("random", "evolution", "default", "optuna-tpe", "optuna-gp")
 CHECKPOINTS = (50, 100, 200, 300)
 NEAR = 0.1
 TOL = 1e-6
@@ -67,14 +72,18 @@ def run_strategy(name: str, space: SearchSpace, table: TableEvaluator, seed: int
     return {"accs": accs, "infeasible": infeasible, "spent": len(accs)}
 
 
-def run_tpe(space: SearchSpace, table: TableEvaluator, seed: int, queries: int, cap: float | None,
-            target: float) -> dict:
-    """Optuna's TPESampler used directly: one categorical per decision."""
+def run_optuna(algo: str, space: SearchSpace, table: TableEvaluator, seed: int, queries: int, cap: float | None,
+               target: float) -> dict:
+    """An Optuna sampler (`OPTUNA[algo]`) used directly: one categorical per decision."""
+    import warnings
+
     import optuna
     from optuna.distributions import CategoricalDistribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = getattr(optuna.samplers, OPTUNA[algo])(seed=seed)
+    stop_at_target = algo == "optuna-gp"
     study = optuna.create_study(direction="maximize", sampler=sampler)
     dists = {d.name: CategoricalDistribution(list(range(len(d.options)))) for d in space.decisions()}
     accs: list[float | None] = []
@@ -88,6 +97,8 @@ def run_tpe(space: SearchSpace, table: TableEvaluator, seed: int, queries: int, 
         if cap is not None:
             trial.set_constraint("excess_flops", float(res["flops"] - cap))  # > 0: infeasible
         study.tell(trial, res["accuracy"])
+        if stop_at_target and ok and res["accuracy"] >= target - TOL:
+            break
     return {"accs": accs, "infeasible": infeasible, "spent": len(accs)}
 
 
@@ -140,21 +151,22 @@ def print_table(title: str, rows: dict[str, dict], queries: int, target: float, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (split a run)")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
-                   help=f"comma-separated; strategy names or 'optuna-tpe' (default: {','.join(ALGORITHMS)})")
+                   help=f"comma-separated; strategy names, 'optuna-tpe' or 'optuna-gp' (default: {','.join(ALGORITHMS)})")
     p.add_argument("--cap", type=float, default=45.5e6, help="FLOPs (MACs) cap of the constrained setting")
     p.add_argument("--settings", default="unconstrained,capped")
-    p.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    p.add_argument("--table", default=DEFAULT_TABLE, help="a packaged table name or a JSON path")
     p.add_argument("--json", type=Path, default=None, help="write every run and the summary here")
     args = p.parse_args(argv)
     try:
-        table = TableEvaluator(args.table)
+        table = TableEvaluator(resolve_table(args.table))
         space = SPACES.get("macro_cifar")
         table.check_space(space)
         algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
         for a in algos:
-            if a != "optuna-tpe":
+            if a not in OPTUNA:
                 make_strategy(a, space, seed=0, options={}, budget=args.queries)
     except NasError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -167,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         for algo in algos:
             t0 = time.time()
             runs = []
-            for seed in range(args.seeds):
-                if algo == "optuna-tpe":
-                    runs.append(run_tpe(space, table, seed, args.queries, cap, target))
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                if algo in OPTUNA:
+                    runs.append(run_optuna(algo, space, table, seed, args.queries, cap, target))
                 else:
                     runs.append(run_strategy(algo, space, table, seed, args.queries, cap, target))
-            label = "optuna-tpe (direct)" if algo == "optuna-tpe" else algo
+            label = f"{algo} (direct)" if algo in OPTUNA else algo
             rows[label] = summarise(runs, args.queries, target)
             rows[label]["seconds"] = round(time.time() - t0, 1)
             raw[label] = runs

@@ -1,172 +1,184 @@
-"""Batch augmentation inside the compiled step: random crop with padding, flip, mixup, cutmix.
+"""Training-time data augmentation as pure JAX functions of (key, batch), usable under jit and scan.
 
-Pure functions of a PRNG key and NHWC float arrays, safe under `jax.jit` and `lax.scan`, so an
-epoch program augments every batch on the device with a key derived from the train state's
-(key, step): a resumed run draws the same augmentations as an uninterrupted one.
+They run inside the compiled training step on the training batches only (never on validation or
+test data), so the in-memory path keeps its one `lax.scan` per epoch and the streaming path gets
+the very same augmentation with no second implementation. Batches are normalised NHWC floats:
+zero padding and cut-out fill with 0, which is the training split's mean pixel.
 
-Labels travel as soft targets (N, C) so that mixing can blend them; `mix` blends any per-row
-arrays (targets, cached teacher logits) with the same weight and partner rows as the images.
-`AugmentConfig` says which of them a training run applies (all off by default).
+`mixup` and `cutmix` mix pairs of images and their labels: `y` is one array (N, classes) or a
+mapping of per-row arrays (soft labels, cached teacher logits, ...), all blended with the same
+weight and partner rows as the images. `AugmentConfig.mixup`/`cutmix` switch them on for a run;
+the step then trains on soft targets (`augment_batch`, `evaluators.teaching.Lesson`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from search_spaces.errors import NasError
+from search_spaces.schema import spec
+
+Targets = TypeVar("Targets")  # one (N, ...) array or a mapping of them
+
+
+def random_crop(key: jax.Array, x: jnp.ndarray, padding: int) -> jnp.ndarray:
+    """Each image zero-padded by `padding` pixels on every side, then cropped back to its size at a
+    uniformly drawn offset (the CIFAR recipe: padding 4 at 32x32)."""
+    if padding <= 0:
+        return x
+    n, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+    return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+
+
+def random_flip(key: jax.Array, x: jnp.ndarray) -> jnp.ndarray:
+    """Each image mirrored left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+    return jnp.where(flip, x[:, :, ::-1, :], x)
+
+
+def cutout(key: jax.Array, x: jnp.ndarray, size: int) -> jnp.ndarray:
+    """Each image with a `size` x `size` square (clipped at the borders) set to 0, centred at a
+    uniformly drawn pixel (DeVries & Taylor, 2017)."""
+    if size <= 0:
+        return x
+    n, h, w, _ = x.shape
+    ky, kx = jax.random.split(key)
+    cy = jax.random.randint(ky, (n, 1), 0, h) - size // 2
+    cx = jax.random.randint(kx, (n, 1), 0, w) - size // 2
+    rows = (jnp.arange(h)[None] >= cy) & (jnp.arange(h)[None] < cy + size)  # (n, h)
+    cols = (jnp.arange(w)[None] >= cx) & (jnp.arange(w)[None] < cx + size)  # (n, w)
+    hole = rows[:, :, None] & cols[:, None, :]
+    return jnp.where(hole[..., None], jnp.zeros((), x.dtype), x)
+
+
+def mix(y: Targets, weight: jnp.ndarray, partner: jnp.ndarray) -> Targets:
+    """Every per-row array of `y` blended as `weight * a + (1 - weight) * a[partner]` (one weight per batch)."""
+    return jax.tree.map(lambda a: weight * a + (1 - weight) * jnp.take(a, partner, axis=0), y)
+
+
+def mixup(key: jax.Array, x: jnp.ndarray, y: Targets, alpha: float) -> tuple[jnp.ndarray, Targets]:
+    """(x, y) mixed with a shuffled copy of the batch by one weight lam ~ Beta(alpha, alpha)
+    (Zhang et al., 2018); `y` holds one-hot or soft labels (N, classes), or a mapping of per-row arrays."""
+    kl, kp = jax.random.split(key)
+    lam = jax.random.beta(kl, alpha, alpha).astype(x.dtype)
+    perm = jax.random.permutation(kp, x.shape[0])
+    return lam * x + (1 - lam) * x[perm], mix(y, lam, perm)
+
+
+def cutmix(key: jax.Array, x: jnp.ndarray, y: Targets, alpha: float) -> tuple[jnp.ndarray, Targets]:
+    """A box of area (1 - lam) of each image replaced by the same box of a shuffled partner,
+    lam ~ Beta(alpha, alpha), and the labels mixed by the box's actual area (Yun et al., 2019)."""
+    n, h, w, _ = x.shape
+    kl, kp, ky, kx = jax.random.split(key, 4)
+    lam = jax.random.beta(kl, alpha, alpha)
+    perm = jax.random.permutation(kp, n)
+    bh = jnp.round(h * jnp.sqrt(1 - lam)).astype(jnp.int32)
+    bw = jnp.round(w * jnp.sqrt(1 - lam)).astype(jnp.int32)
+    cy, cx = jax.random.randint(ky, (), 0, h), jax.random.randint(kx, (), 0, w)
+    y0, y1 = jnp.clip(cy - bh // 2, 0, h), jnp.clip(cy - bh // 2 + bh, 0, h)
+    x0, x1 = jnp.clip(cx - bw // 2, 0, w), jnp.clip(cx - bw // 2 + bw, 0, w)
+    rows = (jnp.arange(h) >= y0) & (jnp.arange(h) < y1)
+    cols = (jnp.arange(w) >= x0) & (jnp.arange(w) < x1)
+    box = (rows[:, None] & cols[None, :])[None, :, :, None]
+    kept = 1 - ((y1 - y0) * (x1 - x0)) / (h * w)
+    return jnp.where(box, x[perm], x), mix(y, kept.astype(x.dtype), perm)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Which augmentations a run applies to each training batch (hashable: part of a compile key).
+    """The training split's augmentation, declared in an experiment's `dataset.augment:`.
 
-    crop: pad each side by this many pixels (zeros, i.e. the normalised mean) and crop back at a
-      random offset per image; 0 = off.
-    flip: random left-right flip per image (not for digits or letters).
-    mixup: Beta(mixup, mixup) concentration of the mixing weight; 0 = off (Zhang et al. 2018).
-    cutmix: Beta concentration for CutMix's box area (Yun et al. 2019); 0 = off. With both on, each
-      batch uses one of the two, chosen with probability 1/2.
+    crop_padding: pixels of zero padding before a random crop back to size (0: off).
+    flip: random horizontal flips (leave off for digits and text, where mirroring changes the class).
+    cutout: side of the square set to 0 at a random place (0: off).
+    mixup: Beta(mixup, mixup) concentration of mixup's weight (0: off); the labels become soft targets.
+    cutmix: Beta concentration of CutMix's box area (0: off). With both on, each batch uses one of
+      the two, chosen with probability 1/2.
+    Hashable: it is part of the compiled training program's cache key. Also a typed section of the
+    one config builder (`search_spaces.schema.build`, e.g. `distill.augment`).
     """
 
-    crop: int = 0
+    crop_padding: int = spec(0, ge=0)
     flip: bool = False
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    cutout: int = spec(0, ge=0)
+    mixup: float = spec(0.0, ge=0)
+    cutmix: float = spec(0.0, ge=0)
 
     def __post_init__(self) -> None:
-        check_augment(self.__dict__, "augment")
+        for key in ("crop_padding", "cutout"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise NasError(f"augment.{key}: invalid value {v!r}; allowed an integer >= 0 (pixels; 0 = off)")
+        if not isinstance(self.flip, bool):
+            raise NasError(f"augment.flip: invalid value {self.flip!r}; allowed true or false")
+        for key in ("mixup", "cutmix"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
+                raise NasError(f"augment.{key}: invalid value {v!r}; allowed a number >= 0 (Beta concentration; 0 = off)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "augment") -> "AugmentConfig":
-        """Validate a mapping (e.g. `distill.augment`); errors name `{source}.{key}` and what is allowed."""
+        """Validate a mapping (`dataset.augment:`); unknown keys and bad values name `{source}.{key}`."""
         if d is None:
             return cls()
+        if isinstance(d, AugmentConfig):
+            return d
         if not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        values = {}
-        for k, v in d.items():
+            raise NasError(f"{source}: expected a mapping with keys crop_padding, flip, cutout, mixup, cutmix; got {d!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
             if k not in allowed:
                 raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(allowed)}")
-            if k in ("mixup", "cutmix") and isinstance(v, str):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise NasError(f"{source}.{k}: {v!r} is not a number") from None
-            values[k] = v
-        check_augment({**{f.name: f.default for f in fields(cls)}, **values}, source)
-        return cls(**values)
+        try:
+            return cls(**d)
+        except NasError as e:
+            raise NasError(f"{source}.{str(e).removeprefix('augment.')}") from None
 
     @property
     def mixes(self) -> bool:
-        """Whether labels become soft (blended) targets."""
+        """Whether the labels become soft (blended) targets."""
         return bool(self.mixup or self.cutmix)
 
     @property
-    def active(self) -> bool:
-        return bool(self.crop or self.flip or self.mixes)
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.cutout or self.mixes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __call__(self, key: jax.Array, x: jnp.ndarray) -> jnp.ndarray:
+        """The augmented images: crop, then flip, then cut-out, each with its own key (no mixing: that
+        needs the labels, see `augment_batch`)."""
+        kc, kf, ko = jax.random.split(key, 3)
+        x = random_crop(kc, x, self.crop_padding)
+        if self.flip:
+            x = random_flip(kf, x)
+        return cutout(ko, x, self.cutout)
 
 
-def check_augment(v: Mapping[str, Any], source: str) -> None:
-    """Raise `NasError` naming `{source}.{key}` unless every augmentation setting is allowed."""
-    crop = v["crop"]
-    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
-        raise NasError(f"{source}.crop: {crop!r}; allowed an integer >= 0 (padding pixels, 0 = off)")
-    if not isinstance(v["flip"], bool):
-        raise NasError(f"{source}.flip: {v['flip']!r}; allowed true or false")
-    for k in ("mixup", "cutmix"):
-        x = v[k]
-        if isinstance(x, bool) or not isinstance(x, Real) or not math.isfinite(x) or x < 0:
-            raise NasError(f"{source}.{k}: {x!r}; allowed a number >= 0 (Beta concentration, 0 = off)")
+MIX_STREAM = 0x6D6978  # folded into the batch key for the mixing draws (the per-image ones keep `key`)
 
 
-# ============================================================ geometric
-def crop_pad(key: jax.Array, x: jnp.ndarray, pad: int) -> jnp.ndarray:
-    """Each image padded by `pad` zeros on every side, then cropped back to its size at a random offset."""
-    if pad == 0:
-        return x
-    n, h, w, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
-    return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
-        padded, offsets)
-
-
-def flip(key: jax.Array, x: jnp.ndarray) -> jnp.ndarray:
-    """Each image flipped left-right with probability 1/2."""
-    do = jax.random.bernoulli(key, 0.5, (x.shape[0],))
-    return jnp.where(do[:, None, None, None], x[:, :, ::-1, :], x)
-
-
-# ============================================================ mixing
-def mix(arrays: Mapping[str, jnp.ndarray], weight: jnp.ndarray, partner: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Every per-row array blended as `weight * a + (1 - weight) * a[partner]` (one weight per batch)."""
-    return {k: weight * a + (1.0 - weight) * jnp.take(a, partner, axis=0) for k, a in arrays.items()}
-
-
-def mixup(key: jax.Array, x: jnp.ndarray, targets: Mapping[str, jnp.ndarray],
-          concentration: float) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Mixup: images and `targets` (soft labels, logits, ...) blended with a shuffled copy of the batch,
-    with one weight lambda ~ Beta(concentration, concentration) for the batch."""
-    k_lam, k_perm = jax.random.split(key)
-    lam = jax.random.beta(k_lam, concentration, concentration)
-    partner = jax.random.permutation(k_perm, x.shape[0])
-    out = mix({"x": x, **targets}, lam, partner)
-    return out.pop("x"), out
-
-
-def box_mask(key: jax.Array, h: int, w: int, area: jnp.ndarray) -> jnp.ndarray:
-    """(h, w) float mask, 1 inside a box of about `area` x (h*w) pixels centred uniformly at random
-    (clipped at the borders), 0 elsewhere."""
-    k_y, k_x = jax.random.split(key)
-    side = jnp.sqrt(area)
-    bh, bw = jnp.round(side * h), jnp.round(side * w)
-    cy, cx = jax.random.uniform(k_y, (), maxval=h), jax.random.uniform(k_x, (), maxval=w)
-    ys, xs = jnp.arange(h)[:, None] + 0.5, jnp.arange(w)[None, :] + 0.5
-    inside = (jnp.abs(ys - cy) < bh / 2) & (jnp.abs(xs - cx) < bw / 2)
-    return inside.astype(jnp.float32)
-
-
-def cutmix(key: jax.Array, x: jnp.ndarray, targets: Mapping[str, jnp.ndarray],
-           concentration: float) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """CutMix: a random box of each image replaced by the same box of a partner image; `targets`
-    blended by the share of pixels kept (lambda ~ Beta(concentration, concentration) sets the box)."""
-    k_lam, k_perm, k_box = jax.random.split(key, 3)
-    lam = jax.random.beta(k_lam, concentration, concentration)
-    partner = jax.random.permutation(k_perm, x.shape[0])
-    _, h, w, _ = x.shape
-    box = box_mask(k_box, h, w, 1.0 - lam)[None, :, :, None]
-    kept = 1.0 - jnp.mean(box)
-    mixed = x * (1.0 - box) + jnp.take(x, partner, axis=0) * box
-    return mixed, mix(targets, kept, partner)
-
-
-# ============================================================ a whole batch
-def augment_batch(cfg: AugmentConfig, key: jax.Array, x: jnp.ndarray,
-                  targets: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """`cfg`'s augmentations applied to one batch: crop, flip (per image), then mixup or cutmix (per
-    batch) with `targets` (per-row arrays) blended alike. Static in `cfg`: switched-off steps cost nothing."""
-    k_crop, k_flip, k_mix, k_which = jax.random.split(key, 4)
-    if cfg.crop:
-        x = crop_pad(k_crop, x, cfg.crop)
-    if cfg.flip:
-        x = flip(k_flip, x)
-    targets = dict(targets)
+def augment_batch(cfg: AugmentConfig, key: jax.Array, x: jnp.ndarray, y: Targets) -> tuple[jnp.ndarray, Targets]:
+    """`cfg`'s augmentations of one batch: the per-image ones (`cfg(key, x)`), then mixup or cutmix
+    with the per-row `y` blended alike. Static in `cfg`: switched-off steps cost nothing."""
+    x = cfg(key, x)
+    if not cfg.mixes:
+        return x, y
+    k_mix, k_which = jax.random.split(jax.random.fold_in(key, MIX_STREAM))
     if cfg.mixup and cfg.cutmix:
         return jax.lax.cond(jax.random.bernoulli(k_which),
-                            lambda: mixup(k_mix, x, targets, cfg.mixup),
-                            lambda: cutmix(k_mix, x, targets, cfg.cutmix))
+                            lambda: mixup(k_mix, x, y, cfg.mixup),
+                            lambda: cutmix(k_mix, x, y, cfg.cutmix))
     if cfg.mixup:
-        return mixup(k_mix, x, targets, cfg.mixup)
-    if cfg.cutmix:
-        return cutmix(k_mix, x, targets, cfg.cutmix)
-    return x, targets
+        return mixup(k_mix, x, y, cfg.mixup)
+    return cutmix(k_mix, x, y, cfg.cutmix)

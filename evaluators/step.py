@@ -119,7 +119,7 @@ def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.nda
     """
     def gather(st, rows):
         b = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
-        if lesson is None or not lesson.active:
+        if lesson is None or not lesson.active:  # --- augmentation hook (evaluators/augment.py via teaching.Lesson)
             return b
         return lesson(b, lesson_key(st.key, st.step), hparams.get(TEACHER_VARIABLES))
 

@@ -3,6 +3,9 @@
 The file maps an architecture key to `{"test_acc": [a1, a2, ...], "mean_acc": m, "std": s,
 "params": p, "flops": f}` (accuracies in percent, `flops` = multiply-accumulates). Evaluating
 is a dictionary look-up, which makes search strategies cheap to benchmark.
+
+Tables shipped with the package are named in `TABLES` (e.g. ``nas-bench-macro``);
+`resolve_table` turns a name or a path into the absolute path of an existing file.
 """
 
 from __future__ import annotations
@@ -19,6 +22,27 @@ from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
 
 _REQUIRED = ("test_acc", "mean_acc", "params", "flops")
+
+TABLES_DIR = Path(__file__).resolve().parent / "tables"
+#: Benchmark tables shipped as package data, by name (provenance and licenses in tables/README.md).
+TABLES: dict[str, str] = {"nas-bench-macro": "nas-bench-macro_cifar10.json"}
+
+
+def resolve_table(name_or_path: str | Path, base: str | Path | None = None) -> Path:
+    """The absolute path of a table given by its name in `TABLES` or by a path (relative paths
+    are taken from `base`, default the current directory).
+
+    A name wins over a file of the same name. Raises `NasError` (one line, the known names)
+    when it is neither a known name nor an existing file.
+    """
+    text = str(name_or_path)
+    if text in TABLES:
+        return TABLES_DIR / TABLES[text]
+    path = Path(base if base is not None else Path.cwd()) / Path(text).expanduser()
+    if path.is_file():
+        return path.resolve()
+    raise NasError(f"table {text!r} is neither a known table ({', '.join(sorted(TABLES))}) nor a file "
+                   f"({path.resolve()} not found)")
 
 
 class TableEvaluator:

@@ -5,7 +5,7 @@ teacher's outputs on exactly that view.
 program closes over: `lesson(batch, key, teacher_variables)` turns the gathered rows {'x', 'y',
 maybe 'teacher'} into the batch the loss sees, inside the compiled step:
 
-- 'x': the augmented images (crop, flip, then mixup or cutmix; `evaluators.augment`);
+- 'x': the augmented images (crop, flip, cut-out, then mixup or cutmix; `evaluators.augment`);
 - 'targets': soft labels (N, C), blended like the images, when the augmentation mixes;
 - 'teacher': logits of the teacher on that same 'x' (`TeacherForward`: every member in evaluation
   mode, logits averaged over an ensemble's members), or, with cached logits, the stored logits of
@@ -28,7 +28,7 @@ from evaluators.augment import AugmentConfig, augment_batch
 from search_spaces.architecture import Architecture
 from search_spaces.model import build_model
 
-AUGMENT_STREAM = 0x61756700  # folded into the state's key: augmentation draws never reuse dropout's
+AUGMENT_KEY = 0x5A  # folded into the state's key for augmentation draws (dropout folds the step alone)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Lesson:
     @property
     def active(self) -> bool:
         """Whether the lesson changes the gathered batch at all (else the step uses it as it is)."""
-        return self.augment.active or self.teacher is not None
+        return self.augment.enabled or self.teacher is not None
 
     @property
     def soft_targets(self) -> bool:
@@ -83,4 +83,4 @@ class Lesson:
 def lesson_key(state_key: jax.Array, step: jnp.ndarray) -> jax.Array:
     """The augmentation key of one step: a function of the run's key and the step only, so a
     resumed run and the same-seed baseline draw exactly the same views."""
-    return jax.random.fold_in(jax.random.fold_in(state_key, AUGMENT_STREAM), step)
+    return jax.random.fold_in(jax.random.fold_in(state_key, AUGMENT_KEY), step)

@@ -28,7 +28,8 @@ from evaluators.optim import KDConfig, TrainConfig
 from evaluators.predict import EVAL_BATCH
 from evaluators.programs import compiled_programs
 from evaluators.step import HINT, TEACHER_VARIABLES, loss_hparams, model_params
-from evaluators.teaching import Lesson, TeacherForward
+from evaluators.streaming import StreamFeed, chunk_steps
+from evaluators.teaching import TeacherForward
 from evaluators.variables import TrainState, Variables, check_variables, init_leaf, initialize, plain_tree
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -93,8 +94,9 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         teacher's penultimate pooled features); with them the loss adds `kd.beta * hint_loss` between
         the student's penultimate features, through a learned (C_student, C_teacher) projection
         (initialised LeCun-normal from `cfg.seed`, trained by the same optimizer), and these.
-      augment: augmentation of every training batch inside the compiled step (`AugmentConfig`); with
-        mixup/cutmix the labels (and cached teacher logits) are blended like the images.
+      augment: augmentation of every training batch inside the compiled step (`AugmentConfig`; default
+        the dataset's own `data.augment`); with mixup/cutmix the labels (and cached teacher logits) are
+        blended like the images.
       teacher: an online teacher, (architecture, variables) per member: its logits (averaged over
         members, evaluation mode) are computed inside the step on exactly the view the student sees,
         and the loss is `function_matching` / `kd_loss` with `kd` (default `KDConfig()`). Exclusive
@@ -155,6 +157,11 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     elif kd is not None and kd.beta and teacher is None:
         raise NasError(f"kd.beta: {kd.beta} weighs a hint loss, which needs teacher_features")
     steps = n_train // cfg.batch_size
+    # --- streaming hook (evaluators/streaming.py): `chunk` batches per call instead of the device-resident split
+    chunk = steps if data.stream is None else chunk_steps(steps, cfg.batch_size)
+    if data.stream is not None and teacher_logits is not None:
+        raise NasError(f"dataset '{data.name}' streams its training split; distillation needs it in memory "
+                       f"(set dataset.streaming: false)")
 
     if init_variables is None:
         variables = initialize(arch, seed=cfg.seed, conv_impl=cfg.conv_impl)
@@ -168,16 +175,15 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
 
     if teacher is not None and kd.beta:
         raise NasError(f"kd.beta: {kd.beta}; an online teacher gives logits only (hints need cached teacher_features)")
-    lesson = Lesson(augment or AugmentConfig(),
-                    None if teacher is None else TeacherForward(tuple(a for a, _ in teacher), cfg.conv_impl),
-                    data.num_classes)
     val_plan = _val_plan(len(data.y_val), eval_batch_size)
     misses = compiled_programs.cache_info().misses
-    progs = compiled_programs(arch, dataclasses.replace(cfg, seed=0), steps, n_train, val_plan,
+    progs = compiled_programs(arch, dataclasses.replace(cfg, seed=0), chunk,
+                              n_train if data.stream is None else chunk * cfg.batch_size, val_plan,
                               None if teacher_logits is None and teacher is None else data.num_classes,
                               tuple(sorted((compiler_options or {}).items())),
                               None if teacher_features is None else teacher_features.shape[1],
-                              lesson if lesson.active else None)
+                              augment if augment is not None else data.augment, steps,
+                              None if teacher is None else TeacherForward(tuple(a for a, _ in teacher), cfg.conv_impl))
     compile_s = progs.compile_s if compiled_programs.cache_info().misses > misses else 0.0  # 0 on a cache hit
 
     t0 = time.perf_counter()
@@ -186,7 +192,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
                        opt_state=progs.opt_init(params),
                        batch_stats=jax.device_put(progs.state_stats(variables["batch_stats"])),
                        key=jax.random.PRNGKey(cfg.seed))
-    dev = {"x": jax.device_put(data.x_train), "y": jax.device_put(data.y_train)}
+    dev = {} if data.stream is not None else {"x": jax.device_put(data.x_train), "y": jax.device_put(data.y_train)}
     if teacher_logits is not None:
         dev["teacher"] = jax.device_put(teacher_logits)
     if teacher_features is not None:
@@ -208,10 +214,15 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     if resume_from is not None:
         state, history, first = _restore_blob(resume_from, state, order_rng)
     t_train = time.perf_counter()
+    feed = None if data.stream is None else StreamFeed(data.stream, cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
+                                                       first_epoch=first, steps=steps, chunk=chunk)
     for epoch in range(first, cfg.epochs + 1):
         t_epoch = time.perf_counter()
-        idx = jax.device_put(epoch_indices(n_train, cfg.batch_size, order_rng))
-        state, losses = progs.epoch(state, dev, idx, hparams)
+        if feed is not None:
+            state, losses = feed.epoch(progs.epoch, state, hparams)
+        else:
+            idx = jax.device_put(epoch_indices(n_train, cfg.batch_size, order_rng))
+            state, losses = progs.epoch(state, dev, idx, hparams)
         losses = np.asarray(losses)
         if not np.all(np.isfinite(losses)):
             i = int(np.argmax(~np.isfinite(losses)))
@@ -231,6 +242,8 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
             on_epoch(epoch, dict(metrics))
         if checkpoint is not None:
             checkpoint(epoch, _state_blob(state, history, epoch, order_rng))
+    if feed is not None:
+        feed.close()
     if not history:
         raise NasError(f"resume_from: the saved state is already past the last epoch ({cfg.epochs})")
     train_s = time.perf_counter() - t_train

@@ -5,8 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
+from evaluators.cost import analytic_cost
+from evaluators.hardware import PROFILES
+from evaluators.calibrate import calibrate, validate
+from evaluators.latency import latency_breakdown
+from nas.config import EXPORT_FORMATS, ExportConfig, load_config
+from nas.distill import run_distill
+from nas.export import export_run
+from nas.preflight import STAGES, preflight
+from nas.report import write_report
+from nas.supernet import evaluate_keys
+from nas.rundir import WINNERS, SearchInterrupted, read_distill, read_winners
+from search_spaces.catalog import SPACES, load_space
 from search_spaces.errors import NasError
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -35,8 +48,6 @@ def _spaces_args(p):
 
 @command("spaces", "list the registered search spaces with their sizes")(_spaces_args)
 def _spaces(args):
-    from search_spaces.catalog import SPACES
-
     rows = [{"name": n, "size": SPACES.get(n).size(), "decisions": len(SPACES.get(n).decisions()),
              "description": SPACES.get(n).description} for n in SPACES]
     if args.json:
@@ -54,8 +65,6 @@ def _space_args(p):
 
 @command("space", "show one search space: its decisions and options")(_space_args)
 def _space(args):
-    from search_spaces.catalog import load_space
-
     s = load_space(args.name)
     info = {
         "name": s.name, "description": s.description, "source": s.source, "size": s.size(),
@@ -81,12 +90,6 @@ def _cost_args(p):
 
 @command("cost", "exact analytic cost of one architecture")(_cost_args)
 def _cost(args):
-    from evaluators.cost import analytic_cost
-    from search_spaces.catalog import load_space
-
-    from evaluators.hardware import PROFILES
-    from evaluators.latency import latency_breakdown
-
     arch = load_space(args.space).decode(args.arch)
     report = analytic_cost(arch)
     latency = {p: latency_breakdown(arch, p) for p in PROFILES.names()}
@@ -118,8 +121,6 @@ def _hw_args(p):
 
 @command("hw", "hardware profiles; calibrate and validate the latency look-up table")(_hw_args)
 def _hw(args):
-    from evaluators.hardware import PROFILES
-
     if args.action == "profiles":
         rows = [PROFILES.get(n) for n in PROFILES.names()]
         for prof in rows:
@@ -127,7 +128,6 @@ def _hw(args):
         return
     if not args.space:
         raise NasError(f"nas hw {args.action}: --space is required")
-    from evaluators.calibrate import calibrate, validate
 
     def progress(done: int, total: int, what: str) -> None:
         if sys.stderr.isatty() or done == total or done % max(total // 10, 1) == 0:
@@ -135,12 +135,12 @@ def _hw(args):
 
     if args.action == "calibrate":
         table = calibrate(args.space, args.profile, args.runtime, cache_path=args.cache, progress=progress,
-                          recalibrate=args.recalibrate)
+                                  recalibrate=args.recalibrate)
         print(f"calibrated {len(table.entries)} layer configurations of {args.space} on {args.profile} "
               f"({args.runtime}) -> {table.path}")
         return
     res = validate(args.space, args.profile, args.runtime, n=args.n, cache_path=args.cache,
-                   progress=progress)
+                           progress=progress)
     if args.json:
         print(json.dumps(res, indent=2))
         return
@@ -170,9 +170,13 @@ def _export_args(p):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--winner", type=int, default=None, help="export only winner K (rank)")
     which.add_argument("--all", action="store_true", help="export every winner (the default)")
-    p.add_argument("--format", default="flax,onnx,stablehlo", help="comma-separated: flax, onnx, stablehlo")
-    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ, needs onnx)")
-    p.add_argument("--calibration-images", type=int, default=256, help="training images calibrating int8")
+    p.add_argument("--format", default=None, help=f"comma-separated: {', '.join(EXPORT_FORMATS)} (default: the run's "
+                   f"export.formats, else {','.join(ExportConfig().formats)})")
+    p.add_argument("--int8", action="store_true", default=None,
+                   help="also write model.int8.onnx (static QDQ, needs onnx; default: the run's export.int8)")
+    p.add_argument("--calibration-images", type=int, default=None,
+                   help=f"training images calibrating int8 (default: the run's export.calibration_images, else "
+                        f"{ExportConfig().calibration_images})")
     p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
 
 
@@ -184,8 +188,7 @@ def _report_args(p):
 
 @command("search", "run a search experiment on Ray Tune")(_search_args)
 def _search(args):
-    from nas.config import load_config
-    from nas.search import run_search
+    from nas.tune import run_search  # imported when used: importing Ray takes seconds, `nas spaces` should not
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
@@ -200,42 +203,32 @@ def _distill_args(p):
 @command("distill", "fine-tune the winners of a run with knowledge distillation, against a no-KD baseline")(
     _distill_args)
 def _distill(args):
-    from nas.distill import run_distill
-
     run_distill(args.run_dir, seeds=args.seeds)
 
 
 @command("export", "export the winners of a run")(_export_args)
 def _export(args):
-    from nas.export import export_run
-
-    export_run(args.run_dir, out=args.out, winner=args.winner, formats=tuple(args.format.split(",")),
+    export_run(args.run_dir, out=args.out, winner=args.winner,
+               formats=tuple(args.format.split(",")) if args.format else None,
                force=args.force, int8=args.int8, calibration_images=args.calibration_images)
 
 
 @command("report", "write report.md and plots for a finished run")(_report_args)
 def _report(args):
-    from nas.report import write_report
-
     print(f"report: {write_report(args.run_dir, references=not args.no_references)}")
 
 
 @command("run", "search, distill and export, in order")(_search_args)
 def _run(args):
-    from nas.config import load_config
-    from nas.distill import run_distill
-    from nas.export import export_run
-    from nas.search import run_search
-
-    from nas.distill import DistillConfig
-    from nas.export import ExportConfig
+    from nas.tune import run_search  # imported when used: importing Ray takes seconds, `nas spaces` should not
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, STAGES)  # the distillation's and export's files too, before the search spends its hours
     run_dir = run_search(cfg, resume=args.resume, force=args.force, address=args.address)
-    if DistillConfig.from_dict(cfg.distill).enabled:
+    if cfg.distill.enabled:
         print("distillation:", flush=True)
         run_distill(run_dir)
-    export = ExportConfig.from_dict(cfg.export)
+    export = cfg.export
     if export.enabled:
         print("export:", flush=True)
         export_run(run_dir, force=True, **export.run_kwargs())
@@ -243,25 +236,53 @@ def _run(args):
 
 
 def _print_winners(run_dir) -> None:
-    from pathlib import Path
-
     run_dir = Path(run_dir)
-    winners = json.loads((run_dir / "winners.json").read_text())
-    distill = {}
-    if (run_dir / "distill.json").exists():
-        distill = {r["rank"]: r for r in json.loads((run_dir / "distill.json").read_text())["winners"]}
-    print(f"\nwinners ({run_dir / 'winners.json'}):")
+    report = read_distill(run_dir)
+    distill = {r.rank: r for r in report.rows} if report else {}
+    print(f"\nwinners ({run_dir / WINNERS}):")
     print(f"  {'rank':>4}  {'key':<20} {'params':>9} {'MACs':>11} {'val acc':>8} {'score':>7}"
           + ("  test acc: search / no-KD / KD (gain)" if distill else ""))
-    for w in winners:
-        line = (f"  {w['rank']:>4}  {w['key']:<20} {w['params']:>9,d} {w['macs']:>11,d} "
-                f"{w['val_accuracy']:>8.4f} {w['score']:>7.4f}")
-        if w["rank"] in distill:
-            d = distill[w["rank"]]
-            line += (f"  {d['test_accuracy_before']:.4f} / {d['baseline_acc']:.4f} / {d['kd_acc']:.4f} "
-                     f"({d['gain']:+.4f})")
+    for w in read_winners(run_dir):
+        line = (f"  {w.rank:>4}  {w.key:<20} {w.params:>9,d} {w.macs:>11,d} "
+                f"{w.val_accuracy:>8.4f} {w.score:>7.4f}")
+        if w.rank in distill:
+            d = distill[w.rank]
+            line += f"  {d.before:.4f} / {d.baseline:.4f} / {d.after:.4f} ({d.gain:+.4f})"
         print(line)
     print(f"outputs: {run_dir} (trials.csv, winners.json, winners/, distill.json, export/)")
+
+
+# ----------------------------------------------------------------------- supernet
+def _supernet_args(p):
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train the weight-sharing supernet of an experiment (one Ray Tune trial)")
+    _search_args(t)
+    e = sub.add_parser("eval", help="inherited validation accuracy of architecture keys on a trained supernet")
+    _run_dir_args(e)
+    e.add_argument("--arch", dest="keys", action="append", required=True, metavar="KEY",
+                   help="an architecture key of the run's space (repeatable)")
+    e.add_argument("--recalibration-images", type=int, default=None,
+                   help="training images re-estimating BatchNorm per candidate (default: the supernet's config)")
+    e.add_argument("--json", action="store_true")
+
+
+@command("supernet", "train a weight-sharing supernet; score architectures on it")(_supernet_args)
+def _supernet(args):
+    if args.action == "train":
+        from nas.tune.supernet import train_on_ray  # imported when used: importing Ray takes seconds
+
+        out = train_on_ray(load_config(args.config, args.overrides), resume=args.resume, force=args.force,
+                           address=args.address)
+        print(f"supernet: {out} (weights.msgpack, manifest.json, history.json, tensorboard/)")
+        return
+    if args.recalibration_images is not None and args.recalibration_images < 1:
+        raise NasError(f"--recalibration-images: {args.recalibration_images}; allowed an integer >= 1")
+    rows = evaluate_keys(args.run_dir, args.keys, n_images=args.recalibration_images)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(f"{r['key']}  {r['val_accuracy']:.4f}")
 
 
 # ----------------------------------------------------------------------- main
@@ -281,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except NasError as e:
         print(f"nas: error: {e}", file=sys.stderr)
-        return 130 if type(e).__name__ == "SearchInterrupted" else 2
+        return 130 if isinstance(e, SearchInterrupted) else 2
     except BrokenPipeError:  # output piped into `head` and closed
         return 0
     except KeyboardInterrupt:

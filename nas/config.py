@@ -1,59 +1,96 @@
-"""Experiment configs: YAML -> validated, frozen plain data, once, at the edge.
+"""Experiment configs: YAML -> validated, typed, frozen plain data, once, at the edge.
 
-Every section is a small frozen dataclass; an unknown key or a bad value is a one-line
-`NasError` naming the file, the dotted key and what is allowed. `--set a.b=value` overrides
-are applied to the raw document before validation, so they are validated the same way.
+Every section is a small frozen dataclass whose fields declare what they accept; one builder
+(`search_spaces.schema.build`) checks them all, so an unknown key or a bad value is a one-line
+`NasError` naming the file, the dotted key and what is allowed. `--set a.b=value` overrides are
+applied to the raw document before validation, so they are validated the same way. The defaults
+live here, in the field declarations, and nowhere else.
+
+Paths: every path of an experiment (`dataset.path`, `output_dir`, `storage_path` unless a URI,
+`distill.teacher.checkpoint`) is resolved once, when the config is loaded, relative to the
+current working directory, and stored absolute: Ray trials run in their own working directory,
+and a run directory's config.yaml then names the files it used. Whether those files exist is
+checked by `nas.preflight.preflight`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from evaluators.augment import AugmentConfig
+from evaluators.data.spec import DataSpec
+from evaluators.optim import KDConfig, TrainConfig
+from evaluators.quantize import CALIBRATION_METHODS
+from evaluators.supernet import SupernetConfig
+from evaluators.table import resolve_table
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
+from search_spaces.schema import Errors, build, number, spec, to_plain
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str = "digits"
-    path: str | None = None
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+def absolute(path: str | None) -> str | None:
+    """`path` made absolute against the current working directory (a URI such as s3://... unchanged)."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+# The `dataset:` section is validated by the data floor's own spec (sources, paths, splits, augment,
+# streaming; relative path/root/data_dir made absolute against the working directory when loaded).
+DatasetConfig = DataSpec
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    algorithm: str = "random"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    scheduler: str | None = None  # None or "asha"
-    scheduler_options: Mapping[str, Any] = field(default_factory=dict)
+    algorithm: str = "random"  # a strategy of nas.strategies or tpe / nsga2 (checked by nas.preflight)
+    options: Mapping[str, Any] = spec(factory=dict)
+    scheduler: str | None = spec(None, choices=("asha",), what="scheduler")  # None or "asha"
+    scheduler_options: Mapping[str, Any] = spec(factory=dict)
+
+
+def _positive_numbers(values: Mapping[str, Any]) -> str | None:
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            return f"{k}: must be a positive number, got {v!r}"
+    return None
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    metric: str = "accuracy"
+    metric: str = spec("accuracy", choices=("accuracy",), what="metric")
     cost: str | None = "params"  # params | macs | latency_ms@PROFILE | ... ; None = accuracy only
     target: float | None = None
     alpha: float = -0.07
     beta: float = -0.07
-    constraints: Mapping[str, float] = field(default_factory=dict)  # cost name -> max value
+    constraints: Mapping[str, float] = spec(factory=dict, check=_positive_numbers)  # cost name -> max value
     profiles: tuple[str, ...] = ()  # hardware profiles whose predicted latency every trial records
+
+    def check(self, err: Errors) -> None:
+        if self.cost is not None and self.target is None:
+            raise err("target", f"required with objective.cost = {self.cost!r} (the cost the penalty aims at)")
+        if self.cost is not None and self.target <= 0:
+            raise err("target", f"must be > 0, got {self.target}")
 
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
     """How a candidate is evaluated: trained on the dataset, or looked up in a benchmark table."""
 
-    kind: str = "train"  # train | table
+    kind: str = spec("train", choices=("train", "table"), what="evaluator")
     table: str | None = None  # a NAS-Bench-Macro-format JSON (kind: table)
     metric: str = "mean_acc"
     sample_repeat: bool = False
+
+    def check(self, err: Errors) -> None:
+        if self.kind == "table" and not self.table:
+            raise err("table", "required with evaluator.kind = table (a benchmark table JSON file)")
 
 
 @dataclass(frozen=True)
@@ -63,141 +100,215 @@ class Resources:
     memory_gb: float | None = None
 
 
+TEACHER_KINDS = {"key": "reference", "best": "best", "checkpoint": "checkpoint", "ensemble": "ensemble"}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """`distill.teacher`: exactly one of key (+ space), best, checkpoint, ensemble (see nas.teacher)."""
+
+    key: str | None = spec(None, check=lambda v: None if v else "empty; allowed 'largest' or an architecture key")
+    space: str | None = spec(None, check=lambda v: None if v else "empty; allowed a registered space name or a YAML file")
+    best: bool | None = spec(None, check=lambda v: None if v else "false; allowed true (the most accurate candidate)")
+    checkpoint: str | None = spec(None, check=lambda v: None if v else "empty; allowed a folder with "
+                                  "architecture.json and variables.msgpack")
+    ensemble: int | None = spec(None, ge=2)  # the top-K search candidates
+
+    @property
+    def kind(self) -> str:
+        """reference | best | checkpoint | ensemble."""
+        return next(TEACHER_KINDS[k] for k in TEACHER_KINDS if getattr(self, k) is not None)
+
+    def check(self, err: Errors) -> None:
+        given = [k for k in TEACHER_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise err("", f"give exactly one of key, best, checkpoint, ensemble; got {given or 'none'}")
+        if self.space is not None and self.key is None:
+            raise err("space", "only allowed with key (a reference architecture of another space)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in to_plain(self).items() if v is not None}
+
+
+TEACHER_OUTPUTS = ("online", "cached")  # distill.teacher_outputs: the teacher inside the step | stored once
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The `distill:` section: fine-tune each winner with KD against a same-budget baseline (nas.distill).
+
+    teacher_outputs: online runs the teacher inside each step on exactly the student's augmented view
+    (consistent teaching); cached stores its logits (and features) once on the un-augmented rows.
+    augment: the augmentation both arms train with (the same views for baseline and KD).
+    steps: the budget in optimizer steps instead of `epochs` (rounded up to whole epochs).
+    resume: keep each student's training state per epoch; a re-run continues after a kill.
+    warmup_epochs: None gives 1 epoch of warm-up when epochs >= 3 (and the schedule allows it), else 0.
+    """
+
+    enabled: bool = True
+    teacher: TeacherConfig = spec(factory=lambda: TeacherConfig(key="largest"))
+    temperature: float = spec(KDConfig.temperature, gt=0)  # chosen on the validation split: benchmarks/distill_sweep.py
+    alpha: float = spec(KDConfig.alpha, ge=0, le=1)
+    beta: float = spec(KDConfig.beta, ge=0)  # weight of the hint loss on penultimate features (0: response-based KD)
+    epochs: int = spec(12, ge=1)  # chosen on the validation split: benchmarks/distill_sweep.py (docs/distillation.md)
+    learning_rate: float = spec(1e-3, gt=0)
+    schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
+    warmup_epochs: float | None = spec(None, ge=0)
+    init: str = spec("search", choices=("search", "scratch"))  # search checkpoint | fresh weights
+    seeds: int = spec(1, ge=1)
+    teacher_epochs: int | None = spec(None, ge=1)  # None: the search's train.epochs
+    # -- consistent, patient teaching (issue #26): see docs/distillation.md
+    teacher_outputs: str = spec("online", choices=TEACHER_OUTPUTS)
+    augment: AugmentConfig = spec(factory=lambda: AugmentConfig(mixup=1.0))
+    steps: int | None = spec(None, ge=1)
+    resume: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
+        """Validate a mapping; `source` is 'FILE: KEY' or 'KEY' (errors name `{source}.{key}`)."""
+        return build_section(cls, d, source)
+
+    def check(self, err: Errors) -> None:
+        if self.beta and self.teacher_outputs != "cached":
+            raise err("beta", f"{self.beta}; the hint loss needs teacher_outputs: cached "
+                              f"(an online teacher gives logits only)")
+        # epochs / learning_rate / schedule / warmup_epochs must make a valid training schedule together
+        TrainConfig.from_dict(self._schedule(), f"{err.source}: {err.prefix}" if err.source else err.prefix)
+
+    def _schedule(self, epochs: int | None = None) -> dict[str, Any]:
+        epochs = epochs or self.epochs
+        warmup = self.warmup_epochs
+        if warmup is None:
+            warmup = 1 if epochs >= 3 and self.schedule in (None, "warmup_cosine") else 0
+        schedule = self.schedule or ("warmup_cosine" if warmup else "cosine")
+        return {"epochs": epochs, "learning_rate": self.learning_rate, "schedule": schedule, "warmup_epochs": warmup}
+
+    def student_train(self, base: TrainConfig, n_train: int | None = None) -> TrainConfig:
+        """The students' `TrainConfig`: the search's `base` with this stage's schedule; with `steps`, as
+        many whole epochs of `n_train` rows as cover them."""
+        sched = self._schedule()
+        if self.steps is not None and n_train is not None:
+            sched = self._schedule(max(1, math.ceil(self.steps / max(1, n_train // base.batch_size))))
+            TrainConfig.from_dict(sched, "distill (epochs from steps)")
+        return dataclasses.replace(base, **sched)
+
+    def augment_config(self) -> AugmentConfig:
+        """The `AugmentConfig` both arms train with (the same views for baseline and KD)."""
+        return self.augment
+
+    def kd(self) -> KDConfig:
+        """The `KDConfig` of the KD students."""
+        return KDConfig(temperature=self.temperature, alpha=self.alpha, beta=self.beta)
+
+
+EXPORT_FORMATS = ("flax", "onnx", "stablehlo")  # what `export.formats` / `nas export --format` accept
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The `export:` section of an experiment config (and the defaults of `nas export`).
+
+    formats: any of flax, onnx, stablehlo. int8: also write model.int8.onnx (needs onnx).
+    calibration_images: training images that calibrate the int8 activation ranges.
+    calibration_method: how ranges are set from them: percentile (default), minmax, entropy.
+    tolerance: max abs logit difference allowed between a runtime and JAX.
+    int8_max_drop: largest test-accuracy loss (fraction, 0.01 = 1 point) int8 may have vs fp32.
+    latency_budget_s: time spent per latency measurement (0: do not measure).
+    """
+
+    enabled: bool = True
+    formats: tuple[str, ...] = spec(("flax",), choices=EXPORT_FORMATS, what="format",
+                                    check=lambda v: None if v else f"empty; allowed: {', '.join(EXPORT_FORMATS)}")
+    int8: bool = False
+    calibration_images: int = spec(256, ge=1)
+    calibration_method: str = spec("percentile", choices=CALIBRATION_METHODS, what="method")
+    tolerance: float = spec(1e-4, ge=0)
+    int8_max_drop: float = spec(0.01, ge=0)
+    latency_budget_s: float = spec(0.3, ge=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(self.formats)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "export") -> "ExportConfig":
+        """Validate a mapping; `source` is 'FILE: KEY' or 'KEY' (errors name `{source}.{key}`)."""
+        return build_section(cls, d, source)
+
+    def check(self, err: Errors) -> None:
+        if self.int8 and "onnx" not in self.formats:
+            raise err("int8", f"needs 'onnx' in {err.key('formats')} (int8 is quantized from model.onnx)")
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `export_run` this section stands for."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "enabled"}
+
+
+def _experiment_name(name: str) -> str | None:
+    return None if name and "/" not in name else f"invalid experiment name {name!r}; allowed a non-empty name without '/'"
+
+
+SPACE_INPUT_KEYS = ("in_channels", "num_classes", "resolution")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str
-    space: str
-    dataset: DatasetConfig = DatasetConfig()
-    space_input: Mapping[str, int] = field(default_factory=dict)  # resolution / in_channels / num_classes override
+    name: str = spec(check=_experiment_name)
+    space: str = spec()
+    dataset: DatasetConfig = spec(factory=DatasetConfig, shorthand="name")  # `dataset: digits` is {name: digits}
+    space_input: Mapping[str, int] = spec(factory=dict, check=lambda v: next(
+        (f"{k}: unknown key; allowed: {', '.join(SPACE_INPUT_KEYS)}" for k in v if k not in SPACE_INPUT_KEYS), None))
     seed: int = 0
-    num_trials: int = 12
-    max_concurrent: int = 2
-    output_dir: str = "runs"
+    num_trials: int = spec(12, ge=1)
+    max_concurrent: int = spec(2, ge=1)
+    output_dir: str = "runs"  # absolute once loaded
     storage_path: str | None = None  # Ray Tune storage (shared dir or cloud URI); default RUN_DIR
-    max_failures: int = 0  # retries of a trial whose worker died or raised (node loss)
-    top_k: int = 3
-    train: Mapping[str, Any] = field(default_factory=dict)  # validated by evaluators.train.TrainConfig
-    search: SearchConfig = SearchConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
-    evaluator: EvaluatorConfig = EvaluatorConfig()
-    distill: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.distill.DistillConfig
-    export: Mapping[str, Any] = field(default_factory=dict)  # validated by nas.export.ExportConfig
-    resources: Resources = Resources()
-    source: str = "<dict>"
+    max_failures: int = spec(0, ge=0)  # retries of a trial whose worker died or raised (node loss)
+    top_k: int = spec(3, ge=1)
+    train: TrainConfig = spec(factory=TrainConfig)  # validated by its own floor: TrainConfig.from_dict
+    search: SearchConfig = spec(factory=SearchConfig)
+    objective: ObjectiveConfig = spec(factory=ObjectiveConfig)
+    evaluator: EvaluatorConfig = spec(factory=EvaluatorConfig)
+    distill: DistillConfig = spec(factory=DistillConfig)
+    export: ExportConfig = spec(factory=ExportConfig)
+    supernet: SupernetConfig | None = None  # `nas supernet train` (defaults when absent)
+    resources: Resources = spec(factory=Resources)
+    source: str = dataclasses.field(default="<dict>", compare=False)
 
     @property
     def run_dir(self) -> Path:
         return (Path(self.output_dir) / self.name).resolve()
 
+    def check(self, err: Errors) -> None:
+        if self.top_k > self.num_trials:
+            raise err("top_k", f"{self.top_k} exceeds num_trials ({self.num_trials})")
+
     def to_dict(self) -> dict[str, Any]:
-        d = _plain(dataclasses.asdict(self))
+        """The config as plain data (what config.yaml holds; round-trips through `config_from_dict`)."""
+        d = to_plain(self)
         d.pop("source")
+        d["distill"]["teacher"] = self.distill.teacher.to_dict()
         return d
 
 
-_SECTIONS = {
-    "dataset": DatasetConfig, "search": SearchConfig, "objective": ObjectiveConfig, "resources": Resources,
-    "evaluator": EvaluatorConfig,
-}
+def build_section(cls: type, raw: Any, source: str) -> Any:
+    """One section built on its own; `source` is 'FILE: KEY' or just 'KEY'."""
+    file, _, key = source.rpartition(": ")
+    return build(cls, raw, file, key)
 
 
-def _plain(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _err(src: str, key: str, msg: str) -> NasError:
-    return NasError(f"{src}: {key}: {msg}")
-
-
-def _build(cls, raw: Any, src: str, prefix: str):
-    if not isinstance(raw, Mapping):
-        raise _err(src, prefix, f"expected a mapping, got {type(raw).__name__}")
-    allowed = {f.name for f in fields(cls)} - {"source"}
-    kwargs = {}
-    for k, v in raw.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in allowed:
-            raise _err(src, key, f"unknown key; allowed: {', '.join(sorted(allowed))}")
-        if k == "dataset" and isinstance(v, str) and cls is ExperimentConfig:
-            v = DatasetConfig(name=v)  # shorthand: `dataset: digits`
-        elif k in _SECTIONS and cls is ExperimentConfig:
-            v = _build(_SECTIONS[k], v if v is not None else {}, src, key)
-        kwargs[k] = _coerce(cls, k, v, src, key)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise _err(src, prefix or "(top level)", f"missing required key ({e})") from None
-
-
-_NUM = (int, float)
-
-
-def _coerce(cls, name: str, v: Any, src: str, key: str) -> Any:
-    """Type-check one field against its dataclass default's type."""
-    f = {f.name: f for f in fields(cls)}[name]
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    if dataclasses.is_dataclass(v) or v is None and (default is None or "None" in str(f.type)):
-        return v  # a section already built, or null for an optional field
-    if isinstance(default, bool):
-        if not isinstance(v, bool):
-            raise _err(src, key, f"expected true or false, got {v!r}")
-    elif isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _err(src, key, f"expected an integer, got {v!r}")
-    elif isinstance(default, float):
-        if isinstance(v, bool) or not isinstance(v, _NUM):
-            raise _err(src, key, f"expected a number, got {v!r}")
-        v = float(v)
-    elif isinstance(default, str):
-        if not isinstance(v, str):
-            raise _err(src, key, f"expected a string, got {v!r}")
-    elif isinstance(default, tuple):
-        if isinstance(v, str):
-            v = [s.strip() for s in v.split(",") if s.strip()]
-        if not isinstance(v, (list, tuple)):
-            raise _err(src, key, f"expected a list, got {v!r}")
-        v = tuple(v)
-    elif isinstance(default, Mapping) and v is not None and not isinstance(v, Mapping):
-        raise _err(src, key, f"expected a mapping, got {v!r}")
-    return v
-
-
-def _validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    src = cfg.source
-    if not cfg.name or "/" in cfg.name:
-        raise _err(src, "name", f"invalid experiment name {cfg.name!r}; allowed a non-empty name without '/'")
-    if cfg.max_failures < 0:
-        raise _err(src, "max_failures", f"must be >= 0, got {cfg.max_failures}")
-    for k in ("num_trials", "max_concurrent", "top_k"):
-        if getattr(cfg, k) < 1:
-            raise _err(src, k, f"must be >= 1, got {getattr(cfg, k)}")
-    if cfg.top_k > cfg.num_trials:
-        raise _err(src, "top_k", f"{cfg.top_k} exceeds num_trials ({cfg.num_trials})")
-    bad_input = set(cfg.space_input) - {"resolution", "in_channels", "num_classes"}
-    if bad_input:
-        raise _err(src, f"space_input.{sorted(bad_input)[0]}", "unknown key; allowed: in_channels, num_classes, resolution")
-    if cfg.search.scheduler not in (None, "asha"):
-        raise _err(src, "search.scheduler", f"unknown scheduler {cfg.search.scheduler!r}; allowed: asha (or null)")
-    if cfg.evaluator.kind not in ("train", "table"):
-        raise _err(src, "evaluator.kind", f"unknown evaluator {cfg.evaluator.kind!r}; allowed: train, table")
-    if cfg.evaluator.kind == "table" and not cfg.evaluator.table:
-        raise _err(src, "evaluator.table", "required with evaluator.kind = table (a benchmark table JSON file)")
-    o = cfg.objective
-    if o.metric != "accuracy":
-        raise _err(src, "objective.metric", f"unknown metric {o.metric!r}; allowed: accuracy")
-    if o.cost is not None and o.target is not None and o.target <= 0:
-        raise _err(src, "objective.target", f"must be > 0, got {o.target}")
-    if o.cost is not None and o.target is None:
-        raise _err(src, "objective.target", f"required with objective.cost = {o.cost!r} (the cost the penalty aims at)")
-    for k, v in o.constraints.items():
-        if isinstance(v, bool) or not isinstance(v, _NUM) or v <= 0:
-            raise _err(src, f"objective.constraints.{k}", f"must be a positive number, got {v!r}")
-    return cfg
+def _resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    teacher = cfg.distill.teacher
+    evaluator = cfg.evaluator
+    if evaluator.kind == "table":  # a shipped table by name, or a file
+        try:
+            evaluator = dataclasses.replace(evaluator, table=str(resolve_table(evaluator.table)))
+        except NasError as e:
+            raise NasError(f"{cfg.source}: evaluator.table: {e}") from None
+    return dataclasses.replace(
+        cfg, output_dir=absolute(cfg.output_dir), storage_path=absolute(cfg.storage_path), evaluator=evaluator,
+        dataset=dataclasses.replace(cfg.dataset, path=absolute(cfg.dataset.path)),
+        distill=dataclasses.replace(cfg.distill, teacher=dataclasses.replace(
+            teacher, checkpoint=absolute(teacher.checkpoint))))
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str], src: str) -> dict[str, Any]:
@@ -221,17 +332,11 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], src: str) -> dict
 
 
 def _parse_value(text: str) -> Any:
-    """A --set value as YAML, with numbers like 5e4 (which YAML 1.1 reads as strings) as floats."""
+    """A --set value as YAML (a float field also takes YAML 1.1's string '5e4': see search_spaces.schema)."""
     try:
-        value = yaml.safe_load(text) if text else None
+        return yaml.safe_load(text) if text else None
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -243,5 +348,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    cfg = _build(ExperimentConfig, raw, source, "")
-    return _validate(dataclasses.replace(cfg, source=source))
+    """The one validator: every section typed and checked, paths made absolute."""
+    if not isinstance(raw, Mapping):
+        raise NasError(f"{source}: expected a mapping of config keys")
+    raw = dict(raw)
+    if "train" in raw:
+        raw["train"] = TrainConfig.from_dict(raw["train"], source=f"{source}: train")
+    if "dataset" in raw:
+        try:
+            raw["dataset"] = DataSpec.from_dict(raw["dataset"], source="dataset")
+        except NasError as e:
+            raise NasError(f"{source}: {e}") from None
+    if isinstance(raw.get("objective"), Mapping) and isinstance(raw["objective"].get("constraints"), Mapping):
+        err = Errors(source, "objective.constraints")
+        raw["objective"] = {**raw["objective"], "constraints": {
+            k: number(v, err, k) for k, v in raw["objective"]["constraints"].items()}}
+    cfg = build(ExperimentConfig, raw, source)
+    return _resolve_paths(dataclasses.replace(cfg, source=source))

@@ -16,140 +16,36 @@ student sees: function matching (Beyer et al., CVPR 2022; alpha = 1 uses no labe
 is `epochs` (or `steps`) with warm-up + cosine, separate from the search's. Finished students are
 kept per key in `RUN_DIR/winners/NN/baselines.json` and `kd_students.json` (baselines are reused
 when only the teacher or the KD settings change); an unfinished one saves its training state after
-every epoch and a re-run continues it (`nas.student_runs`). Test accuracies are reported as mean and
-sample standard deviation over the seeds, with the paired gain (KD - baseline) per seed; the KD
-student of the first seed is saved as `RUN_DIR/winners/NN/distilled.msgpack`; everything goes to
-`RUN_DIR/distill.json`.
+every epoch and a re-run continues it (`nas.rundir.StudentResults`, `StudentState`). Test
+accuracies are reported as mean and sample standard deviation over the seeds, with the paired gain
+(KD - baseline) per seed; the KD student of the first seed is saved as
+`RUN_DIR/winners/NN/distilled.msgpack`; everything goes to `RUN_DIR/distill.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from nas.search import experiment_from_run_dir, load_winners
-from nas.student_runs import ResultCache, TrainingState, student_key
-from nas.teacher import cached_outputs, check_teacher_spec, dataset_fingerprint, resolve_teacher, search_candidates
+from evaluators.cost import analytic_cost
+from evaluators.datasets import load
+from evaluators.predict import evaluate
+from evaluators.train import train
+from evaluators.variables import load_variables, save_variables
+from nas.config import DistillConfig
+from nas.preflight import preflight
+from nas.rundir import (BASELINES, KD_STUDENTS, TEACHER_DIR, VARIABLES, StudentResults, StudentState,
+                        enable_compilation_cache, experiment_from_run_dir, load_winners, write_distill)
+from nas.teacher import cached_outputs, dataset_fingerprint, resolve_teacher, search_candidates
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
-
-INITS = ("search", "scratch")
-TEACHER_OUTPUTS = ("online", "cached")
-FLOAT_KEYS = ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The `distill:` section of an experiment config (validated by `from_dict`)."""
-
-    enabled: bool = True
-    teacher: Mapping[str, Any] = field(default_factory=lambda: {"key": "largest"})
-    temperature: float = 2.0  # chosen on the validation split: benchmarks/distill_sweep.py
-    alpha: float = 0.5
-    beta: float = 0.0  # weight of the hint loss on penultimate features (0: response-based KD only)
-    epochs: int = 12  # chosen on the validation split: benchmarks/distill_sweep.py (README, Distillation)
-    learning_rate: float = 1e-3
-    schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
-    warmup_epochs: float | None = None  # None: 1 epoch of warm-up when epochs >= 3 (and no schedule given), else 0
-    init: str = "search"  # search: start from the winner's search checkpoint | scratch: fresh weights
-    seeds: int = 1
-    teacher_epochs: int | None = None  # None: the search's train.epochs
-    # -- consistent, patient teaching (issue #26): see README, Distillation
-    teacher_outputs: str = "online"  # online: the teacher inside the step on the student's view | cached
-    augment: Mapping[str, Any] = field(default_factory=lambda: {"mixup": 1.0})  # evaluators.augment.AugmentConfig
-    steps: int | None = None  # the budget in optimizer steps instead of `epochs` (rounded up to whole epochs)
-    resume: bool = True  # keep each student's training state per epoch; a re-run continues after a kill
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
-        """Validate a mapping; a bad key or value raises `NasError` naming `{source}.{key}` and what is allowed."""
-        if d is not None and not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping, got {type(d).__name__}")
-        d = dict(d or {})
-        allowed = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in allowed:
-                raise NasError(f"{source}.{k}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        for k in FLOAT_KEYS:
-            if isinstance(d.get(k), str):  # YAML 1.1 reads '2e-3' as a string
-                try:
-                    d[k] = float(d[k])
-                except ValueError:
-                    raise NasError(f"{source}.{k}: {d[k]!r} is not a number") from None
-        cfg = cls(**d)
-        if not isinstance(cfg.enabled, bool):
-            raise NasError(f"{source}.enabled: expected true or false, got {cfg.enabled!r}")
-        check_teacher_spec(cfg.teacher, f"{source}.teacher")
-        for k in ("temperature", "alpha", "beta", "learning_rate", "warmup_epochs"):
-            v = getattr(cfg, k)
-            if k == "warmup_epochs" and v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise NasError(f"{source}.{k}: expected a number, got {v!r}")
-        if cfg.temperature <= 0:
-            raise NasError(f"{source}.temperature: must be > 0, got {cfg.temperature}")
-        if not 0 <= cfg.alpha <= 1:
-            raise NasError(f"{source}.alpha: must be in [0, 1], got {cfg.alpha}")
-        if cfg.beta < 0:
-            raise NasError(f"{source}.beta: must be >= 0, got {cfg.beta}")
-        if cfg.learning_rate <= 0:
-            raise NasError(f"{source}.learning_rate: must be > 0, got {cfg.learning_rate}")
-        for k in ("epochs", "teacher_epochs", "seeds", "steps"):
-            v = getattr(cfg, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise NasError(f"{source}.{k}: must be an integer >= 1, got {v!r}")
-        if cfg.init not in INITS:
-            raise NasError(f"{source}.init: {cfg.init!r}; allowed: {', '.join(INITS)}")
-        if cfg.teacher_outputs not in TEACHER_OUTPUTS:
-            raise NasError(f"{source}.teacher_outputs: {cfg.teacher_outputs!r}; allowed: {', '.join(TEACHER_OUTPUTS)}")
-        if cfg.beta and cfg.teacher_outputs == "online":
-            raise NasError(f"{source}.beta: {cfg.beta}; the hint loss needs teacher_outputs: cached "
-                           f"(an online teacher gives logits only)")
-        if not isinstance(cfg.resume, bool):
-            raise NasError(f"{source}.resume: expected true or false, got {cfg.resume!r}")
-        cfg.augment_config(source)
-        from evaluators.optim import TrainConfig
-
-        TrainConfig.from_dict(cfg._schedule(), source)  # epochs/learning_rate/schedule/warmup_epochs together
-        return cfg
-
-    def _schedule(self, epochs: int | None = None) -> dict[str, Any]:
-        epochs = epochs or self.epochs
-        warmup = self.warmup_epochs
-        if warmup is None:
-            warmup = 1 if epochs >= 3 and self.schedule in (None, "warmup_cosine") else 0
-        schedule = self.schedule or ("warmup_cosine" if warmup else "cosine")
-        return {"epochs": epochs, "learning_rate": self.learning_rate, "schedule": schedule, "warmup_epochs": warmup}
-
-    def student_train(self, base: Any, n_train: int | None = None) -> Any:
-        """The students' `TrainConfig`: the search's `base` with this stage's schedule; with `steps`, as
-        many whole epochs of `n_train` rows as cover them."""
-        sched = self._schedule()
-        if self.steps is not None and n_train is not None:
-            sched = self._schedule(max(1, math.ceil(self.steps / max(1, n_train // base.batch_size))))
-            from evaluators.optim import TrainConfig
-
-            TrainConfig.from_dict(sched, "distill (epochs from steps)")
-        return dataclasses.replace(base, **sched)
-
-    def augment_config(self, source: str = "distill") -> Any:
-        """The `AugmentConfig` both arms train with (the same views for baseline and KD)."""
-        from evaluators.augment import AugmentConfig
-
-        return AugmentConfig.from_dict(self.augment, f"{source}.augment")
-
-    def kd(self) -> Any:
-        """The `KDConfig` of the KD students."""
-        from evaluators.optim import KDConfig
-
-        return KDConfig(temperature=float(self.temperature), alpha=float(self.alpha), beta=float(self.beta))
 
 
 # ============================================================ one student
@@ -173,9 +69,6 @@ def train_student(arch: Architecture, data, cfg: Any, *, init_variables: Any = N
     `teacher` ((arch, variables) members) runs online inside the step, on the `augment`ed view the
     student sees; `teacher_logits`/`teacher_features` are the cached alternative. `checkpoint` and
     `resume_from` are passed to `evaluators.train.train` (per-epoch state, resume after a kill)."""
-    from evaluators.predict import evaluate
-    from evaluators.train import train
-
     t0 = time.perf_counter()
     common = {"init_variables": init_variables, "augment": augment, "checkpoint": checkpoint,
               "resume_from": resume_from}
@@ -221,30 +114,26 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     Raises:
       NasError: a bad `distill:` section or `seeds`, a teacher that does not fit the dataset; before training.
     """
-    from evaluators.datasets import load_dataset
-    from evaluators.variables import load_variables, save_variables
 
-    from nas.search import _enable_compilation_cache
-
-    _enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
+    enable_compilation_cache()  # as the search's trials: a re-run (e.g. more seeds) skips XLA compiles
     t_start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     exp = experiment_from_run_dir(run_dir)
     cfg = exp.cfg
-    d = DistillConfig.from_dict(cfg.distill, f"{cfg.source}: distill")
+    preflight(cfg, ("distill",))
+    d: DistillConfig = cfg.distill
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise NasError(f"--seeds: {seeds!r}; allowed an integer >= 1")
         d = dataclasses.replace(d, seeds=seeds)
     winners = load_winners(run_dir)
-    data = load_dataset(cfg.dataset.name, seed=cfg.seed, path=cfg.dataset.path,
-                        val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+    data = load(cfg.dataset, seed=cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
     kd = d.kd()
-    augment = d.augment_config(f"{cfg.source}: distill")
+    augment = d.augment_config()
     student_cfg = d.student_train(exp.train, len(data.y_train))
     seed_list = [student_cfg.seed + i for i in range(d.seeds)]
     teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
-    teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / "teacher", printer,
+    teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / TEACHER_DIR, printer,
                               candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
     printer(f"teacher {teacher.key} ({teacher.kind}, {teacher.params:,d} params): test accuracy "
             f"{teacher.test_accuracy:.4f}", flush=True)
@@ -254,7 +143,7 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
     if online:
         printer("teacher outputs: online (the teacher runs inside each step on the student's view)", flush=True)
     else:
-        logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / "teacher")
+        logits, feats, cache_path, reused = cached_outputs(teacher, data, run_dir / TEACHER_DIR)
         printer(f"teacher outputs {'reused from' if reused else 'cached in'} {cache_path.relative_to(run_dir)}",
                 flush=True)
         hints = standardize_features(feats) if d.beta > 0 else None
@@ -272,15 +161,13 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
         "winners": [],
     }
     for w in winners:
-        from evaluators.cost import analytic_cost
-
-        arch = Architecture.from_dict(w["architecture"])
-        folder = run_dir / w["checkpoint"]
-        search_vars = load_variables(folder / "variables.msgpack")
+        arch = w.architecture
+        folder = w.folder(run_dir)
+        search_vars = load_variables(folder / VARIABLES)
         before = _test_accuracy(arch, search_vars, data)
         init = search_vars if d.init == "search" else None
-        start = (folder / "variables.msgpack",) if d.init == "search" else ()
-        baselines, kd_students = ResultCache(folder / "baselines.json"), ResultCache(folder / "kd_students.json")
+        start = (folder / VARIABLES,) if d.init == "search" else ()
+        baselines, kd_students = StudentResults(folder / BASELINES), StudentResults(folder / KD_STUDENTS)
         per_seed, distilled, baseline_reused = [], None, 0
         for seed in seed_list:
             scfg = dataclasses.replace(student_cfg, seed=seed)
@@ -308,33 +195,47 @@ def run_distill(run_dir: str | Path, *, seeds: int | None = None, printer=print)
                              "gain": student.test_accuracy - base.test_accuracy,
                              "baseline_val_acc": base.val_accuracy, "kd_val_acc": student.val_accuracy,
                              "baseline_s": base.wall_s, "kd_s": student.wall_s})
-            printer(f"  winner {w['rank']} {w['key']} seed {seed}: baseline {base.test_accuracy:.4f} "
+            printer(f"  winner {w.rank} {w.key} seed {seed}: baseline {base.test_accuracy:.4f} "
                     f"KD {student.test_accuracy:.4f} ({student.wall_s:.1f}s)", flush=True)
         b_mean, b_std = mean_std([r["baseline_acc"] for r in per_seed])
         k_mean, k_std = mean_std([r["kd_acc"] for r in per_seed])
         g_mean, g_std = mean_std([r["gain"] for r in per_seed])
-        row = {"rank": w["rank"], "key": w["key"], "params": int(analytic_cost(arch).params),
+        row = {"rank": w.rank, "key": w.key, "params": int(analytic_cost(arch).params),
                "test_accuracy_before": before, "teacher_acc": teacher.test_accuracy,
                "baseline_acc": b_mean, "baseline_std": b_std, "kd_acc": k_mean, "kd_std": k_std,
                "gain": g_mean, "gain_std": g_std, "distilled": "distilled.msgpack",
                "test_accuracy_after": distilled, "baselines_reused": baseline_reused, "per_seed": per_seed}
         out["winners"].append(row)
-        printer(f"winner {w['rank']} {w['key']} ({row['params']:,d} params): search {before:.4f} | baseline "
+        printer(f"winner {w.rank} {w.key} ({row['params']:,d} params): search {before:.4f} | baseline "
                 f"{b_mean:.4f} ± {b_std:.4f} | KD {k_mean:.4f} ± {k_std:.4f} | gain {g_mean:+.4f} ± {g_std:.4f} "
                 f"({d.seeds} seed{'s' if d.seeds > 1 else ''})", flush=True)
     out["wall_s"] = time.perf_counter() - t_start
-    (run_dir / "distill.json").write_text(json.dumps(out, indent=2))
+    write_distill(run_dir, out)
     return out
 
 
-def _resumable(cache: ResultCache, key: str, folder: Path, resume: bool, epochs: int, printer,
+def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
+    return evaluate(arch, variables, data.x_test, data.y_test)[0]
+
+
+def student_key(parts: Mapping[str, Any], *files: Path) -> str:
+    """A student's identity: 16 hex digits over everything that decides its weights (`parts`, plain
+    data: arm, schedule and seed, starting point, augmentation, teacher and KD settings, dataset)
+    and the bytes of `files` (the starting checkpoint)."""
+    h = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _resumable(cache: StudentResults, key: str, folder: Path, resume: bool, epochs: int, printer,
                train_fn) -> tuple[StudentResult, bool]:
     """A student's result from `cache`, or trained by `train_fn(checkpoint=..., resume_from=...)` (continuing
     after the last epoch saved by a killed run when `resume`) and kept in `cache`. Returns (result, reused)."""
     hit = cache.get(key)
     if hit is not None:
         return StudentResult(**hit), True
-    state = TrainingState(folder, key)
+    state = StudentState(folder, key)
     blob = state.load() if resume else None
     save = (lambda epoch, b: state.save(epoch, b) if epoch < epochs else None) if resume else None
     try:
@@ -350,9 +251,3 @@ def _resumable(cache: ResultCache, key: str, folder: Path, resume: bool, epochs:
                     "wall_s": result.wall_s, "compile_s": result.compile_s})
     state.clear()
     return result, False
-
-
-def _test_accuracy(arch: Architecture, variables: Any, data) -> float:
-    from evaluators.predict import evaluate
-
-    return evaluate(arch, variables, data.x_test, data.y_test)[0]

@@ -27,30 +27,21 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
+from nas.hparams import STATUSES, experiment_summary, session_summaries
+from nas.messages import last_line
+from nas.plots import finite_float, pareto_figure, predicted_latency_ms, render_rgb
+from nas.rundir import INFEASIBLE, RESULT_LATENCY_PREFIX
 from search_spaces.space import SearchSpace
 
 TRIAL_SCALARS = ("train_loss", "val_loss", "val_accuracy")
 RESULT_SCALARS = ("accuracy", "score", "params", "macs", "latency_ms")
-INACTIVE_LABEL = "-"
-STATUSES = ("ok", "stopped", "failed", "infeasible")
-
-
-def finite_float(v: Any) -> float:
-    """A finite float, or NaN for anything else (None, '', strings, bools)."""
-    if isinstance(v, bool) or v is None:
-        return math.nan
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan
 
 
 def latency_of(result: Mapping[str, Any]) -> tuple[float, str]:
     """(predicted latency in ms, profile) from the first `latency_ms_at_<profile>` field of a result."""
     for k, v in result.items():
-        if k.startswith("latency_ms_at_") and math.isfinite(finite_float(v)):
-            return finite_float(v), k[len("latency_ms_at_"):]
+        if k.startswith(RESULT_LATENCY_PREFIX) and math.isfinite(finite_float(v)):
+            return finite_float(v), k[len(RESULT_LATENCY_PREFIX):]
     return math.nan, ""
 
 
@@ -110,7 +101,9 @@ class SearchMonitor:
         from tensorboardX import SummaryWriter
 
         self._search = SummaryWriter(logdir=str(self.tb_dir / "search"), flush_secs=10)
-        self._search.file_writer.add_summary(self._hparams_experiment())
+        self._search.file_writer.add_summary(experiment_summary(
+            f"{space.name} search", self._decisions, [f"result/{m}" for m in RESULT_SCALARS] + ["trial/val_accuracy"],
+            self.start))
         self._search.flush()
         self._live = None
         if self.tty:
@@ -189,7 +182,7 @@ class SearchMonitor:
             if t["status"] in STATUSES:
                 return
             t["status"] = "failed"
-            t["error"] = _one_line(error)
+            t["error"] = last_line(error)
             self.finished += 1
             self._finish_trial(trial_id, t, t.get("last") or {}, "failed")
             self._sync_infeasible()
@@ -263,8 +256,6 @@ class SearchMonitor:
         if math.isfinite(lat) or not key:
             return lat
         try:
-            from nas.report import predicted_latency_ms
-
             return predicted_latency_ms(self.space.decode(key), self.latency_profile)
         except Exception:  # noqa: BLE001 - a bad key must not stop the search
             return math.nan
@@ -279,54 +270,11 @@ class SearchMonitor:
         for name, v in metrics.items():
             if math.isfinite(v):
                 w.add_scalar(f"result/{name}", v, step)
-        ssi, sei = self._hparams_session(t.get("key", ""), status)
+        ssi, sei = session_summaries(self._decisions, t.get("key", ""), status, self.clock(), self.clock())
         w.file_writer.add_summary(ssi)
         w.file_writer.add_summary(sei)
         w.close()
         self._writers.pop(trial_id, None)
-
-    def _hparams_values(self, key: str) -> dict[str, str]:
-        values = {d.name: INACTIVE_LABEL for d in self._decisions}
-        if key and len(key) == len(self._decisions):
-            from search_spaces.space import ALPHABET
-
-            for d, ch in zip(self._decisions, key):
-                idx = ALPHABET.find(ch)
-                if 0 <= idx < len(d.labels):
-                    values[d.name] = d.labels[idx]
-        return values
-
-    def _hparams_experiment(self):
-        """The HParams experiment: decision columns with discrete domains, then key/status, metrics."""
-        from google.protobuf.struct_pb2 import ListValue
-        from tensorboardX.proto.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName
-
-        infos = []
-        for d in self._decisions:
-            domain = ListValue()
-            domain.extend(list(dict.fromkeys(list(d.labels) + ([INACTIVE_LABEL] if d.layer is not None else []))))
-            infos.append(HParamInfo(name=d.name, type=DataType.Value("DATA_TYPE_STRING"), domain_discrete=domain))
-        status = ListValue()
-        status.extend(list(STATUSES))
-        infos.append(HParamInfo(name="key", type=DataType.Value("DATA_TYPE_STRING")))
-        infos.append(HParamInfo(name="status", type=DataType.Value("DATA_TYPE_STRING"), domain_discrete=status))
-        metrics = [MetricInfo(name=MetricName(tag=f"result/{m}")) for m in RESULT_SCALARS]
-        metrics.append(MetricInfo(name=MetricName(tag="trial/val_accuracy")))
-        exp = Experiment(name=f"{self.space.name} search", hparam_infos=infos, metric_infos=metrics,
-                         time_created_secs=self.start)
-        return _hparams_summary("_hparams_/experiment", experiment=exp)
-
-    def _hparams_session(self, key: str, status: str):
-        from tensorboardX.proto.api_pb2 import Status
-        from tensorboardX.proto.plugin_hparams_pb2 import SessionEndInfo, SessionStartInfo
-
-        ssi = SessionStartInfo(start_time_secs=self.clock())
-        for name, label in {**self._hparams_values(key), "key": key or "?", "status": status}.items():
-            ssi.hparams[name].string_value = label
-        sei = SessionEndInfo(status=Status.Value("STATUS_SUCCESS" if status != "failed" else "STATUS_FAILURE"),
-                             end_time_secs=self.clock())
-        return (_hparams_summary("_hparams_/session_start_info", session_start_info=ssi),
-                _hparams_summary("_hparams_/session_end_info", session_end_info=sei))
 
     def _search_scalars(self) -> None:
         step, c = self.finished, self.counts()
@@ -341,8 +289,6 @@ class SearchMonitor:
         w.flush()
 
     def _pareto_image(self) -> None:
-        from nas.report import pareto_figure, render_rgb
-
         try:
             fig = pareto_figure(self.completed, latency_label="predicted latency (ms)")
             self._search.add_image("search/pareto_front", render_rgb(fig), self.finished, dataformats="HWC")
@@ -359,7 +305,7 @@ class SearchMonitor:
 
     def _sync_infeasible(self, announce: bool = True) -> None:
         """Pick up candidates the searcher appended to RUN_DIR/infeasible.jsonl since the last look."""
-        path = self.run_dir / "infeasible.jsonl"
+        path = self.run_dir / INFEASIBLE
         try:
             size = path.stat().st_size
         except OSError:
@@ -431,16 +377,6 @@ class SearchMonitor:
         return grid
 
 
-def _hparams_summary(tag: str, **content):
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
-    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
-
-    data = HParamsPluginData(version=0, **content)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
-                                                                  content=data.SerializeToString()))
-    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
-
-
 def _step(result: Mapping[str, Any]) -> int:
     """The epoch of a result (Tune's training_iteration when it has no 'epochs')."""
     for k in ("epochs", "training_iteration"):
@@ -449,17 +385,4 @@ def _step(result: Mapping[str, Any]) -> int:
     return 0
 
 
-def _one_line(text: str) -> str:
-    lines = [l.strip() for l in str(text or "").strip().splitlines() if l.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def read_infeasible(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/infeasible.jsonl (empty when there is none)."""
-    path = Path(run_dir) / "infeasible.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
-__all__ = ["SearchMonitor", "latency_of", "read_infeasible"]
+__all__ = ["SearchMonitor", "latency_of"]

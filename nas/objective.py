@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from evaluators.cost import analytic_cost
+from evaluators.hardware import PROFILES
+from evaluators.latency import predict_latency_ms
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.registry import Registry
@@ -30,8 +32,6 @@ LATENCY_PREFIX = "latency_ms@"
 def check_cost_name(name: str, where: str) -> None:
     """Raise a one-line error unless `name` is a known cost (or latency_ms@<known profile>)."""
     if name.startswith(LATENCY_PREFIX):
-        from evaluators.hardware import PROFILES  # the hardware cost model (profiles registry)
-
         PROFILES.get(name[len(LATENCY_PREFIX):])
         return
     if name not in COSTS:
@@ -41,8 +41,6 @@ def check_cost_name(name: str, where: str) -> None:
 def cost_value(name: str, arch: Architecture) -> float:
     """The value of one named cost for `arch`."""
     if name.startswith(LATENCY_PREFIX):
-        from evaluators.latency import predict_latency_ms
-
         return float(predict_latency_ms(arch, name[len(LATENCY_PREFIX):]))
     return COSTS.get(name)(arch)
 

@@ -15,13 +15,13 @@ import numpy as np
 
 from search_spaces.errors import NasError
 
-Objective = tuple[str, str]
-DEFAULT_OBJECTIVES: tuple[Objective, ...] = (("accuracy", "max"), ("latency", "min"))
+Criterion = tuple[str, str]  # (column, "max" | "min"): one axis of a Pareto front
+DEFAULT_OBJECTIVES: tuple[Criterion, ...] = (("accuracy", "max"), ("latency", "min"))
 COST_COLUMNS = ("params", "flops", "macs", "latency", "latency_ms", "activation_bytes", "weight_bytes",
                 "weight_bytes_fp32", "weight_bytes_int8", "size_bytes", "memory_bytes")
 
 
-def _check_objectives(objectives: Sequence[Objective]) -> None:
+def _check_objectives(objectives: Sequence[Criterion]) -> None:
     if not objectives:
         raise NasError("pareto: give at least one objective")
     for obj in objectives:
@@ -29,7 +29,7 @@ def _check_objectives(objectives: Sequence[Objective]) -> None:
             raise NasError(f"pareto: objective {obj!r}; allowed (name, 'max' | 'min')")
 
 
-def _matrix(points: Sequence[Mapping[str, Any]] | np.ndarray, objectives: Sequence[Objective]) -> np.ndarray:
+def _matrix(points: Sequence[Mapping[str, Any]] | np.ndarray, objectives: Sequence[Criterion]) -> np.ndarray:
     """(n, k) array to minimise; NaN where a value is missing or not a finite number."""
     _check_objectives(objectives)
     if isinstance(points, np.ndarray) or (len(points) and not isinstance(points[0], Mapping)):
@@ -52,7 +52,7 @@ def _num(v: Any) -> float:
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]] | np.ndarray,
-                 objectives: Sequence[Objective] = DEFAULT_OBJECTIVES) -> list[int]:
+                 objectives: Sequence[Criterion] = DEFAULT_OBJECTIVES) -> list[int]:
     """Indices (ascending) of the non-dominated points.
 
     A point dominates another when it is at least as good in every objective and strictly
@@ -76,7 +76,7 @@ def pareto_front(points: Sequence[Mapping[str, Any]] | np.ndarray,
 
 
 def hypervolume(points: Sequence[Mapping[str, Any]] | np.ndarray, reference: Sequence[float],
-                objectives: Sequence[Objective] = DEFAULT_OBJECTIVES) -> float:
+                objectives: Sequence[Criterion] = DEFAULT_OBJECTIVES) -> float:
     """Exact 2-D hypervolume dominated by `points` and bounded by `reference`.
 
     `reference` is given in the objectives' own units (e.g. (min accuracy, max latency)); points

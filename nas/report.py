@@ -10,32 +10,30 @@ config.yaml; caches the reference trainings in RUN_DIR/references.json. Ray-free
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-import numpy as np
-import yaml
-
-from nas.config import ExperimentConfig, config_from_dict
+from evaluators.cost import analytic_cost
+from evaluators.datasets import load
+from evaluators.predict import evaluate
+from evaluators.train import train
+from nas.config import ExperimentConfig
 from nas.objective import Objective
-from nas.monitor import finite_float
-from nas.pareto import hypervolume, pareto_front
+from nas.pareto import hypervolume
+from nas.plots import (DEFAULT_PROFILE, best_so_far_figure, finite_float, front_points, layer_breakdown,
+                       layer_figure, pareto_figure, predicted_latency_ms)
+from nas.rundir import RESULT_LATENCY_PREFIX, experiment_from_run_dir, read_distill, read_trials, read_winners
 from search_spaces.architecture import Architecture
-from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
 
 REPORT_DIR = "report"
 REFERENCES_FILE = "references.json"
-DEFAULT_PROFILE = "host"
 NUMERIC = ("params", "macs", "accuracy", "score", "epochs", "wall_s")
-COLORS = {"trial": "#9aa5b1", "stopped": "#d0d5da", "front": "#1f77b4", "winner": "#d62728", "kd": "#2ca02c",
-          "reference": "#ff7f0e"}
 
 
 # ============================================================ plain helpers
@@ -78,66 +76,16 @@ class Run:
         return [t for t in self.trials if t["status"] in ("ok", "stopped") and math.isfinite(t["accuracy"])]
 
 
-def _experiment(run_dir: Path) -> tuple[ExperimentConfig, SearchSpace, Objective]:
-    """Config, space and objective of a run (like nas.search.experiment_from_run_dir, without Ray)."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise NasError(f"{run_dir}: not a run directory (no config.yaml)")
-    raw = yaml.safe_load(saved.read_text())
-    raw["output_dir"] = str(run_dir.parent)
-    cfg = config_from_dict(raw, source=str(saved))
-    space = load_space(cfg.space)
-    if cfg.space_input:
-        space = space.with_input(**cfg.space_input)
-    return cfg, space, Objective.from_config(cfg.objective)
-
-
-def predicted_latency_ms(arch: Architecture, profile: str = DEFAULT_PROFILE, notes: set[str] | None = None) -> float:
-    """Predicted latency (ms): the calibrated LUT when it covers `arch`, else the analytic roofline.
-
-    An unusable LUT (stale format, corrupt) falls back to the roofline; the reason goes to `notes`.
-    """
-    from evaluators.hardware import analytic_latency
-
-    try:
-        from evaluators.latency import latency_breakdown
-
-        return float(latency_breakdown(arch, profile).total_ms)
-    except (NasError, ImportError) as e:
-        if notes is not None:
-            notes.add(f"latency table not used ({e}); analytic roofline instead")
-        return float(analytic_latency(arch, profile).total_ms)
-
-
-def normalise_distill(doc: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """distill.json winners as {rank, key, before, after, baseline} whatever the format.
-
-    Handles {"winners": [{rank, key, test_accuracy_before, test_accuracy_after}]} and
-    {"winners": [{rank, key, test_accuracy_before, baseline_acc, kd_acc, ...}]}: `after` is the
-    accuracy with KD, `baseline` the same fine-tuning without a teacher (when present).
-    """
-    out = []
-    for w in (doc or {}).get("winners", []) or []:
-        after = w.get("kd_acc", w.get("test_accuracy_after"))
-        out.append({"rank": int(w.get("rank", len(out) + 1)), "key": str(w.get("key", "")),
-                    "before": finite_float(w.get("test_accuracy_before")), "after": finite_float(after),
-                    "baseline": finite_float(w.get("baseline_acc"))})
-    return out
-
-
 def load_run(run_dir: str | Path) -> Run:
     """Parse a run directory (trials.csv is required; winners.json and distill.json are optional)."""
     run_dir = Path(run_dir).resolve()
-    cfg, space, objective = _experiment(run_dir)
-    path = run_dir / "trials.csv"
-    if not path.exists():
-        raise NasError(f"{run_dir}: no trials.csv; run `nas search` first")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    latency_cols = [c for c in (rows[0].keys() if rows else []) if c.startswith("latency_ms_at_")]
-    wanted = [f"latency_ms_at_{p}" for p in cfg.objective.profiles]
+    exp = experiment_from_run_dir(run_dir)
+    cfg, space, objective = exp.cfg, exp.space, exp.objective
+    rows = read_trials(run_dir)
+    latency_cols = [c for c in (rows[0].keys() if rows else []) if c.startswith(RESULT_LATENCY_PREFIX)]
+    wanted = [f"{RESULT_LATENCY_PREFIX}{p}" for p in cfg.objective.profiles]
     col = next((c for c in wanted if c in latency_cols), latency_cols[0] if latency_cols else None)
-    profile = col[len("latency_ms_at_"):] if col else DEFAULT_PROFILE
+    profile = col[len(RESULT_LATENCY_PREFIX):] if col else DEFAULT_PROFILE
     cache: dict[str, float] = {}
     notes: set[str] = set()
     trials = []
@@ -154,8 +102,6 @@ def load_run(run_dir: str | Path) -> Run:
                     arch = space.decode(t["key"])
                     cache[t["key"]] = predicted_latency_ms(arch, profile, notes)
                     if math.isnan(t["params"]):
-                        from evaluators.cost import analytic_cost
-
                         c = analytic_cost(arch)
                         t["params"], t["macs"] = float(c.params), float(c.macs)
                 except NasError:
@@ -164,11 +110,11 @@ def load_run(run_dir: str | Path) -> Run:
         t["latency_ms"] = lat
         trials.append(t)
     trials.sort(key=lambda t: t["order"])
-    winners = json.loads((run_dir / "winners.json").read_text()) if (run_dir / "winners.json").exists() else []
-    dpath = run_dir / "distill.json"
-    ddoc = json.loads(dpath.read_text()) if dpath.exists() else {}
-    return Run(run_dir, cfg, space, objective, trials, winners, normalise_distill(ddoc),
-               {k: v for k, v in ddoc.items() if k != "winners"}, profile,
+    winners = [w.to_dict() for w in read_winners(run_dir)]
+    report = read_distill(run_dir)
+    distill = [{"rank": r.rank, "key": r.key, "before": r.before, "after": r.after, "baseline": r.baseline}
+               for r in (report.rows if report else ())]
+    return Run(run_dir, cfg, space, objective, trials, winners, distill, dict(report.info) if report else {}, profile,
                "trials.csv" if col else "predicted by the report", notes=notes)
 
 
@@ -238,28 +184,22 @@ def evaluate_references(run: Run, *, printer: Callable[..., None] = print,
     archs = dict(archs) if archs is not None else reference_architectures(run.space, run.objective)
     path = run.run_dir / REFERENCES_FILE
     cache = json.loads(path.read_text()) if path.exists() else {}
-    stamp = {"train": _plain(run.cfg.train), "dataset": _plain(run.cfg.to_dict()["dataset"]), "seed": run.cfg.seed}
+    stamp = {"train": run.cfg.train.to_dict(), "dataset": run.cfg.to_dict()["dataset"], "seed": run.cfg.seed}
     out, data = [], None
     for name, arch in archs.items():
         hit = cache.get(name)
         if not (hit and hit.get("key") == arch.key and hit.get("stamp") == stamp):
-            from evaluators.datasets import load_dataset
-            from evaluators.optim import TrainConfig
-            from evaluators.predict import evaluate
-            from evaluators.train import train
-
             c = run.cfg.dataset
             if data is None:
-                data = load_dataset(c.name, seed=run.cfg.seed, path=c.path, val_fraction=c.val_fraction,
-                                    test_fraction=c.test_fraction)
+                data = load(c, seed=run.cfg.seed, resolution=run.space.resolutions[0],
+                            channels=run.space.in_channels)
             printer(f"reference {name} {arch.key}: training with the search's budget ...", flush=True)
-            res = train(arch, data, TrainConfig.from_dict(run.cfg.train))
+            res = train(arch, data, run.cfg.train)
             test_acc = float(evaluate(arch, res.variables, data.x_test, data.y_test)[0])
             hit = {"key": arch.key, "stamp": stamp, "val_accuracy": float(res.val_accuracy),
                    "test_accuracy": test_acc, "train_s": float(res.train_s)}
             cache[name] = hit
             path.write_text(json.dumps(cache, indent=2))
-        from evaluators.cost import analytic_cost
 
         cost = analytic_cost(arch)
         row = {"name": name, "key": arch.key, "accuracy": hit["val_accuracy"], "test_accuracy": hit["test_accuracy"],
@@ -280,160 +220,6 @@ def _feasible(objective: Objective | None, arch: Architecture) -> bool:
         return objective.feasible(arch)
     except Exception:  # noqa: BLE001 - a cost the report cannot compute: treat as unchecked
         return True
-
-
-def _plain(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-# ============================================================ figures
-def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def render_rgb(fig) -> np.ndarray:
-    """A matplotlib Figure as an (H, W, 3) uint8 array (for TensorBoard image summaries)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _front(points: Sequence[Mapping[str, Any]], cost: str) -> list[Mapping[str, Any]]:
-    idx = pareto_front([{"accuracy": finite_float(p.get("accuracy")), cost: finite_float(p.get(cost))} for p in points],
-                       [("accuracy", "max"), (cost, "min")])
-    return sorted((points[i] for i in idx), key=lambda p: (finite_float(p.get(cost)), -finite_float(p.get("accuracy"))))
-
-
-def pareto_figure(results: Sequence[Mapping[str, Any]], *, winners: Sequence[Mapping[str, Any]] = (),
-                  distill: Sequence[Mapping[str, Any]] = (), references: Sequence[Mapping[str, Any]] = (),
-                  latency_label: str = "predicted latency (ms)", title: str = ""):
-    """Accuracy vs latency and vs params: trials, Pareto front, winners, distillation, references.
-
-    `results` are dicts with accuracy, latency_ms, params (and key, status); `winners` dicts with
-    rank, key, accuracy, latency_ms, params; `distill` dicts with the winner's latency_ms, params
-    and test accuracy `before`/`after`; `references` dicts with name, accuracy, latency_ms, params.
-    """
-    fig, axes = _figure(11, 4.4, ncols=2)
-    for ax, cost, label in ((axes[0][0], "latency_ms", latency_label), (axes[0][1], "params", "parameters")):
-        pts = [r for r in results if math.isfinite(finite_float(r.get("accuracy"))) and math.isfinite(finite_float(r.get(cost)))]
-        full = [r for r in pts if r.get("status", "ok") == "ok"]
-        part = [r for r in pts if r.get("status", "ok") != "ok"]
-        if full:
-            ax.scatter([finite_float(r[cost]) for r in full], [finite_float(r["accuracy"]) for r in full], s=18,
-                       color=COLORS["trial"], label=f"trials ({len(full)})", zorder=2)
-        if part:
-            ax.scatter([finite_float(r[cost]) for r in part], [finite_float(r["accuracy"]) for r in part], s=14, marker="v",
-                       color=COLORS["stopped"], label=f"stopped early ({len(part)})", zorder=1)
-        front = _front(full, cost)
-        if front:
-            ax.step([finite_float(p[cost]) for p in front], [finite_float(p["accuracy"]) for p in front], where="post",
-                    color=COLORS["front"], lw=1.5, zorder=3)
-            ax.scatter([finite_float(p[cost]) for p in front], [finite_float(p["accuracy"]) for p in front], s=90,
-                       facecolor="none", edgecolor=COLORS["front"], lw=1.5, label="Pareto front", zorder=4)
-        wins = [w for w in winners if math.isfinite(finite_float(w.get(cost))) and math.isfinite(finite_float(w.get("accuracy")))]
-        if wins:
-            ax.scatter([finite_float(w[cost]) for w in wins], [finite_float(w["accuracy"]) for w in wins], marker="*", s=150,
-                       color=COLORS["winner"], edgecolor="black", lw=0.5, label="winners (val)", zorder=6)
-            for w in wins:
-                ax.annotate(f"#{w['rank']} {w['key']}", (finite_float(w[cost]), finite_float(w["accuracy"])), fontsize=7,
-                            xytext=(5, 5), textcoords="offset points", color=COLORS["winner"])
-        kd = [d for d in distill if math.isfinite(finite_float(d.get(cost)))]
-        if kd:
-            for i, d in enumerate(kd):
-                x, b, a = finite_float(d[cost]), finite_float(d.get("before")), finite_float(d.get("after"))
-                if math.isfinite(b):
-                    ax.scatter([x], [b], marker="o", s=30, facecolor="white", edgecolor=COLORS["kd"], zorder=5,
-                               label="winners, test before KD" if i == 0 else None)
-                if math.isfinite(a):
-                    ax.scatter([x], [a], marker="P", s=60, color=COLORS["kd"], zorder=5,
-                               label="winners, test after KD" if i == 0 else None)
-                if math.isfinite(a) and math.isfinite(b):
-                    ax.annotate("", (x, a), (x, b), arrowprops={"arrowstyle": "->", "color": COLORS["kd"], "lw": 1})
-        refs = [r for r in references if math.isfinite(finite_float(r.get(cost))) and math.isfinite(finite_float(r.get("accuracy")))]
-        for i, r in enumerate(refs):
-            ax.scatter([finite_float(r[cost])], [finite_float(r["accuracy"])], marker="D", s=55, color=COLORS["reference"],
-                       edgecolor="black", lw=0.5, zorder=6, label="hand-designed (val)" if i == 0 else None)
-            ax.annotate(str(r["name"]).split(" (")[0], (finite_float(r[cost]), finite_float(r["accuracy"])), fontsize=7,
-                        xytext=(5, -10), textcoords="offset points", color=COLORS["reference"])
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy")
-        ax.grid(True, alpha=0.3)
-        if cost == "params":
-            ax.set_xscale("log")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][1].legend(handles, labels, fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def best_so_far_figure(trials: Sequence[Mapping[str, Any]]):
-    """Per-trial score and accuracy (dots) and the best so far (lines) over trials in start order."""
-    fig, axes = _figure(7, 3.6)
-    ax = axes[0][0]
-    done = [t for t in trials if t["status"] in ("ok", "stopped", "failed")]
-    xs = np.arange(1, len(done) + 1)
-    full = np.array([t["status"] == "ok" for t in done], dtype=bool)
-    for metric, color in (("score", COLORS["front"]), ("accuracy", COLORS["winner"])):
-        vals = np.array([finite_float(t.get(metric)) for t in done], dtype=float)
-        if not len(vals) or np.isnan(vals).all():
-            continue
-        # the best-so-far lines count fully trained trials only (like the winners); dots show all
-        best = np.fmax.accumulate(np.where(np.isnan(vals) | ~full, -np.inf, vals))
-        best[np.isinf(best)] = np.nan
-        ax.scatter(xs, vals, s=12, color=color, alpha=0.4)
-        ax.step(xs, best, where="post", color=color, lw=1.8, label=f"best {metric} so far")
-    failed = [i + 1 for i, t in enumerate(done) if t["status"] == "failed"]
-    if failed:
-        ax.scatter(failed, [ax.get_ylim()[0]] * len(failed), marker="x", color="black", label="failed")
-    ax.set_xlabel("trials (in start order)")
-    ax.set_ylabel("validation accuracy / score")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return fig
-
-
-def layer_breakdown(arch: Architecture, profile: str = DEFAULT_PROFILE) -> list[dict[str, Any]]:
-    """Per layer: name, params, MACs (analytic cost) and predicted latency (ms) on `profile`."""
-    from evaluators.cost import analytic_cost
-    from evaluators.hardware import analytic_latency
-
-    lat = {l.index: l.latency_ms for l in analytic_latency(arch, profile).layers}
-    return [{"name": l.name, "params": l.params, "macs": l.macs, "latency_ms": lat.get(l.index, 0.0)}
-            for l in analytic_cost(arch).layers]
-
-
-def layer_figure(arch: Architecture, profile: str = DEFAULT_PROFILE, title: str = ""):
-    """Horizontal bars: params, MACs and predicted latency per layer of `arch`."""
-    from matplotlib.ticker import EngFormatter, MaxNLocator
-
-    rows = layer_breakdown(arch, profile)
-    fig, axes = _figure(12, 0.9 + 0.32 * len(rows), ncols=3)
-    names = [r["name"] for r in rows]
-    y = np.arange(len(rows))
-    for ax, (k, label, color) in zip(axes[0], (("params", "parameters", "#4c72b0"), ("macs", "MACs", "#55a868"),
-                                               ("latency_ms", f"predicted latency on {profile} (ms)", "#c44e52"))):
-        vals = [r[k] for r in rows]
-        ax.barh(y, vals, color=color)
-        ax.set_yticks(y, names if ax is axes[0][0] else [""] * len(rows), fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel(label)
-        ax.xaxis.set_major_locator(MaxNLocator(4))
-        if k != "latency_ms":
-            ax.xaxis.set_major_formatter(EngFormatter())
-        total = sum(vals)
-        ax.set_title(f"total {total:,.4g}" if k == "latency_ms" else f"total {int(total):,d}", fontsize=8)
-        ax.grid(True, axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
 
 
 # ============================================================ the report
@@ -490,6 +276,7 @@ def write_report(run_dir: str | Path, *, references: bool | Mapping[str, str] = 
     return path
 
 
+# Markdown tables as f-strings: pandas.DataFrame.to_markdown needs tabulate, not a dependency, for a few rows.
 def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None) -> str:
     cfg, trials = run.cfg, run.trials
     count = {s: sum(t["status"] == s for t in trials) for s in ("ok", "stopped", "failed", "infeasible")}
@@ -514,7 +301,7 @@ def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None)
           "before and after distillation, diamonds hand-designed networks of the same space trained with the same "
           "budget.", "", "![accuracy vs cost](pareto.png)", ""]
     for cost, unit in (("latency_ms", "ms"), ("params", "")):
-        front = _front(ok, cost)
+        front = front_points(ok, cost)
         if not front:
             continue
         pts = [{"accuracy": t["accuracy"], cost: t[cost]} for t in ok if math.isfinite(finite_float(t[cost]))]

@@ -17,7 +17,6 @@ teacher (of the averaged logits, for an ensemble) is only reported.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,12 +25,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from evaluators.cost import analytic_cost
+from evaluators.predict import evaluate, predict_features, predict_logits
+from evaluators.train import train
+from evaluators.variables import check_variables, load_variables, save_variables
+from nas.config import TeacherConfig, build_section
+from nas.rundir import ARCHITECTURE, VARIABLES, read_architecture, read_trials, read_winners, trial_checkpoints
 from search_spaces.architecture import Architecture
+from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
-
-TEACHER_KINDS = {"key": "reference", "best": "best", "checkpoint": "checkpoint", "ensemble": "ensemble"}
-
 
 @dataclass(frozen=True, eq=False)
 class Teacher:
@@ -56,20 +59,17 @@ class Teacher:
     @property
     def params(self) -> int:
         """Parameters of all members together."""
-        from evaluators.cost import analytic_cost
 
         return sum(int(analytic_cost(a).params) for a, _ in self.members)
 
     def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits averaged over members, penultimate features concatenated over members) for `x`."""
-        from evaluators.predict import predict_features
 
         outs = [predict_features(a, v, x) for a, v in self.members]
         return ensemble_logits([o[0] for o in outs]), np.concatenate([o[1] for o in outs], axis=1)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for `x`, averaged over the members."""
-        from evaluators.predict import predict_logits
 
         return ensemble_logits([predict_logits(a, v, x) for a, v in self.members])
 
@@ -120,7 +120,6 @@ def dataset_fingerprint(data) -> str:
 
 def largest(space: SearchSpace) -> Architecture:
     """The architecture with the most parameters, by coordinate ascent over the decisions."""
-    from evaluators.cost import analytic_cost
 
     choice = {d.name: 0 for d in space.decisions()}
     for _ in range(2):
@@ -134,94 +133,48 @@ def largest(space: SearchSpace) -> Architecture:
 def load_checkpoint_folder(path: str | Path) -> tuple[Architecture, Any]:
     """(architecture, variables) from a folder holding architecture.json and variables.msgpack
     (a search checkpoint, a winners/NN folder, or an export folder with flax/)."""
-    from evaluators.variables import load_variables
 
     folder = Path(path)
-    arch_file = folder / "architecture.json"
-    var_file = next((p for p in (folder / "variables.msgpack", folder / "flax" / "variables.msgpack") if p.exists()), None)
+    arch_file = folder / ARCHITECTURE
+    var_file = next((p for p in (folder / VARIABLES, folder / "flax" / VARIABLES) if p.exists()), None)
     if not arch_file.exists() or var_file is None:
-        raise NasError(f"{folder}: not a model checkpoint (needs architecture.json and variables.msgpack)")
-    try:
-        doc = json.loads(arch_file.read_text())
-        arch = Architecture.from_dict(doc.get("architecture", doc))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise NasError(f"{arch_file}: not an architecture file ({type(e).__name__}: {e})") from None
-    return arch, load_variables(var_file)
-
-
-# ============================================================ spec validation
-def check_teacher_spec(spec: Any, source: str = "distill.teacher") -> dict[str, Any]:
-    """Validate a `distill.teacher` mapping (one line naming `{source}.{key}` on error); returns it as a dict."""
-    if not isinstance(spec, Mapping):
-        raise NasError(f"{source}: expected a mapping: {{key: largest|ARCH_KEY}}, {{best: true}}, "
-                       f"{{checkpoint: PATH}} or {{ensemble: K}}; got {spec!r}")
-    spec = dict(spec)
-    kinds = [k for k in spec if k in TEACHER_KINDS]
-    unknown = sorted(set(spec) - set(TEACHER_KINDS) - {"space"})
-    if unknown:
-        raise NasError(f"{source}.{unknown[0]}: unknown key; allowed: key (+ space), best, checkpoint, ensemble")
-    if len(kinds) != 1:
-        raise NasError(f"{source}: give exactly one of key, best, checkpoint, ensemble; got {sorted(spec) or 'none'}")
-    kind = kinds[0]
-    if "space" in spec and kind != "key":
-        raise NasError(f"{source}.space: only allowed with key (a reference architecture of another space)")
-    value = spec[kind]
-    if kind == "key" and (not isinstance(value, str) or not value):
-        raise NasError(f"{source}.key: {value!r}; allowed 'largest' or an architecture key of the space")
-    if "space" in spec and (not isinstance(spec["space"], str) or not spec["space"]):
-        raise NasError(f"{source}.space: {spec['space']!r}; allowed a registered space name or a YAML file")
-    if kind == "best" and value is not True:
-        raise NasError(f"{source}.best: {value!r}; allowed true (the most accurate search candidate)")
-    if kind == "checkpoint" and (not isinstance(value, str) or not value):
-        raise NasError(f"{source}.checkpoint: {value!r}; allowed a path to a folder with architecture.json "
-                       f"and variables.msgpack")
-    if kind == "ensemble" and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
-        raise NasError(f"{source}.ensemble: {value!r}; allowed an integer >= 2 (the top-K search candidates)")
-    return spec
+        raise NasError(f"{folder}: not a model checkpoint (needs {ARCHITECTURE} and {VARIABLES})")
+    return read_architecture(arch_file), load_variables(var_file)
 
 
 # ============================================================ search candidates
 def search_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
     """Trained candidates of a run that have weights, best validation accuracy first:
-    [{'key', 'val_accuracy', 'folder'}]. Looks at the trial checkpoints under `tune/` and at `winners/`."""
+    [{'key', 'val_accuracy', 'folder'}]. Looks at the final trial checkpoints and at `winners/`."""
     run_dir = Path(run_dir)
     acc: dict[str, float] = {}
-    trials = run_dir / "trials.csv"
-    if trials.exists():
-        with trials.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("status") == "ok" and row.get("key") and row.get("accuracy") not in (None, ""):
-                    acc[row["key"]] = max(acc.get(row["key"], -1.0), float(row["accuracy"]))
+    for row in read_trials(run_dir, required=False):
+        if row.get("status") == "ok" and row.get("key") and row.get("accuracy") not in (None, ""):
+            acc[row["key"]] = max(acc.get(row["key"], -1.0), float(row["accuracy"]))
     folders: dict[str, Path] = {}
-    winners = run_dir / "winners.json"
-    if winners.exists():
-        for w in json.loads(winners.read_text()):
-            if w.get("checkpoint") and (run_dir / w["checkpoint"] / "variables.msgpack").exists():
-                folders[w["key"]] = run_dir / w["checkpoint"]
-                acc.setdefault(w["key"], float(w.get("val_accuracy", -1.0)))
-    if (run_dir / "tune").is_dir():
-        for arch_file in sorted((run_dir / "tune").rglob("architecture.json")):
-            if not (arch_file.parent / "variables.msgpack").exists():
-                continue
-            try:
-                doc = json.loads(arch_file.read_text())
-                key = Architecture.from_dict(doc.get("architecture", doc)).key
-            except (ValueError, TypeError, KeyError, AttributeError):
-                continue
-            folders.setdefault(key, arch_file.parent)
+    for w in read_winners(run_dir):
+        if w.checkpoint and (w.folder(run_dir) / VARIABLES).exists():
+            folders[w.key] = w.folder(run_dir)
+            acc.setdefault(w.key, w.val_accuracy)
+    for folder in trial_checkpoints(run_dir):
+        try:
+            key = read_architecture(folder / ARCHITECTURE).key
+        except NasError:
+            continue
+        folders.setdefault(key, folder)
     out = [{"key": k, "val_accuracy": acc[k], "folder": str(folders[k])} for k in folders if k in acc]
     out.sort(key=lambda c: (-c["val_accuracy"], c["key"]))
     return out
 
 
 # ============================================================ resolving a teacher
-def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path,
+def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path,
                     printer=print, *, candidates: list[dict[str, Any]] | None = None,
                     source: str = "distill.teacher") -> Teacher:
     """Build (or reuse from `cache_dir`) the teacher described by `spec` (see the module docstring).
 
     Args:
-      spec: the `distill.teacher` mapping.
+      spec: the `distill.teacher` section (a mapping is validated as one).
       space: the experiment's space (for `{key: ...}` without `space`).
       data: the dataset; the teacher's input shape and class count must match it.
       train_cfg: how a reference teacher is trained (a `TrainConfig`).
@@ -232,9 +185,8 @@ def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg
       NasError: a bad spec, a checkpoint that does not fit the dataset or its own architecture,
         or fewer candidates than asked for; all before any training.
     """
-    from evaluators.predict import evaluate
 
-    spec = check_teacher_spec(spec, source)
+    spec = build_section(TeacherConfig, spec, source).to_dict()
     if "checkpoint" in spec:
         path = spec["checkpoint"]
         arch, variables = _checked_member(path, data, f"{source}.checkpoint {path}")
@@ -263,14 +215,11 @@ def resolve_teacher(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg
 
 
 def _logits(arch: Architecture, variables: Any, x: np.ndarray) -> np.ndarray:
-    from evaluators.predict import predict_logits
-
     return predict_logits(arch, variables, x)
 
 
 def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, Any]:
     """Load a checkpoint folder and check it fits the dataset and its own architecture."""
-    from evaluators.variables import check_variables
 
     arch, variables = load_checkpoint_folder(path)
     expected = (data.resolution, data.channels, data.num_classes)
@@ -283,13 +232,7 @@ def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, An
 
 def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path, printer,
                source: str) -> Teacher:
-    from evaluators.predict import evaluate
-    from evaluators.train import train
-    from evaluators.variables import load_variables, save_variables
-
     if "space" in spec:
-        from search_spaces.catalog import load_space
-
         try:
             space = load_space(spec["space"]).with_input(resolution=data.resolution, in_channels=data.channels,
                                                          num_classes=data.num_classes)

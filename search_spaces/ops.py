@@ -3,8 +3,8 @@
 `reference` uses `lax.conv_general_dilated` (what `flax.linen.Conv` does). `fast` writes the
 depthwise convolution as k*k shifted multiply-adds with a hand-written backward pass, and the
 1x1 convolution as a matrix product: XLA:CPU runs grouped convolutions 20-30x slower than that
-(see PLATFORM-NOTES). Both take the same parameters (HWIO kernels), use TF/XLA 'SAME' padding
-and agree to float32 rounding (tests/test_ops.py).
+(a 5x5 depthwise conv on 32x32x192 at batch 1: ~6 ms vs ~0.24 ms on the development machine).
+Both take the same parameters (HWIO kernels), use TF/XLA 'SAME' padding and agree to float32 rounding (tests/test_ops.py).
 
 Depthwise, fast form (`depthwise_fast`, a `jax.custom_vjp`):
   forward      y[o]  = sum_i xp[o*s + i] * w[i]      one fused loop over the output
@@ -245,7 +245,7 @@ def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
     (batch mean, biased variance E[x^2] - E[x]^2), with a hand-written backward pass: two plain
     reductions and one elementwise expression. BatchNorm was 17-25% of a train step; against
     autodiff of `nn.BatchNorm` this compiled the step 3-22% faster and ran it up to 4% faster
-    (README). The raw sums are the reductions' own outputs: recording them (see
+    (docs/performance.md). The raw sums are the reductions' own outputs: recording them (see
     `model.BatchNormTrain`) costs XLA:CPU no extra kernel, where a mean or variance would."""
     return _bn_fwd(x, scale, bias, eps)[0]
 

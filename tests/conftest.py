@@ -1,19 +1,24 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The persistent JAX compile cache of trials (nas.rundir.enable_compilation_cache reads NAS_JAX_CACHE) starts empty in every test
+# session and is never the user's ~/.cache: a test that times or interrupts training must not find its
+# programs compiled by an earlier run. Set before any test starts a driver, a Ray node or a trial.
+_JAX_CACHE = tempfile.TemporaryDirectory(prefix="nas-test-jax-cache-")
+os.environ["NAS_JAX_CACHE"] = _JAX_CACHE.name
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-MACRO_TABLE = SHARED / "benchmarks" / "nas-bench-macro_cifar10.json"
 
 
 @pytest.fixture(scope="session")
 def macro_table_path() -> Path:
-    if not MACRO_TABLE.is_file():
-        pytest.fail(f"NAS-Bench-Macro table not found at {MACRO_TABLE} (../shared must sit beside the repo)")
-    return MACRO_TABLE
+    """The NAS-Bench-Macro table shipped with the package (evaluators/tables/)."""
+    from evaluators.table import resolve_table
+
+    return resolve_table("nas-bench-macro")

@@ -107,3 +107,32 @@ def test_cli_error_exits_2_without_traceback(tmp_path):
     path = _write(tmp_path, _mutate(["stages", 0, "stride"], 3))
     r = subprocess.run([sys.executable, "-m", "nas.cli", "space", "show", path], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def _stage(per_layer: int, depths, widths: int = 1) -> int:
+    """Networks of one stage counted by hand: a width, a depth, then one op per active layer."""
+    return widths * sum(per_layer ** d for d in depths)
+
+
+def test_spaces_reports_the_sizes_the_readme_states_counted_by_hand(capsys):
+    assert main(["spaces", "--json"]) == 0
+    size = {r["name"]: r["size"] for r in json.loads(capsys.readouterr().out)}
+    assert size["macro_cifar"] == 3 ** 8 == 6_561  # 8 layers of {skip, mb e3 k3, mb e6 k5}
+    # mobile_small: ds (2 kernels) | mb (2 kernels x 2 expansions) in stage 1; + mb with 3 kernels and SE
+    # choice (12) and skip in stages 2-3; two head widths
+    ds, mb2, mb3se = 2, 2 * 2, 3 * 2 * 2
+    mobile = _stage(ds + mb2, [1, 2], 2) * _stage(ds + mb3se + 1, [1, 2, 3], 3) * _stage(ds + mb3se + 1, [1, 2, 3], 2) * 2
+    assert size["mobile_small"] == mobile == 13_172_770_800
+    # mnas_imagenet: 2 resolutions x 2 width multipliers; stages 2-6 of mb (+SE in 3, 5, 6; 3 kernels in 6) | skip
+    mnas = (2 * 2 * _stage(2 * 2 + 1, [2, 3, 4]) * _stage(2 * 2 * 2 + 1, [2, 3, 4]) * _stage(2 * 2 + 1, [2, 3, 4])
+            * _stage(2 * 2 * 2 + 1, [2, 3]) * _stage(3 * 2 * 2 + 1, [2, 3, 4]))
+    assert size["mnas_imagenet"] == mnas and f"{mnas:.1e}" == "4.4e+17"
+
+
+def test_a_small_space_size_is_the_number_of_distinct_networks_enumerated(tmp_path):
+    from search_spaces.space import SearchSpace
+
+    space = SearchSpace.from_dict(GOOD)  # 2 widths x (2 + 2^2) op sequences (ds | skip, depth 1 or 2)
+    keys = list(space.keys())
+    assert space.size() == len(set(keys)) == 2 * (2 + 2 ** 2)
+    assert len({space.decode(k).to_json() for k in keys}) == len(keys)  # every key a different network

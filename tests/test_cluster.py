@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 MACRO = REPO / "experiments" / "macro_bench.yaml"
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+EPOCHS = 10  # of the node-loss trials: a window to kill the worker mid-training
 
 
 # ------------------------------------------------------------------ fixtures
@@ -121,7 +122,7 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
     head (FailureConfig max_failures), the search completes its budget, and every trial that had
     finished is kept. Training trials: table look-ups end before the worker's first actor is up."""
     n = 3
-    sets = [f"output_dir={tmp_path}", "name=nodeloss", f"num_trials={n}", "max_concurrent=2", "train.epochs=3",
+    sets = [f"output_dir={tmp_path}", "name=nodeloss", f"num_trials={n}", "max_concurrent=2", f"train.epochs={EPOCHS}",
             "resources.cpu=1", "max_failures=2", "top_k=1"]
     p = drivers(_search_args(QUICKSTART, *sets, address=cluster.address), cluster.env)
     worker = cluster.worker_node_id
@@ -130,7 +131,10 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
         assert p.poll() is None, "the search ended before a trial ran on the worker node:\n" + p.stdout.read()
         assert time.time() < deadline, "no trial actor started on the worker node"
         time.sleep(0.5)
-    time.sleep(3.0)  # into its training
+    # into a trial's training on the worker: its first epoch reported (an epoch checkpoint exists), not its last
+    while not any(1 <= e < EPOCHS for e in _last_epochs(tmp_path / "nodeloss", worker).values()):
+        assert p.poll() is None and time.time() < deadline, "no trial seen mid-training on the worker node"
+        time.sleep(0.1)
     killed_at = time.time()
     cluster.kill_worker()
     out = _finish(p, timeout=900)
@@ -143,6 +147,20 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
     assert all(by_id[t]["node_id"] == cluster.head_node_id for t in retried)  # finished on the head
     print(f"node loss: {len(retried)} trial(s) retried on the head; search finished "
           f"{time.time() - killed_at:.0f} s after the kill")
+
+
+def _last_epochs(run_dir: Path, node_id: str) -> dict[str, int]:
+    """The last epoch each trial on `node_id` has reported so far (Tune's per-trial result.json lines)."""
+    last: dict[str, int] = {}
+    for f in (run_dir / "tune").glob("*/result.json"):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if r.get("node_id") == node_id and r.get("epochs"):
+                last[f.parent.name] = max(last.get(f.parent.name, 0), int(r["epochs"]))
+    return last
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_path, macro_table_path, drivers):

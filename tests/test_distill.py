@@ -23,8 +23,9 @@ from evaluators.predict import predict_logits
 from evaluators.step import HINT, make_loss
 from evaluators.variables import initialize, load_variables, save_variables
 from nas.config import config_from_dict
-from nas.distill import DistillConfig, mean_std, run_distill
-from nas.student_runs import TrainingState
+from nas.config import DistillConfig
+from nas.distill import mean_std, run_distill
+from nas.rundir import StudentState
 from nas.teacher import Teacher, ensemble_logits, resolve_teacher, search_candidates
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError
@@ -109,8 +110,8 @@ def test_distill_config_defaults_and_schedule():
     # a budget in steps: whole epochs of the training rows that cover it (100 rows / batch 32 = 3 steps each)
     by_steps = DistillConfig.from_dict({"steps": 10, "warmup_epochs": 1}).student_train(TrainConfig(batch_size=32), 100)
     assert by_steps.epochs == 4
-    aug = DistillConfig.from_dict({"augment": {"crop": 1, "mixup": 0.5}}).augment_config()
-    assert (aug.crop, aug.flip, aug.mixup, aug.cutmix) == (1, False, 0.5, 0.0)
+    aug = DistillConfig.from_dict({"augment": {"crop_padding": 1, "mixup": 0.5}}).augment_config()
+    assert (aug.crop_padding, aug.flip, aug.mixup, aug.cutmix) == (1, False, 0.5, 0.0)
 
 
 def test_distill_stage_and_trainer_share_the_kd_defaults():
@@ -125,22 +126,22 @@ def test_distill_stage_and_trainer_share_the_kd_defaults():
     ({"alpha": 1.5}, r"distill\.alpha: must be in \[0, 1\]"),
     ({"alpha": -0.1}, r"distill\.alpha"),
     ({"beta": -1}, r"distill\.beta: must be >= 0"),
-    ({"seeds": 0}, r"distill\.seeds: must be an integer >= 1"),
+    ({"seeds": 0}, r"distill\.seeds: must be >= 1"),
     ({"init": "random"}, r"distill\.init: 'random'; allowed: search, scratch"),
     ({"tau": 2}, r"distill\.tau: unknown key; allowed: alpha, augment, beta"),
     ({"warmup_epochs": 3, "epochs": 3}, r"distill\.warmup_epochs: .*below epochs"),
     ({"schedule": "step"}, r"distill\.schedule: .*allowed one of constant, cosine, warmup_cosine"),
     ({"teacher": "largest"}, r"distill\.teacher: expected a mapping"),
     ({"teacher": {"key": "largest", "best": True}}, r"distill\.teacher: give exactly one of"),
-    ({"teacher": {"ensemble": 1}}, r"distill\.teacher\.ensemble: 1; allowed an integer >= 2"),
+    ({"teacher": {"ensemble": 1}}, r"distill\.teacher\.ensemble: must be >= 2, got 1"),
     ({"teacher": {"best": "yes"}}, r"distill\.teacher\.best"),
     ({"teacher": {"checkpoint": "x", "space": "mobile_small"}}, r"distill\.teacher\.space: only allowed with key"),
     ({"teacher": {"kee": "largest"}}, r"distill\.teacher\.kee: unknown key"),
     ({"teacher_outputs": "stored"}, r"distill\.teacher_outputs: 'stored'; allowed: online, cached"),
     ({"beta": 0.5}, r"distill\.beta: 0\.5; the hint loss needs teacher_outputs: cached"),
-    ({"augment": {"mixup": -1}}, r"distill\.augment\.mixup: -1; allowed a number >= 0"),
-    ({"augment": {"jitter": 1}}, r"distill\.augment\.jitter: unknown key"),
-    ({"steps": 0}, r"distill\.steps: must be an integer >= 1"),
+    ({"augment": {"mixup": -1}}, r"distill\.augment\.mixup: must be >= 0, got -1"),
+    ({"augment": {"jitter": 1}}, r"distill\.augment\.jitter: unknown key; allowed: crop_padding, cutmix, cutout"),
+    ({"steps": 0}, r"distill\.steps: must be >= 1, got 0"),
     ({"resume": "yes"}, r"distill\.resume: expected true or false"),
 ])
 def test_bad_distill_config_is_a_one_line_error(bad, match):
@@ -241,7 +242,7 @@ def test_killed_distillation_resumes_where_it_stopped_and_ends_with_the_same_wei
     save_variables(folder / "variables.msgpack", initialize(teacher, seed=5))
     (folder / "architecture.json").write_text(teacher.to_json())
     distill = {"teacher": {"checkpoint": str(folder)}, "epochs": 2, "learning_rate": 0.005, "alpha": 1.0,
-               "augment": {"crop": 1, "mixup": 1.0}, "teacher_outputs": "online"}
+               "augment": {"crop_padding": 1, "mixup": 1.0}, "teacher_outputs": "online"}
     quiet = lambda *a, **k: None  # noqa: E731
     whole = make_run(tmp_path, distill, name="whole")
     run_distill(whole, printer=quiet)
@@ -250,7 +251,7 @@ def test_killed_distillation_resumes_where_it_stopped_and_ends_with_the_same_wei
         pass
 
     saves = []
-    real_save = TrainingState.save
+    real_save = StudentState.save
 
     def save_then_die(self, epoch, blob):
         real_save(self, epoch, blob)
@@ -259,7 +260,7 @@ def test_killed_distillation_resumes_where_it_stopped_and_ends_with_the_same_wei
             raise Killed
 
     killed = make_run(tmp_path, distill, name="killed")
-    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    monkeypatch.setattr(StudentState, "save", save_then_die)
     with pytest.raises(Killed):
         run_distill(killed, printer=quiet)
     monkeypatch.undo()

@@ -14,13 +14,17 @@ import pytest
 import yaml
 
 import nas
-import nas.export as ex
+import nas.export.formats as ex_formats
 from nas.config import config_from_dict
-from nas.export import ExportConfig, export_run, load
+from nas.config import ExportConfig
+from nas.export import export_run, load
 from search_spaces.errors import NasError
 
 KEY = "100-100--100--1"
-INT8_MAX_DROP = 0.02  # 270 test images: one image is 0.37 points
+# 270 test images: one image is 0.37 points. The int8 drop depends on the CPU's int8 kernel: this model lost
+# 0.37 points on an AVX-512 VNNI/AMX CPU and 1.85 on the AVX2 u8s8 kernel (16-bit saturation; run under
+# qemu-x86_64 -cpu Haswell); the bound leaves room for both, the export's own check is what is tested.
+INT8_MAX_DROP = 0.04
 QUIET = dict(printer=lambda *a, **k: None)
 
 
@@ -192,14 +196,14 @@ def test_flax_weights_that_do_not_fit_the_architecture_are_refused_naming_the_en
 
 # ---------------------------------------------------------------- failed checks
 def test_a_failed_numerical_check_is_reported_and_not_written_as_good(run_dir, tmp_path, monkeypatch):
-    real = ex._onnx_model
+    real = ex_formats.onnx_model
 
     def wrong(arch, variables):  # an exporter bug: the classifier bias is off by 0.5
         v = {k: dict(variables[k]) for k in variables}
         v["params"]["classifier"] = {**v["params"]["classifier"], "bias": v["params"]["classifier"]["bias"] + 0.5}
         return real(arch, v)
 
-    monkeypatch.setattr(ex, "_onnx_model", wrong)
+    monkeypatch.setattr(ex_formats, "onnx_model", wrong)
     out = tmp_path / "out"
     lines: list[str] = []
     with pytest.raises(NasError, match=r"1 of 1 model\(s\) failed a check: 01-.*onnx: max \|logit difference\| 0.5"):
@@ -222,7 +226,7 @@ def test_a_failed_numerical_check_is_reported_and_not_written_as_good(run_dir, t
 @pytest.mark.parametrize("kwargs,message", [
     ({"formats": ("flax", "tflite")}, "export.formats: unknown format 'tflite'; allowed: flax, onnx, stablehlo"),
     ({"formats": ("flax",), "int8": True}, "export.int8: needs 'onnx' in export.formats"),
-    ({"calibration_images": 0}, "export.calibration_images: must be an integer >= 1"),
+    ({"calibration_images": 0}, "export.calibration_images: must be >= 1, got 0"),
     ({"winner": 7}, "--winner 7: no such winner"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(run_dir, tmp_path, kwargs, message):
@@ -293,7 +297,7 @@ def test_export_config_validates_the_new_options():
     cfg = ExportConfig.from_dict({"formats": "flax,onnx", "int8": True, "calibration_images": 64})
     assert cfg.formats == ("flax", "onnx") and cfg.int8 and cfg.run_kwargs()["calibration_images"] == 64
     for section, message in [({"int8": "yes"}, "export.int8: expected true or false"),
-                             ({"tolerance": -1}, "export.tolerance: must be a number >= 0"),
+                             ({"tolerance": -1}, "export.tolerance: must be >= 0"),
                              ({"precision": "int8"}, "export.precision: unknown key"),
                              ({"formats": ["stablehlo"], "int8": True}, "export.int8: needs 'onnx'")]:
         with pytest.raises(NasError, match=message):

@@ -14,7 +14,7 @@ from nas.cli import main
 from nas.config import config_from_dict
 from nas.distill import run_distill
 from nas.export import export_run
-from nas.search import run_search
+from nas.tune import run_search
 from search_spaces.errors import NasError
 
 pytestmark = pytest.mark.slow

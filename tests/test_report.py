@@ -13,7 +13,6 @@ from evaluators.cost import analytic_cost
 from nas.config import config_from_dict
 from nas.report import (
     load_run,
-    normalise_distill,
     reference_architectures,
     write_report,
 )
@@ -98,16 +97,6 @@ def test_report_without_references(tmp_path, fmt):
     assert "1 failed" in text and "1 stopped early" in text and "NaN loss" in text
     assert "0.8500" in text if fmt == "v1" else ("0.8600" in text and "0.8200" in text)  # after KD (+ baseline)
     assert "Hand-designed" not in text
-
-
-def test_distill_formats_normalised():
-    old = normalise_distill({"winners": [{"rank": 1, "key": "k", "test_accuracy_before": 0.5,
-                                          "test_accuracy_after": 0.6}]})
-    new = normalise_distill({"winners": [{"rank": 1, "key": "k", "test_accuracy_before": 0.5, "baseline_acc": 0.55,
-                                          "kd_acc": 0.7}]})
-    assert old[0]["after"] == 0.6 and np.isnan(old[0]["baseline"])
-    assert new[0]["after"] == 0.7 and new[0]["baseline"] == 0.55
-    assert normalise_distill(None) == []
 
 
 def test_reference_architectures_are_the_named_hand_designs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -108,8 +109,10 @@ def test_architectures_are_hashable_values():
     s = SPACES.get("macro_cifar")
     archs = {s.decode(k) for k in ["00000000", "22212202", "00000000"]}
     assert len(archs) == 2
-    with pytest.raises(Exception):
-        s.decode("00000000").key = "x"  # frozen
+    a = s.decode("00000000")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.layers = ()  # an Architecture is an immutable value
+    assert a == s.decode("00000000") and a.key == "00000000"
 
 
 def test_width_multiplier_and_resolution_choices():

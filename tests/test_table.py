@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from evaluators.table import TableEvaluator
+from evaluators.table import TABLES, TableEvaluator, resolve_table
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError
 
@@ -75,3 +75,28 @@ def test_check_space(table, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(NasError, match="6560 keys but space 'macro_cifar' has 6561"):
         TableEvaluator(path).check_space(SPACES.get("macro_cifar"))
+
+
+# ---------------------------------------------------------------- named tables shipped with the package
+def test_a_named_table_is_the_packaged_file_with_its_license_beside_it(macro_table_path):
+    path = resolve_table("nas-bench-macro")
+    assert path.is_absolute() and path.parent.name == "tables" and path.parent.parent.name == "evaluators"
+    assert "Apache License" in (path.parent / "NAS-Bench-Macro.LICENSE").read_text()
+    assert "xiusu/NAS-Bench-Macro" in (path.parent / "README.md").read_text()
+    assert set(TABLES) == {"nas-bench-macro"}
+    assert len(TableEvaluator(path)) == 3 ** 8  # 8 layers, 3 choices each
+
+
+def test_a_table_path_is_made_absolute_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.json").write_text(json.dumps({"0": entry()}))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_table("sub/t.json") == tmp_path.resolve() / "sub" / "t.json"
+    assert resolve_table(tmp_path / "sub" / "t.json") == tmp_path.resolve() / "sub" / "t.json"
+
+
+def test_neither_a_name_nor_a_file_is_one_line_listing_the_known_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NasError, match=r"'nas-bench-micro' is neither a known table \(nas-bench-macro\) nor a file") as e:
+        resolve_table("nas-bench-micro")
+    assert "\n" not in str(e.value) and str(tmp_path.resolve() / "nas-bench-micro") in str(e.value)

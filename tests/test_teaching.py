@@ -25,7 +25,7 @@ from search_spaces.model import build_model
 SPACE = SPACES.get("mobile_small").with_input(resolution=8)
 STUDENT = "000-000--000--0"
 MEMBERS = ("100-100--100--1", "002-002--002--0")
-MIX = AugmentConfig(crop=1, mixup=1.0)
+MIX = AugmentConfig(crop_padding=1, mixup=1.0)
 
 
 @pytest.fixture(scope="module")

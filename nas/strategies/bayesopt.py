@@ -39,6 +39,9 @@ _LOG_BOUNDS_NOISE = (np.log(1e-6), np.log(1.0))
 _PRIOR_SD = 2.0  # weak log-normal priors on all hyper-parameters
 
 
+# Kept over Optuna's GPSampler: NAS-Bench-Macro, 20 seeds, median queries to the best network 37.5 (20/20 seeds)
+# vs 78 (16/20) without constraint, 26 vs 44 (and 0 vs 21.5 infeasible queries) under FLOPs <= 45.5M; to within
+# 0.1 point 24 vs 22.5 and 15 vs 29 (benchmarks/search_macro.py --algorithms default,optuna-gp).
 @STRATEGIES.register("bayesopt")
 class GPBayesOpt(BaseStrategy):
     """GP + UCB over categorical decisions (see the module docstring).

@@ -1,13 +1,17 @@
-"""How the distillation defaults were chosen: KD settings x student epochs, on the VALIDATION split only.
+"""How the distillation defaults were chosen: recipes x student epochs, on the VALIDATION split only.
 
 The students, teacher and data of benchmarks/distill.py (mnist5k, mobile_small, the teacher cached
-in the same folder). For every student, seed and number of epochs, a no-KD run and one run per KD
-setting (temperature T, weight alpha) are trained with the same schedule and seed; the table shows
-validation accuracy (mean over seeds) and the paired gain over no-KD. The test split is never
-evaluated here, so choosing defaults from this table does not tune on the test split;
-benchmarks/distill.py then reports test accuracy with the chosen settings.
+in the same folder). A recipe is `outputs:augment:T:alpha`: the teacher's outputs `cached` (logits
+stored once on un-augmented rows) or `online` (the teacher inside the step on the student's view),
+the augmentation ('crop=2,mixup=1', 'none'), temperature and KL weight (alpha=1: function matching).
+For every student, seed and number of epochs, each augmentation's same-budget baseline
+(cross-entropy, same views) and every recipe are trained with the same schedule and seed; the table
+shows validation accuracy (mean over seeds), the paired gain over the baseline with the same
+augmentation and over the un-augmented one. The test split is never evaluated here, so choosing
+defaults from this table does not tune on the test split.
 
-    python benchmarks/distill_sweep.py [--seeds 3] [--epochs 3,8] [--settings 4:0.9,2:0.5,1:0.5]
+    python benchmarks/distill_sweep.py [--seeds 2] [--epochs 8,20] [--students small]
+        [--recipes 'cached:none:2:0.5,online:crop=2,mixup=1:1:1']   (';' separates recipes)
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distill import STUDENTS, TEACHER  # noqa: E402
+from distill import STUDENTS, TEACHER, parse_augment  # noqa: E402
 
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.optim import KDConfig, TrainConfig  # noqa: E402
@@ -33,23 +37,26 @@ from nas.distill import mean_std  # noqa: E402
 from nas.teacher import cached_outputs, resolve_teacher  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
 
+RECIPES = "cached:none:2:0.5;online:crop=2:1:1;online:crop=2,mixup=1:1:1;online:crop=2,mixup=1:2:0.5"
 
-def _settings(text: str) -> list[tuple[float, float]]:
+
+def parse_recipes(text: str) -> list[tuple[str, str, float, float]]:
     out = []
-    for item in text.split(","):
-        t, a = item.split(":")
-        out.append((float(t), float(a)))
+    for item in text.split(";"):
+        outputs, aug, t, a = item.split(":")
+        out.append((outputs, aug, float(t), float(a)))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", default="3,8", help="comma list of student epochs")
-    p.add_argument("--settings", default="4:0.9,2:0.5,1:0.5", help="comma list of T:alpha")
-    p.add_argument("--students", default=",".join(STUDENTS))
-    p.add_argument("--teacher-epochs", type=int, default=6)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--epochs", default="8,20", help="comma list of student epochs")
+    p.add_argument("--recipes", default=RECIPES, help="';' list of outputs:augment:T:alpha")
+    p.add_argument("--students", default="small")
+    p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--learning-rate", type=float, default=0.005)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--out", default="benchmarks/results/distill")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -58,32 +65,47 @@ def main(argv: list[str] | None = None) -> int:
     space = SPACES.get("mobile_small")
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=64, learning_rate=args.learning_rate)
     teacher = resolve_teacher({"key": TEACHER}, space, data, teacher_cfg, out / "teacher")
-    logits, _, _, _ = cached_outputs(teacher, data, out / "teacher")
+    recipes = parse_recipes(args.recipes)
+    logits = cached_outputs(teacher, data, out / "teacher")[0] if any(r[0] == "cached" for r in recipes) else None
     print(f"teacher {teacher.key}: val {teacher.val_accuracy:.4f} | load {os.getloadavg()[0]:.1f}", flush=True)
-    settings = _settings(args.settings)
+    augments = sorted({"none"} | {r[1] for r in recipes})
     rows = []
     t0 = time.perf_counter()
     for name in args.students.split(","):
         arch = space.decode(STUDENTS[name])
         for epochs in [int(e) for e in args.epochs.split(",")]:
-            val: dict[str, list[float]] = {"no-KD": []} | {f"T={t:g} a={a:g}": [] for t, a in settings}
+            val: dict[str, list[float]] = {f"CE {a}": [] for a in augments}
+            val |= {f"KD {o} {a} T={t:g} a={al:g}": [] for o, a, t, al in recipes}
             for seed in range(args.seeds):
-                cfg = TrainConfig(epochs=epochs, batch_size=64, learning_rate=args.learning_rate, seed=seed)
-                val["no-KD"].append(train(arch, data, cfg).val_accuracy)
-                for t, a in settings:
-                    r = train(arch, data, cfg, teacher_logits=logits, kd=KDConfig(temperature=t, alpha=a))
-                    val[f"T={t:g} a={a:g}"].append(r.val_accuracy)
-            base = np.asarray(val["no-KD"])
+                cfg = TrainConfig(epochs=epochs, batch_size=64, learning_rate=args.learning_rate, seed=seed,
+                                  schedule="warmup_cosine" if args.warmup_epochs else "cosine",
+                                  warmup_epochs=args.warmup_epochs)
+                for a in augments:
+                    r = train(arch, data, cfg, augment=parse_augment(a))
+                    val[f"CE {a}"].append(r.val_accuracy)
+                    print(f"    CE {a}: val {r.val_accuracy:.4f} ({r.train_s:.0f}s)", flush=True)
+                for o, a, t, al in recipes:
+                    kd = KDConfig(temperature=t, alpha=al)
+                    teach = {"teacher": teacher.members} if o == "online" else {"teacher_logits": logits}
+                    r = train(arch, data, cfg, kd=kd, augment=parse_augment(a), **teach)
+                    val[f"KD {o} {a} T={t:g} a={al:g}"].append(r.val_accuracy)
+                    print(f"    KD {o} {a} T={t:g} a={al:g}: val {r.val_accuracy:.4f} ({r.train_s:.0f}s)", flush=True)
+                print(f"  {name} {epochs} ep seed {seed} done [{time.perf_counter() - t0:.0f}s, load "
+                      f"{os.getloadavg()[0]:.1f}]", flush=True)
+            plain = np.asarray(val["CE none"])
             for arm, v in val.items():
-                gain = np.asarray(v) - base
-                (val_mean, _), (gain_mean, gain_std) = mean_std(v), mean_std(list(gain))
-                won = int((gain > 0).sum())
-                rows.append({"student": name, "epochs": epochs, "arm": arm, "val_mean": val_mean,
-                             "gain_mean": gain_mean, "gain_std": gain_std, "won": won,
+                aug = arm.split()[2] if arm.startswith("KD") else arm.split()[1]
+                same = np.asarray(val[f"CE {aug}"])
+                gain, gain_plain = np.asarray(v) - same, np.asarray(v) - plain
+                rows.append({"student": name, "epochs": epochs, "arm": arm, "val_mean": mean_std(v)[0],
+                             "gain_mean": mean_std(list(gain))[0], "gain_std": mean_std(list(gain))[1],
+                             "gain_vs_plain": mean_std(list(gain_plain))[0], "won": int((gain > 0).sum()),
                              "per_seed": [float(x) for x in v]})
-                print(f"{name:7s} {epochs:2d} ep  {arm:12s} val {val_mean:.4f}  gain {gain_mean:+.4f} "
-                      f"({won}/{len(v)})  [{time.perf_counter() - t0:.0f}s, load {os.getloadavg()[0]:.1f}]", flush=True)
-    (out / "distill_sweep.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+                print(f"{name:7s} {epochs:2d} ep  {arm:36s} val {rows[-1]['val_mean']:.4f}  gain vs same-aug CE "
+                      f"{rows[-1]['gain_mean']:+.4f} ({rows[-1]['won']}/{len(v)})  vs plain CE "
+                      f"{rows[-1]['gain_vs_plain']:+.4f}", flush=True)
+    (out / "distill_sweep.json").write_text(json.dumps({"settings": vars(args), "teacher_val": teacher.val_accuracy,
+                                                        "rows": rows}, indent=1))
     return 0
 
 

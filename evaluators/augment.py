@@ -5,21 +5,27 @@ test data), so the in-memory path keeps its one `lax.scan` per epoch and the str
 the very same augmentation with no second implementation. Batches are normalised NHWC floats:
 zero padding and cut-out fill with 0, which is the training split's mean pixel.
 
-`mixup` and `cutmix` mix pairs of images and their (soft) labels; they are not part of
-`AugmentConfig` because the cross-entropy step takes integer labels. A loss over soft targets
-(e.g. distillation) can call them directly.
+`mixup` and `cutmix` mix pairs of images and their labels: `y` is one array (N, classes) or a
+mapping of per-row arrays (soft labels, cached teacher logits, ...), all blended with the same
+weight and partner rows as the images. `AugmentConfig.mixup`/`cutmix` switch them on for a run;
+the step then trains on soft targets (`augment_batch`, `evaluators.teaching.Lesson`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from numbers import Real
+from typing import Any, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from search_spaces.errors import NasError
+from search_spaces.schema import spec
+
+Targets = TypeVar("Targets")  # one (N, ...) array or a mapping of them
 
 
 def random_crop(key: jax.Array, x: jnp.ndarray, padding: int) -> jnp.ndarray:
@@ -54,16 +60,21 @@ def cutout(key: jax.Array, x: jnp.ndarray, size: int) -> jnp.ndarray:
     return jnp.where(hole[..., None], jnp.zeros((), x.dtype), x)
 
 
-def mixup(key: jax.Array, x: jnp.ndarray, y: jnp.ndarray, alpha: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def mix(y: Targets, weight: jnp.ndarray, partner: jnp.ndarray) -> Targets:
+    """Every per-row array of `y` blended as `weight * a + (1 - weight) * a[partner]` (one weight per batch)."""
+    return jax.tree.map(lambda a: weight * a + (1 - weight) * jnp.take(a, partner, axis=0), y)
+
+
+def mixup(key: jax.Array, x: jnp.ndarray, y: Targets, alpha: float) -> tuple[jnp.ndarray, Targets]:
     """(x, y) mixed with a shuffled copy of the batch by one weight lam ~ Beta(alpha, alpha)
-    (Zhang et al., 2018); `y` holds one-hot or soft labels (N, classes)."""
+    (Zhang et al., 2018); `y` holds one-hot or soft labels (N, classes), or a mapping of per-row arrays."""
     kl, kp = jax.random.split(key)
     lam = jax.random.beta(kl, alpha, alpha).astype(x.dtype)
     perm = jax.random.permutation(kp, x.shape[0])
-    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+    return lam * x + (1 - lam) * x[perm], mix(y, lam, perm)
 
 
-def cutmix(key: jax.Array, x: jnp.ndarray, y: jnp.ndarray, alpha: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def cutmix(key: jax.Array, x: jnp.ndarray, y: Targets, alpha: float) -> tuple[jnp.ndarray, Targets]:
     """A box of area (1 - lam) of each image replaced by the same box of a shuffled partner,
     lam ~ Beta(alpha, alpha), and the labels mixed by the box's actual area (Yun et al., 2019)."""
     n, h, w, _ = x.shape
@@ -79,7 +90,7 @@ def cutmix(key: jax.Array, x: jnp.ndarray, y: jnp.ndarray, alpha: float) -> tupl
     cols = (jnp.arange(w) >= x0) & (jnp.arange(w) < x1)
     box = (rows[:, None] & cols[None, :])[None, :, :, None]
     kept = 1 - ((y1 - y0) * (x1 - x0)) / (h * w)
-    return jnp.where(box, x[perm], x), kept * y + (1 - kept) * y[perm]
+    return jnp.where(box, x[perm], x), mix(y, kept.astype(x.dtype), perm)
 
 
 @dataclass(frozen=True)
@@ -89,12 +100,18 @@ class AugmentConfig:
     crop_padding: pixels of zero padding before a random crop back to size (0: off).
     flip: random horizontal flips (leave off for digits and text, where mirroring changes the class).
     cutout: side of the square set to 0 at a random place (0: off).
-    Hashable: it is part of the compiled training program's cache key.
+    mixup: Beta(mixup, mixup) concentration of mixup's weight (0: off); the labels become soft targets.
+    cutmix: Beta concentration of CutMix's box area (0: off). With both on, each batch uses one of
+      the two, chosen with probability 1/2.
+    Hashable: it is part of the compiled training program's cache key. Also a typed section of the
+    one config builder (`search_spaces.schema.build`, e.g. `distill.augment`).
     """
 
-    crop_padding: int = 0
+    crop_padding: int = spec(0, ge=0)
     flip: bool = False
-    cutout: int = 0
+    cutout: int = spec(0, ge=0)
+    mixup: float = spec(0.0, ge=0)
+    cutmix: float = spec(0.0, ge=0)
 
     def __post_init__(self) -> None:
         for key in ("crop_padding", "cutout"):
@@ -103,6 +120,10 @@ class AugmentConfig:
                 raise NasError(f"augment.{key}: invalid value {v!r}; allowed an integer >= 0 (pixels; 0 = off)")
         if not isinstance(self.flip, bool):
             raise NasError(f"augment.flip: invalid value {self.flip!r}; allowed true or false")
+        for key in ("mixup", "cutmix"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
+                raise NasError(f"augment.{key}: invalid value {v!r}; allowed a number >= 0 (Beta concentration; 0 = off)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "augment") -> "AugmentConfig":
@@ -112,7 +133,7 @@ class AugmentConfig:
         if isinstance(d, AugmentConfig):
             return d
         if not isinstance(d, Mapping):
-            raise NasError(f"{source}: expected a mapping with keys crop_padding, flip, cutout; got {d!r}")
+            raise NasError(f"{source}: expected a mapping with keys crop_padding, flip, cutout, mixup, cutmix; got {d!r}")
         allowed = [f.name for f in dataclasses.fields(cls)]
         for k in d:
             if k not in allowed:
@@ -123,13 +144,41 @@ class AugmentConfig:
             raise NasError(f"{source}.{str(e).removeprefix('augment.')}") from None
 
     @property
+    def mixes(self) -> bool:
+        """Whether the labels become soft (blended) targets."""
+        return bool(self.mixup or self.cutmix)
+
+    @property
     def enabled(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.cutout)
+        return bool(self.crop_padding or self.flip or self.cutout or self.mixes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def __call__(self, key: jax.Array, x: jnp.ndarray) -> jnp.ndarray:
-        """The augmented batch: crop, then flip, then cut-out, each with its own key."""
+        """The augmented images: crop, then flip, then cut-out, each with its own key (no mixing: that
+        needs the labels, see `augment_batch`)."""
         kc, kf, ko = jax.random.split(key, 3)
         x = random_crop(kc, x, self.crop_padding)
         if self.flip:
             x = random_flip(kf, x)
         return cutout(ko, x, self.cutout)
+
+
+MIX_STREAM = 0x6D6978  # folded into the batch key for the mixing draws (the per-image ones keep `key`)
+
+
+def augment_batch(cfg: AugmentConfig, key: jax.Array, x: jnp.ndarray, y: Targets) -> tuple[jnp.ndarray, Targets]:
+    """`cfg`'s augmentations of one batch: the per-image ones (`cfg(key, x)`), then mixup or cutmix
+    with the per-row `y` blended alike. Static in `cfg`: switched-off steps cost nothing."""
+    x = cfg(key, x)
+    if not cfg.mixes:
+        return x, y
+    k_mix, k_which = jax.random.split(jax.random.fold_in(key, MIX_STREAM))
+    if cfg.mixup and cfg.cutmix:
+        return jax.lax.cond(jax.random.bernoulli(k_which),
+                            lambda: mixup(k_mix, x, y, cfg.mixup),
+                            lambda: cutmix(k_mix, x, y, cfg.cutmix))
+    if cfg.mixup:
+        return mixup(k_mix, x, y, cfg.mixup)
+    return cutmix(k_mix, x, y, cfg.cutmix)

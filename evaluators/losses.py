@@ -1,4 +1,5 @@
-"""Training objectives as pure functions of arrays: cross-entropy, Hinton distillation, hints.
+"""Training objectives as pure functions of arrays: cross-entropy (hard or soft targets), Hinton
+distillation, function matching on a shared view, hints.
 
 Every loss returns a scalar mean over the batch and is safe under `jax.jit` and `jax.grad`.
 Hyperparameters (temperature, alpha, label smoothing) are plain Python floats, checked
@@ -40,6 +41,31 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: flo
         targets = targets * (1.0 - ls) + ls / num_classes
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+
+
+def soft_cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:
+    """Mean cross-entropy against soft `targets` (N, C) rows summing to 1 (e.g. mixup's blended labels)."""
+    ls = _check_smoothing(label_smoothing)
+    targets = targets.astype(logits.dtype)
+    if ls:
+        targets = targets * (1.0 - ls) + ls / logits.shape[-1]
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+
+def function_matching(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, targets: jnp.ndarray,
+                      temperature: jnp.ndarray | float, alpha: jnp.ndarray | float,
+                      label_smoothing: float = 0.0) -> jnp.ndarray:
+    """Distillation on one (augmented, possibly mixed) view that teacher and student both saw:
+    alpha*T^2*KL(softmax(t/T) || softmax(s/T)) + (1-alpha)*CE(soft targets), batch mean.
+
+    alpha = 1 is pure function matching (Beyer et al. 2022): no labels at all. The teacher is a constant.
+    """
+    teacher = jax.lax.stop_gradient(teacher_logits).astype(student_logits.dtype)
+    log_p_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1))
+    return alpha * temperature * temperature * kl + (1.0 - alpha) * soft_cross_entropy(
+        student_logits, targets, label_smoothing)
 
 
 def kd_loss(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, labels: jnp.ndarray, *,

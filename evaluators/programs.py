@@ -19,7 +19,8 @@ import optax
 from evaluators.augment import AugmentConfig
 from evaluators.optim import OPTIMIZERS, SCHEDULES, KDConfig, TrainConfig
 from evaluators.packing import Packing
-from evaluators.step import HINT, eval_split, loss_hparams, make_loss, train_epoch
+from evaluators.step import HINT, TEACHER_VARIABLES, eval_split, loss_hparams, make_loss, train_epoch
+from evaluators.teaching import Lesson, TeacherForward
 from evaluators.variables import TrainState, Variables, variable_shapes
 from search_spaces.architecture import Architecture
 from search_spaces.model import build_model, input_shape
@@ -53,12 +54,13 @@ def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train:
                       val_batches: tuple[int, int], teacher_classes: int | None,
                       compiler_options: tuple[tuple[str, Any], ...] = (),
                       teacher_features: int | None = None, augment: AugmentConfig | None = None,
-                      steps_per_epoch: int | None = None) -> Programs:
+                      steps_per_epoch: int | None = None, teacher: TeacherForward | None = None) -> Programs:
     """Compile the optimizer init, the epoch (`train_epoch` over `steps` batches of `n_train` rows) and
     the validation program (`val_batches` = (batches, batch size)); with `teacher_classes` the epoch
     distils, with `teacher_features` it adds the hint loss, with `augment` it augments the training
-    batches; `steps_per_epoch` (default `steps`) sets the learning-rate schedule when a streamed epoch
-    takes several calls. Cached per process (last 4)."""
+    batches (with mixup/cutmix on soft targets), with an online `teacher` its logits on each augmented
+    batch replace stored ones (`evaluators.teaching.Lesson`); `steps_per_epoch` (default `steps`) sets
+    the learning-rate schedule when a streamed epoch takes several calls. Cached per process (last 4)."""
     t0 = time.perf_counter()
     opts = dict(compiler_options) or None
     model = build_model(arch, cfg.conv_impl)
@@ -75,14 +77,20 @@ def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train:
     hwc = input_shape(arch, 1)[1:]
     data = {"x": jax.ShapeDtypeStruct((n_train, *hwc), jnp.float32),
             "y": jax.ShapeDtypeStruct((n_train,), jnp.int32)}
-    if teacher_classes is not None:
+    lesson = Lesson(augment or AugmentConfig(), teacher, arch.num_classes)
+    lesson = lesson if lesson.active else None
+    online = teacher is not None
+    if teacher_classes is not None and not online:
         data["teacher"] = jax.ShapeDtypeStruct((n_train, teacher_classes), jnp.float32)
     if teacher_features is not None:
         data["teacher_features"] = jax.ShapeDtypeStruct((n_train, teacher_features), jnp.float32)
-    loss_fn = make_loss(cfg, distill=teacher_classes is not None, hints=teacher_features is not None)
+    loss_fn = make_loss(cfg, distill=teacher_classes is not None, hints=teacher_features is not None,
+                        soft=lesson is not None and lesson.soft_targets)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     names = loss_hparams(KDConfig(), teacher_features is not None) if teacher_classes is not None else {}
-    hparams = {k: scalar for k in names}
+    hparams: dict[str, Any] = {k: scalar for k in names}
+    if online:
+        hparams[TEACHER_VARIABLES] = tuple(variable_shapes(a) for a in lesson.teacher.archs)
     k, b = val_batches
     lowered_eval = jax.jit(functools.partial(eval_split, model)).lower(
         {"params": shapes["params"], "batch_stats": shapes["batch_stats"]},
@@ -94,7 +102,7 @@ def compiled_programs(arch: Architecture, cfg: TrainConfig, steps: int, n_train:
         compiling_eval = pool.submit(lowered_eval.compile, opts)
         opt_init = jax.jit(tx.init).lower(state.params).compile()
         epoch = jax.jit(functools.partial(train_epoch, loss_fn=loss_fn, packing=packing, stats=stats,
-                                          augment=augment),
+                                          lesson=lesson),
                         donate_argnums=0).lower(
             state, data, jax.ShapeDtypeStruct((steps, cfg.batch_size), jnp.int32), hparams).compile(opts)
         evaluate = compiling_eval.result()

@@ -16,33 +16,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evaluators.augment import AugmentConfig
-from evaluators.losses import cross_entropy, distillation, hint_loss
+from evaluators.losses import cross_entropy, distillation, function_matching, hint_loss, soft_cross_entropy
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.packing import STATS_GROUP, Packing
+from evaluators.teaching import Lesson, lesson_key
 from evaluators.variables import TrainState, Variables
 from search_spaces.model import BN_MOMENTUM, MOMENTS
 from search_spaces.ops import bn_moments
 
 HINT = "hint_projection"  # the hint projection's entry in the trained parameter tree (never in the model's)
-AUGMENT_KEY = 0x5A  # folded into the state's key for augmentation draws (dropout folds the step alone)
+TEACHER_VARIABLES = "teacher_variables"  # an online teacher's members' variables, passed to the epoch with hparams
 
 
 LossFn = Callable[[jnp.ndarray, Mapping[str, jnp.ndarray], Mapping[str, jnp.ndarray]], jnp.ndarray]
 
 
-def make_loss(cfg: TrainConfig, distill: bool = False, hints: bool = False) -> LossFn:
+def make_loss(cfg: TrainConfig, distill: bool = False, hints: bool = False, soft: bool = False) -> LossFn:
     """`loss(logits, batch, hparams)`: CE on batch['y'], or (`distill`) Hinton KD against batch['teacher']
     with hparams['temperature'] and hparams['alpha'] (runtime scalars: one compile serves every KDConfig).
+    With `soft`, the labels are batch['targets'] (soft, e.g. mixed by a `Lesson`) and KD is
+    `function_matching` on the view both networks saw.
 
     With `hints`, plus hparams['beta'] * hint_loss(batch['student_features'], batch['teacher_features'],
     batch['hint_projection']): `train_step` adds the student's features and the projection to the batch.
     """
     ls = cfg.label_smoothing
+    if soft and not distill:
+        return lambda logits, batch, hp: soft_cross_entropy(logits, batch["targets"], ls)
     if not distill:
         return lambda logits, batch, hp: cross_entropy(logits, batch["y"], ls)
 
     def kd(logits, batch, hp):
+        if soft:
+            return function_matching(logits, batch["teacher"], batch["targets"], hp["temperature"], hp["alpha"], ls)
         return distillation(logits, batch["teacher"], batch["y"], hp["temperature"], hp["alpha"], ls)
 
     if not hints:
@@ -99,30 +105,33 @@ def _step(state: TrainState, batch_stats: Any, batch: Mapping[str, jnp.ndarray],
 
 def train_epoch(state: TrainState, data: Mapping[str, jnp.ndarray], idx: jnp.ndarray,
                 hparams: Mapping[str, jnp.ndarray], loss_fn: LossFn, packing: Packing | None = None,
-                stats: Packing | None = None, augment: AugmentConfig | None = None) -> tuple[TrainState, jnp.ndarray]:
+                stats: Packing | None = None, lesson: Lesson | None = None) -> tuple[TrainState, jnp.ndarray]:
     """All steps of an epoch as one `lax.scan`; `idx` is (steps, batch) rows of `data`. Returns per-step losses.
 
-    With `augment`, every batch's images are augmented in the step (keys from the state's key and step).
+    With an active `lesson`, each gathered batch is first augmented and, with an online teacher, given
+    the teacher's logits on that view (`evaluators.teaching`; the teacher's variables are
+    hparams[TEACHER_VARIABLES]), with a key of the state's (key, step).
 
     With `stats` (`Packing.of(batch_stats, by_name=True)`; needs the fast BatchNorm), `state.batch_stats`
     is that packed vector, and the running averages are updated once, after the loop, from every
     step's batch moments (`fold_moments`): the same numbers as one update per step, without
     XLA:CPU's two or three small kernels per BatchNorm per step (10-13% of an epoch's kernels).
     """
-    def batch(st, rows):
-        out = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
-        if augment is not None:  # --- augmentation hook (evaluators/augment.py): training batches only
-            out["x"] = augment(jax.random.fold_in(jax.random.fold_in(st.key, AUGMENT_KEY), st.step), out["x"])
-        return out
+    def gather(st, rows):
+        b = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+        if lesson is None or not lesson.active:  # --- augmentation hook (evaluators/augment.py via teaching.Lesson)
+            return b
+        return lesson(b, lesson_key(st.key, st.step), hparams.get(TEACHER_VARIABLES))
 
+    loss_hp = {k: v for k, v in hparams.items() if k != TEACHER_VARIABLES}
     if stats is None:
-        return jax.lax.scan(lambda st, rows: train_step(st, batch(st, rows), hparams, loss_fn, packing), state, idx)
+        return jax.lax.scan(lambda st, rows: train_step(st, gather(st, rows), loss_hp, loss_fn, packing), state, idx)
 
     layers = [path[:-1] for path, *_ in stats.leaves if path[-1] == "mean"]  # the packed means' order
     counts = []  # per channel, in that order: static, filled while tracing the body
 
     def body(st, rows):
-        st, loss, moments = _step(st, stats.unpack(st.batch_stats), batch(st, rows), hparams, loss_fn, packing,
+        st, loss, moments = _step(st, stats.unpack(st.batch_stats), gather(st, rows), loss_hp, loss_fn, packing,
                                   MOMENTS)
         flat = flax.traverse_util.flatten_dict(moments)
         counts[:] = [np.full(flat[(*k, "sum")].shape, flat[(*k, "count")], np.float32) for k in layers]

@@ -15,19 +15,21 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from evaluators.augment import AugmentConfig
 from evaluators.datasets import Dataset, epoch_indices, pad_batches
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.predict import EVAL_BATCH
 from evaluators.programs import compiled_programs
-from evaluators.step import HINT, loss_hparams, model_params
+from evaluators.step import HINT, TEACHER_VARIABLES, loss_hparams, model_params
 from evaluators.streaming import StreamFeed, chunk_steps
+from evaluators.teaching import TeacherForward
 from evaluators.variables import TrainState, Variables, check_variables, init_leaf, initialize, plain_tree
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -71,7 +73,8 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
           compiler_options: Mapping[str, Any] | None = None,
           teacher_features: np.ndarray | None = None,
           checkpoint: Callable[[int, bytes], None] | None = None,
-          resume_from: bytes | None = None) -> TrainResult:
+          resume_from: bytes | None = None, augment: AugmentConfig | None = None,
+          teacher: Sequence[tuple[Architecture, Mapping[str, Any]]] | None = None) -> TrainResult:
     """Train `arch` on `data.x_train` per `cfg`, evaluating on the validation split after every epoch.
 
     Args:
@@ -91,6 +94,13 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         teacher's penultimate pooled features); with them the loss adds `kd.beta * hint_loss` between
         the student's penultimate features, through a learned (C_student, C_teacher) projection
         (initialised LeCun-normal from `cfg.seed`, trained by the same optimizer), and these.
+      augment: augmentation of every training batch inside the compiled step (`AugmentConfig`; default
+        the dataset's own `data.augment`); with mixup/cutmix the labels (and cached teacher logits) are
+        blended like the images.
+      teacher: an online teacher, (architecture, variables) per member: its logits (averaged over
+        members, evaluation mode) are computed inside the step on exactly the view the student sees,
+        and the loss is `function_matching` / `kd_loss` with `kd` (default `KDConfig()`). Exclusive
+        with `teacher_logits`; no hints.
       eval_batch_size: largest batch used for validation.
       compiler_options: XLA options for the training and validation programs, e.g.
         {"xla_backend_optimization_level": 1} (compiles faster, may run slower).
@@ -120,8 +130,13 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         raise NasError(f"train.batch_size: {cfg.batch_size} exceeds the {n_train} training rows of '{data.name}'")
     if len(data.y_val) == 0:
         raise NasError(f"dataset '{data.name}' has an empty validation split")
-    if kd is not None and teacher_logits is None:
-        raise NasError("kd: distillation needs teacher_logits (one row of logits per training image)")
+    if teacher is not None:
+        if teacher_logits is not None or teacher_features is not None:
+            raise NasError("teacher: an online teacher replaces teacher_logits/teacher_features; give one or the other")
+        teacher = _check_teacher(teacher, data)
+        kd = kd or KDConfig()
+    elif kd is not None and teacher_logits is None:
+        raise NasError("kd: distillation needs teacher_logits (one row of logits per training image) or a teacher")
     if teacher_logits is not None:
         kd = kd or KDConfig()
         teacher_logits = np.asarray(teacher_logits, np.float32)
@@ -139,7 +154,7 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
                            f"aligned with the training rows of '{data.name}'")
         if not np.all(np.isfinite(teacher_features)):
             raise NasError("teacher_features: contains NaN or infinite values")
-    elif kd is not None and kd.beta:
+    elif kd is not None and kd.beta and teacher is None:
         raise NasError(f"kd.beta: {kd.beta} weighs a hint loss, which needs teacher_features")
     steps = n_train // cfg.batch_size
     # --- streaming hook (evaluators/streaming.py): `chunk` batches per call instead of the device-resident split
@@ -158,13 +173,17 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
         trained[HINT] = {"kernel": kernel.astype(np.float32)}
     init_s = time.perf_counter() - t_init
 
+    if teacher is not None and kd.beta:
+        raise NasError(f"kd.beta: {kd.beta}; an online teacher gives logits only (hints need cached teacher_features)")
     val_plan = _val_plan(len(data.y_val), eval_batch_size)
     misses = compiled_programs.cache_info().misses
     progs = compiled_programs(arch, dataclasses.replace(cfg, seed=0), chunk,
                               n_train if data.stream is None else chunk * cfg.batch_size, val_plan,
-                              None if teacher_logits is None else data.num_classes,
+                              None if teacher_logits is None and teacher is None else data.num_classes,
                               tuple(sorted((compiler_options or {}).items())),
-                              None if teacher_features is None else teacher_features.shape[1], data.augment, steps)
+                              None if teacher_features is None else teacher_features.shape[1],
+                              augment if augment is not None else data.augment, steps,
+                              None if teacher is None else TeacherForward(tuple(a for a, _ in teacher), cfg.conv_impl))
     compile_s = progs.compile_s if compiled_programs.cache_info().misses > misses else 0.0  # 0 on a cache hit
 
     t0 = time.perf_counter()
@@ -184,7 +203,9 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     mask = (np.arange(k * b) < nv).astype(np.float32)
     val = (jax.device_put(xv.reshape(k, b, *xv.shape[1:])), jax.device_put(yv.reshape(k, b)),
            jax.device_put(mask.reshape(k, b)))
-    hparams = {k: jnp.float32(v) for k, v in loss_hparams(kd, teacher_features is not None).items()}
+    hparams: dict[str, Any] = {k: jnp.float32(v) for k, v in loss_hparams(kd, teacher_features is not None).items()}
+    if teacher is not None:
+        hparams[TEACHER_VARIABLES] = jax.device_put(tuple(v for _, v in teacher))
     order_rng = np.random.default_rng([cfg.seed, 1])
     init_s += time.perf_counter() - t0
 
@@ -232,6 +253,22 @@ def train(arch: Architecture, data: Dataset, cfg: TrainConfig, *,
     return TrainResult(variables=plain_tree(final), history=history, val_accuracy=history[-1]["val_accuracy"],
                        val_loss=history[-1]["val_loss"], train_s=train_s, compile_s=compile_s, init_s=init_s,
                        steps=steps * cfg.epochs, hint_projection=projection)
+
+
+def _check_teacher(teacher: Sequence[tuple[Architecture, Mapping[str, Any]]],
+                   data: Dataset) -> tuple[tuple[Architecture, Variables], ...]:
+    """An online teacher's members, each checked against the dataset and its own architecture."""
+    members = tuple(teacher)
+    if not members:
+        raise NasError("teacher: no members")
+    out = []
+    for i, (a, v) in enumerate(members):
+        if tuple(input_shape(a, 1)[1:]) != tuple(data.input_shape) or a.num_classes != data.num_classes:
+            raise NasError(f"teacher member {i} '{a.key}': takes {input_shape(a, 1)[1:]} -> {a.num_classes} classes; "
+                           f"dataset '{data.name}' has {tuple(data.input_shape)} -> {data.num_classes}")
+        checked = check_variables(a, v, f"teacher member {i} '{a.key}'")
+        out.append((a, jax.tree.map(lambda x: np.asarray(x, np.float32), checked)))
+    return tuple(out)
 
 
 def _state_blob(state: TrainState, history: list[dict[str, float]], epoch: int,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from evaluators.augment import AugmentConfig
 from evaluators.data.spec import DataSpec
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.prune import CRITERIA as PRUNE_CRITERIA
@@ -137,22 +139,38 @@ class TeacherConfig:
         return {k: v for k, v in to_plain(self).items() if v is not None}
 
 
+TEACHER_OUTPUTS = ("online", "cached")  # distill.teacher_outputs: the teacher inside the step | stored once
+
+
 @dataclass(frozen=True)
 class DistillConfig:
-    """The `distill:` section: fine-tune each winner with KD against a same-budget baseline (nas.distill)."""
+    """The `distill:` section: fine-tune each winner with KD against a same-budget baseline (nas.distill).
+
+    teacher_outputs: online runs the teacher inside each step on exactly the student's augmented view
+    (consistent teaching); cached stores its logits (and features) once on the un-augmented rows.
+    augment: the augmentation both arms train with (the same views for baseline and KD).
+    steps: the budget in optimizer steps instead of `epochs` (rounded up to whole epochs).
+    resume: keep each student's training state per epoch; a re-run continues after a kill.
+    warmup_epochs: None gives 1 epoch of warm-up when epochs >= 3 (and the schedule allows it), else 0.
+    """
 
     enabled: bool = True
     teacher: TeacherConfig = spec(factory=lambda: TeacherConfig(key="largest"))
     temperature: float = spec(KDConfig.temperature, gt=0)  # chosen on the validation split: benchmarks/distill_sweep.py
     alpha: float = spec(KDConfig.alpha, ge=0, le=1)
     beta: float = spec(KDConfig.beta, ge=0)  # weight of the hint loss on penultimate features (0: response-based KD)
-    epochs: int = spec(3, ge=1)
+    epochs: int = spec(12, ge=1)  # chosen on the validation split: benchmarks/distill_sweep.py (docs/distillation.md)
     learning_rate: float = spec(1e-3, gt=0)
     schedule: str | None = None  # None: cosine, or warmup_cosine when warmup_epochs > 0
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = spec(None, ge=0)
     init: str = spec("search", choices=("search", "scratch"))  # search checkpoint | fresh weights
     seeds: int = spec(1, ge=1)
     teacher_epochs: int | None = spec(None, ge=1)  # None: the search's train.epochs
+    # -- consistent, patient teaching (issue #26): see docs/distillation.md
+    teacher_outputs: str = spec("online", choices=TEACHER_OUTPUTS)
+    augment: AugmentConfig = spec(factory=lambda: AugmentConfig(mixup=1.0))
+    steps: int | None = spec(None, ge=1)
+    resume: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "distill") -> "DistillConfig":
@@ -160,17 +178,32 @@ class DistillConfig:
         return build_section(cls, d, source)
 
     def check(self, err: Errors) -> None:
+        if self.beta and self.teacher_outputs != "cached":
+            raise err("beta", f"{self.beta}; the hint loss needs teacher_outputs: cached "
+                              f"(an online teacher gives logits only)")
         # epochs / learning_rate / schedule / warmup_epochs must make a valid training schedule together
         TrainConfig.from_dict(self._schedule(), f"{err.source}: {err.prefix}" if err.source else err.prefix)
 
-    def _schedule(self) -> dict[str, Any]:
-        schedule = self.schedule or ("warmup_cosine" if self.warmup_epochs else "cosine")
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "schedule": schedule,
-                "warmup_epochs": self.warmup_epochs}
+    def _schedule(self, epochs: int | None = None) -> dict[str, Any]:
+        epochs = epochs or self.epochs
+        warmup = self.warmup_epochs
+        if warmup is None:
+            warmup = 1 if epochs >= 3 and self.schedule in (None, "warmup_cosine") else 0
+        schedule = self.schedule or ("warmup_cosine" if warmup else "cosine")
+        return {"epochs": epochs, "learning_rate": self.learning_rate, "schedule": schedule, "warmup_epochs": warmup}
 
-    def student_train(self, base: TrainConfig) -> TrainConfig:
-        """The students' `TrainConfig`: the search's `base` with this stage's schedule."""
-        return dataclasses.replace(base, **self._schedule())
+    def student_train(self, base: TrainConfig, n_train: int | None = None) -> TrainConfig:
+        """The students' `TrainConfig`: the search's `base` with this stage's schedule; with `steps`, as
+        many whole epochs of `n_train` rows as cover them."""
+        sched = self._schedule()
+        if self.steps is not None and n_train is not None:
+            sched = self._schedule(max(1, math.ceil(self.steps / max(1, n_train // base.batch_size))))
+            TrainConfig.from_dict(sched, "distill (epochs from steps)")
+        return dataclasses.replace(base, **sched)
+
+    def augment_config(self) -> AugmentConfig:
+        """The `AugmentConfig` both arms train with (the same views for baseline and KD)."""
+        return self.augment
 
     def kd(self) -> KDConfig:
         """The `KDConfig` of the KD students."""

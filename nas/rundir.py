@@ -9,6 +9,8 @@ One reader and one writer per file, so no other module parses these files by han
 | `winners.json` | `write_winners` | `Winner`, `load_winners`, `read_winners` |
 | `winners/NN/` | the search (trial's final checkpoint) | `Winner.folder`, `VARIABLES`, `ARCHITECTURE` |
 | `distill.json` | `write_distill` | `DistillReport`, `DistillRow`, `read_distill` (both schemas) |
+| `winners/NN/baselines.json`, `kd_students.json` | `StudentResults.put` (nas.distill) | `StudentResults` |
+| `winners/NN/students/KEY.state` | `StudentState.save` (per epoch, removed when done) | `StudentState.load` |
 | `pareto.json` | `nas.pareto.write_pareto` | - |
 | `finished.jsonl` | the Tune callback in `nas.tune` | `read_finished`, `suggestion_id` |
 | `infeasible.jsonl` | `append_infeasible` (`Feasibility`) | `read_infeasible` |
@@ -57,6 +59,9 @@ INFEASIBLE = "infeasible.jsonl"
 TUNE_DIR = "tune"  # Tune's experiment folder inside RUN_DIR (without storage_path)
 EXPORT_DIR = "export"
 TEACHER_DIR = "teacher"
+BASELINES = "baselines.json"  # a winner folder's finished no-KD students, by key
+KD_STUDENTS = "kd_students.json"  # a winner folder's finished KD students, by key
+STUDENT_STATES = "students"  # a winner folder's unfinished students' training states
 VARIABLES = "variables.msgpack"  # a checkpoint folder's weights
 ARCHITECTURE = "architecture.json"  # a checkpoint folder's architecture
 TRAIN_STATE = "train_state.msgpack"  # an epoch checkpoint's training state
@@ -377,6 +382,55 @@ def write_distill(run_dir: Path, doc: Mapping[str, Any]) -> Path:
     path = Path(run_dir) / DISTILL
     path.write_text(json.dumps(doc, indent=2))
     return path
+
+
+# ============================================================ winners/NN/ students of the distillation
+class StudentResults:
+    """Finished distillation students' results ({key: plain dict}) in one JSON file of a winner's
+    folder (`BASELINES` or `KD_STUDENTS`), rewritten atomically on each `put`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.entries: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except ValueError as e:
+            raise NasError(f"{self.path}: not JSON ({e}); delete it to re-train those students") from None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, result: Mapping[str, Any]) -> None:
+        self.entries[key] = dict(result)
+        _atomic_write(self.path, json.dumps(self.entries, indent=2).encode())
+
+
+class StudentState:
+    """The per-epoch training state of one unfinished student (`winners/NN/students/KEY.state`);
+    `save` is a `train(checkpoint=...)` callback."""
+
+    def __init__(self, folder: Path, key: str):
+        self.path = Path(folder) / STUDENT_STATES / f"{key}.state"
+
+    def load(self) -> bytes | None:
+        """The last saved state, or None when the student has not started (or finished)."""
+        return self.path.read_bytes() if self.path.exists() else None
+
+    def save(self, epoch: int, blob: bytes) -> None:
+        _atomic_write(self.path, blob)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """`data` to `path` via a synced temporary file and a rename: a kill leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 # ============================================================ finished.jsonl, infeasible.jsonl

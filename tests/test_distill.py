@@ -21,10 +21,11 @@ from evaluators.losses import cross_entropy, kd_loss
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.predict import predict_logits
 from evaluators.step import HINT, make_loss
-from evaluators.variables import initialize, save_variables
+from evaluators.variables import initialize, load_variables, save_variables
 from nas.config import config_from_dict
 from nas.config import DistillConfig
 from nas.distill import mean_std, run_distill
+from nas.rundir import StudentState
 from nas.teacher import Teacher, ensemble_logits, resolve_teacher, search_candidates
 from search_spaces.catalog import SPACES
 from search_spaces.errors import NasError
@@ -97,11 +98,20 @@ def test_hint_term_of_the_training_loss_sends_gradient_into_the_projection():
 # ------------------------------------------------------------------ config
 def test_distill_config_defaults_and_schedule():
     d = DistillConfig.from_dict({"teacher": {"ensemble": 3}, "warmup_epochs": 1, "epochs": 4, "seeds": 5,
-                                 "beta": "0.5", "init": "scratch"})
+                                 "beta": "0.5", "init": "scratch", "teacher_outputs": "cached"})
     cfg = d.student_train(TrainConfig(batch_size=32))
     assert (cfg.schedule, cfg.warmup_epochs, cfg.epochs, cfg.batch_size) == ("warmup_cosine", 1, 4, 32)
     assert d.kd().beta == 0.5 and d.seeds == 5
-    assert DistillConfig.from_dict(None).student_train(TrainConfig()).schedule == "cosine"
+    assert DistillConfig.from_dict({"warmup_epochs": 0}).student_train(TrainConfig()).schedule == "cosine"
+    default = DistillConfig.from_dict(None).student_train(TrainConfig())  # patience: warm-up + cosine
+    assert (default.schedule, default.warmup_epochs, default.epochs) == ("warmup_cosine", 1, 12)
+    short = DistillConfig.from_dict({"epochs": 2}).student_train(TrainConfig())  # too short for a warm-up
+    assert (short.schedule, short.warmup_epochs) == ("cosine", 0)
+    # a budget in steps: whole epochs of the training rows that cover it (100 rows / batch 32 = 3 steps each)
+    by_steps = DistillConfig.from_dict({"steps": 10, "warmup_epochs": 1}).student_train(TrainConfig(batch_size=32), 100)
+    assert by_steps.epochs == 4
+    aug = DistillConfig.from_dict({"augment": {"crop_padding": 1, "mixup": 0.5}}).augment_config()
+    assert (aug.crop_padding, aug.flip, aug.mixup, aug.cutmix) == (1, False, 0.5, 0.0)
 
 
 def test_distill_stage_and_trainer_share_the_kd_defaults():
@@ -118,7 +128,7 @@ def test_distill_stage_and_trainer_share_the_kd_defaults():
     ({"beta": -1}, r"distill\.beta: must be >= 0"),
     ({"seeds": 0}, r"distill\.seeds: must be >= 1"),
     ({"init": "random"}, r"distill\.init: 'random'; allowed: search, scratch"),
-    ({"tau": 2}, r"distill\.tau: unknown key; allowed: alpha, beta"),
+    ({"tau": 2}, r"distill\.tau: unknown key; allowed: alpha, augment, beta"),
     ({"warmup_epochs": 3, "epochs": 3}, r"distill\.warmup_epochs: .*below epochs"),
     ({"schedule": "step"}, r"distill\.schedule: .*allowed one of constant, cosine, warmup_cosine"),
     ({"teacher": "largest"}, r"distill\.teacher: expected a mapping"),
@@ -127,6 +137,12 @@ def test_distill_stage_and_trainer_share_the_kd_defaults():
     ({"teacher": {"best": "yes"}}, r"distill\.teacher\.best"),
     ({"teacher": {"checkpoint": "x", "space": "mobile_small"}}, r"distill\.teacher\.space: only allowed with key"),
     ({"teacher": {"kee": "largest"}}, r"distill\.teacher\.kee: unknown key"),
+    ({"teacher_outputs": "stored"}, r"distill\.teacher_outputs: 'stored'; allowed: online, cached"),
+    ({"beta": 0.5}, r"distill\.beta: 0\.5; the hint loss needs teacher_outputs: cached"),
+    ({"augment": {"mixup": -1}}, r"distill\.augment\.mixup: must be >= 0, got -1"),
+    ({"augment": {"jitter": 1}}, r"distill\.augment\.jitter: unknown key; allowed: crop_padding, cutmix, cutout"),
+    ({"steps": 0}, r"distill\.steps: must be >= 1, got 0"),
+    ({"resume": "yes"}, r"distill\.resume: expected true or false"),
 ])
 def test_bad_distill_config_is_a_one_line_error(bad, match):
     with pytest.raises(NasError, match=match) as e:
@@ -185,7 +201,8 @@ def test_mismatched_teacher_checkpoint_fails_before_training(digits, tmp_path):
 # ------------------------------------------------------------------ end to end
 def test_tiny_distillation_run_writes_both_arms_and_reuses_caches(tmp_path):
     lines: list[str] = []
-    distill = {"teacher": TINY_TEACHER, "teacher_epochs": 1, "epochs": 1, "learning_rate": 0.005, "beta": 0.5}
+    distill = {"teacher": TINY_TEACHER, "teacher_epochs": 1, "epochs": 1, "learning_rate": 0.005, "beta": 0.5,
+               "teacher_outputs": "cached", "warmup_epochs": 0}
     run_dir = make_run(tmp_path, distill)
     report = run_distill(run_dir, printer=lambda *a, **k: lines.append(" ".join(map(str, a))))
     doc = json.loads((run_dir / "distill.json").read_text())
@@ -213,3 +230,47 @@ def test_tiny_distillation_run_writes_both_arms_and_reuses_caches(tmp_path):
     assert w2["per_seed"][0]["kd_acc"] == pytest.approx(w["kd_acc"])  # same seed, same KD student
     mean, std = mean_std([r["gain"] for r in w2["per_seed"]])
     assert (w2["gain"], w2["gain_std"]) == (pytest.approx(mean), pytest.approx(std))
+
+
+@pytest.mark.slow
+def test_killed_distillation_resumes_where_it_stopped_and_ends_with_the_same_weights(tmp_path, monkeypatch):
+    """An online, augmented distillation killed after the KD student's first epoch was saved: the re-run
+    reuses the finished baseline, continues the KD student, and ends exactly where an uninterrupted run
+    ends (same data order, augmentation draws and optimizer state; one compiled program, CPU)."""
+    teacher = SPACE.decode(TEACHER)
+    folder = tmp_path / "teacher"
+    save_variables(folder / "variables.msgpack", initialize(teacher, seed=5))
+    (folder / "architecture.json").write_text(teacher.to_json())
+    distill = {"teacher": {"checkpoint": str(folder)}, "epochs": 2, "learning_rate": 0.005, "alpha": 1.0,
+               "augment": {"crop_padding": 1, "mixup": 1.0}, "teacher_outputs": "online"}
+    quiet = lambda *a, **k: None  # noqa: E731
+    whole = make_run(tmp_path, distill, name="whole")
+    run_distill(whole, printer=quiet)
+
+    class Killed(BaseException):
+        pass
+
+    saves = []
+    real_save = StudentState.save
+
+    def save_then_die(self, epoch, blob):
+        real_save(self, epoch, blob)
+        saves.append(epoch)
+        if len(saves) == 2:  # the baseline's epoch 1, then the KD student's epoch 1
+            raise Killed
+
+    killed = make_run(tmp_path, distill, name="killed")
+    monkeypatch.setattr(StudentState, "save", save_then_die)
+    with pytest.raises(Killed):
+        run_distill(killed, printer=quiet)
+    monkeypatch.undo()
+    assert len(list((killed / "winners" / "01" / "students").glob("*.state"))) == 1
+    lines: list[str] = []
+    report = run_distill(killed, printer=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("resumed" in line for line in lines)
+    assert not list((killed / "winners" / "01" / "students").glob("*.state"))  # finished: state removed
+    (w,) = report["winners"]
+    (w0,) = json.loads((whole / "distill.json").read_text())["winners"]
+    assert (w["baseline_acc"], w["kd_acc"]) == (w0["baseline_acc"], w0["kd_acc"])
+    a, b = (load_variables(r / "winners" / "01" / "distilled.msgpack") for r in (killed, whole))
+    jax.tree.map(np.testing.assert_array_equal, a, b)

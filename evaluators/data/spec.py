@@ -129,7 +129,7 @@ def _validate(v: Any, source: str) -> None:
     if get("streaming") is not None and not isinstance(get("streaming"), bool):
         raise NasError(f"{source}.streaming: invalid value {get('streaming')!r}; allowed true, false or null (auto)")
     if not isinstance(get("augment"), AugmentConfig):
-        raise NasError(f"{source}.augment: expected a mapping with keys crop_padding, flip, cutout")
+        raise NasError(f"{source}.augment: expected a mapping with keys crop_padding, flip, cutout, mixup, cutmix")
     if name not in SOURCE_KEYS:
         return  # the registry lists the allowed names when the dataset is loaded or checked
     reads = SOURCE_KEYS[name]

@@ -29,8 +29,8 @@ from typing import Any, Mapping, TextIO
 
 from nas.hparams import STATUSES, experiment_summary, session_summaries
 from nas.messages import last_line
-from nas.plots import finite_float, pareto_figure, predicted_latency_ms, render_rgb
-from nas.rundir import INFEASIBLE, RESULT_LATENCY_PREFIX
+from nas.plots import pareto_figure, predicted_latency_ms, render_rgb
+from nas.rundir import INFEASIBLE, RESULT_LATENCY_PREFIX, finite_float
 from search_spaces.space import SearchSpace
 
 TRIAL_SCALARS = ("train_loss", "val_loss", "val_accuracy")

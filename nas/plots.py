@@ -15,24 +15,13 @@ from evaluators.cost import analytic_cost
 from evaluators.hardware import analytic_latency
 from evaluators.latency import latency_breakdown
 from nas.pareto import pareto_front
+from nas.rundir import finite_float
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 
 DEFAULT_PROFILE = "host"
 COLORS = {"trial": "#9aa5b1", "stopped": "#d0d5da", "front": "#1f77b4", "winner": "#d62728", "kd": "#2ca02c",
           "reference": "#ff7f0e"}
-
-
-def finite_float(v: Any) -> float:
-    """A finite float, or NaN for anything else (None, '', strings, bools)."""
-    if isinstance(v, bool) or v is None:
-        return math.nan
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan
-
 
 
 def predicted_latency_ms(arch: Architecture, profile: str = DEFAULT_PROFILE, notes: set[str] | None = None) -> float:

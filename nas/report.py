@@ -24,9 +24,10 @@ from evaluators.train import train
 from nas.config import ExperimentConfig
 from nas.objective import Objective
 from nas.pareto import hypervolume
-from nas.plots import (DEFAULT_PROFILE, best_so_far_figure, finite_float, front_points, layer_breakdown,
+from nas.plots import (DEFAULT_PROFILE, best_so_far_figure, front_points, layer_breakdown,
                        layer_figure, pareto_figure, predicted_latency_ms)
-from nas.rundir import RESULT_LATENCY_PREFIX, experiment_from_run_dir, read_distill, read_trials, read_winners
+from nas.rundir import (RESULT_LATENCY_PREFIX, experiment_from_run_dir, finite_float, read_distill, read_trials,
+                        read_winners)
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace

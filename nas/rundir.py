@@ -329,10 +329,10 @@ class DistillRow:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], index: int) -> "DistillRow":
-        after = _num(d.get("kd_acc", d.get("test_accuracy_after")))
-        baseline = _num(d.get("baseline_acc"))
-        gain = _num(d.get("gain", after - baseline))
-        return cls(int(d.get("rank", index + 1)), str(d.get("key", "")), _num(d.get("test_accuracy_before")),
+        after = finite_float(d.get("kd_acc", d.get("test_accuracy_after")))
+        baseline = finite_float(d.get("baseline_acc"))
+        gain = finite_float(d.get("gain", after - baseline))
+        return cls(int(d.get("rank", index + 1)), str(d.get("key", "")), finite_float(d.get("test_accuracy_before")),
                    after, baseline, gain, d.get("distilled") or None, dict(d))
 
 
@@ -355,7 +355,8 @@ class DistillReport:
         return next((r for r in self.rows if r.rank == rank), None)
 
 
-def _num(v: Any) -> float:
+def finite_float(v: Any) -> float:
+    """A finite float, or NaN for anything else (None, '', strings, bools)."""
     if isinstance(v, bool) or v is None:
         return math.nan
     try:

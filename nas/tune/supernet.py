@@ -20,6 +20,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from evaluators.supernet import MANIFEST, WEIGHTS, load_supernet, save_supernet, train_supernet
 from nas.config import ExperimentConfig
 from nas.tune.driver import init_ray
+from nas.tune.trial import resume_blob
 from nas.messages import last_line
 from nas.supernet import SupernetJob, check_out_dir, load_data, prepare, write_outputs
 from search_spaces.catalog import load_space
@@ -43,21 +44,12 @@ def supernet_trial(config: dict[str, Any], job: SupernetJob) -> None:
             tune.report(pending.pop("metrics"), checkpoint=tune.Checkpoint.from_directory(tmp))
 
     result = train_supernet(job.space, data, job.train, on_epoch=on_epoch, checkpoint=on_checkpoint,
-                            resume_from=_resume_blob())
+                            resume_from=resume_blob(TRAIN_STATE))
     with tempfile.TemporaryDirectory() as tmp:  # the weights travel back to the driver as the final checkpoint
         save_supernet(tmp, job.space, result.variables, space_ref=job.cfg.space, space_input=job.cfg.space_input,
                       config=job.train, history=result.history, extra={"experiment": job.cfg.to_dict()})
         tune.report({**result.history[-1], "done_training": 1, "compile_s": result.compile_s,
                      "train_s": result.train_s}, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def _resume_blob() -> bytes | None:
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        path = Path(d) / TRAIN_STATE
-        return path.read_bytes() if path.exists() else None
 
 
 class _Progress(tune.Callback):

@@ -69,7 +69,7 @@ def run_trial(config: dict[str, Any], exp: Experiment, finished: dict[str, dict]
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     state: dict[str, Any] = {}
-    blob = _resume_blob()
+    blob = resume_blob()
     try:
         result = train(arch, data, exp.train, on_epoch=on_epoch, checkpoint=on_checkpoint, resume_from=blob)
     except NasError as e:  # a damaged epoch checkpoint (disk full, killed mid-write): start this trial over
@@ -138,13 +138,13 @@ def _report_again(exp: Experiment, result: dict[str, Any]) -> bool:
     return final
 
 
-def _resume_blob() -> bytes | None:
-    """The training state of this trial's last epoch checkpoint, when Tune retries the trial."""
+def resume_blob(name: str = TRAIN_STATE) -> bytes | None:
+    """The training state (file `name`) of this trial's last epoch checkpoint, when Tune retries the trial."""
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        path = Path(d) / TRAIN_STATE
+        path = Path(d) / name
         return path.read_bytes() if path.exists() else None
 
 

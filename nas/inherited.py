@@ -89,7 +89,7 @@ class SupernetScorer:
         run_dir = Path(run_dir).resolve()
         saved, cfg = load_run(run_dir)
         n_images = SupernetConfig.from_dict(saved.manifest.get("config") or {}).recalibration_images
-        return cls(saved.space, saved.variables, load_data(cfg), run_dir, n_images, cfg)
+        return cls(saved.space, saved.variables, load_data(cfg, saved.space), run_dir, n_images, cfg)
 
     def score(self, archs: Sequence[Architecture], split: str = "val") -> np.ndarray:
         for a in archs:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import descendants
 
 from nas.rundir import FINAL_CHECKPOINT, FINISHED_LOG, read_finished
 
@@ -37,26 +38,10 @@ def test_a_finished_log_line_cut_short_is_named_and_that_trial_runs_again(tmp_pa
 
 
 # ------------------------------------------------------------------ SIGKILL of the driver, three times
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
 def _kill_machine(p: subprocess.Popen) -> None:
     """SIGKILL the driver and every process under it (its own local Ray instance): as if the machine
     running the search died. By process group and process id only: other Ray instances are not ours."""
-    pids = _descendants(p.pid)
+    pids = descendants(p.pid)
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import descendants
 
 from evaluators.cost import analytic_cost
 from evaluators.table import TableEvaluator
@@ -117,23 +118,6 @@ def test_winners_of_a_table_run_cannot_be_distilled(tmp_path, macro_table_path):
         run_distill(run_dir, printer=_quiet)
 
 
-def _descendants(pid: int) -> set[int]:
-    """Process ids of every descendant of `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # not a zombie
@@ -162,7 +146,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
         if line.startswith("[") and "/" in line:
             finished = int(line[1:line.index("/")])
         if finished >= 6 or time.time() > deadline:
-            ray_pids = _descendants(proc.pid)  # the search's own Ray instance: GCS, raylet, workers
+            ray_pids = descendants(proc.pid)  # the search's own Ray instance: GCS, raylet, workers
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole foreground group
             break
     out = proc.communicate(timeout=120)[0]

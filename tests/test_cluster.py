@@ -22,7 +22,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 MACRO = REPO / "experiments" / "macro_bench.yaml"
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
-EPOCHS = 10  # of the node-loss trials: a window to kill the worker mid-training
+# The node-loss (and job-submit) trials: 25 epochs at batch 8 take ~5 s on this machine (~0.2 s an epoch; at the
+# quickstart's batch 64 an epoch is 0.08 s and a 10-epoch trial could finish between two polls):
+# a window to kill the worker mid-training.
+EPOCHS = 25
+NODELOSS_BATCH = 8
 
 
 # ------------------------------------------------------------------ fixtures
@@ -99,10 +103,13 @@ def _finished_keys(lines: list[str]) -> list[str]:
 def test_job_submit_runs_the_quickstart_with_trials_on_both_nodes(cluster, tmp_path, drivers):
     """`ray job submit --working-dir REPO -- python -m nas.cli search ...`: the job's driver runs on the
     head node (no --address: Ray's RAY_ADDRESS is used), its two concurrent trials need a whole 1-CPU
-    node each, so one runs on each node, and the run directory stays behind."""
+    node each, so one runs on each node, and the run directory stays behind. The trials train for
+    seconds (EPOCHS at batch NODELOSS_BATCH): a 2-epoch trial could end on the head before a busy
+    machine has started the second trial's worker process, which then takes the freed head."""
     runtime_env = {"excludes": ["/.venv/", "/runs/", "/.git/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]}
     entry = ["python", "-m", "nas.cli", "search", "experiments/quickstart.yaml", "--set", f"output_dir={tmp_path}",
-             "--set", "num_trials=2", "--set", "max_concurrent=2", "--set", "train.epochs=2", "--set", "top_k=1"]
+             "--set", "num_trials=2", "--set", "max_concurrent=2", "--set", f"train.epochs={EPOCHS}",
+             "--set", f"train.batch_size={NODELOSS_BATCH}", "--set", "top_k=1"]
     t = time.time()
     p = drivers([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard_url,
                  "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *entry],
@@ -119,12 +126,14 @@ def test_job_submit_runs_the_quickstart_with_trials_on_both_nodes(cluster, tmp_p
 
 def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers):
     """SIGKILL every process of the worker node while it trains a trial: that trial is retried on the
-    head (FailureConfig max_failures), the search completes its budget, and every trial that had
-    finished is kept. Training trials: table look-ups end before the worker's first actor is up."""
+    head (FailureConfig max_failures), continues from its last epoch checkpoint (not from epoch 1),
+    ends where an uninterrupted training of it ends, the search completes its budget, and every trial
+    that had finished is kept. Training trials: table look-ups end before the worker's first actor is up."""
     n = 3
     sets = [f"output_dir={tmp_path}", "name=nodeloss", f"num_trials={n}", "max_concurrent=2", f"train.epochs={EPOCHS}",
-            "resources.cpu=1", "max_failures=2", "top_k=1"]
+            f"train.batch_size={NODELOSS_BATCH}", "resources.cpu=1", "max_failures=2", "top_k=1"]
     p = drivers(_search_args(QUICKSTART, *sets, address=cluster.address), cluster.env)
+    run_dir = tmp_path / "nodeloss"
     worker = cluster.worker_node_id
     deadline = time.time() + 600
     while not cluster.alive_actors(worker):  # a trial actor is up on the worker node
@@ -132,26 +141,61 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
         assert time.time() < deadline, "no trial actor started on the worker node"
         time.sleep(0.5)
     # into a trial's training on the worker: its first epoch reported (an epoch checkpoint exists), not its last
-    while not any(1 <= e < EPOCHS for e in _last_epochs(tmp_path / "nodeloss", worker).values()):
-        assert p.poll() is None and time.time() < deadline, "no trial seen mid-training on the worker node"
+    while not any(1 <= e < EPOCHS for e in _epochs(run_dir, worker, last=True).values()):
+        assert p.poll() is None, "the search ended before a trial was seen mid-training on the worker node:\n" + \
+            p.stdout.read()[-3000:]
+        assert time.time() < deadline, "no trial seen mid-training on the worker node"
         time.sleep(0.1)
+    seen_mid_training = [d for d, e in _epochs(run_dir, worker, last=True).items() if 1 <= e < EPOCHS]
     killed_at = time.time()
     cluster.kill_worker()
     out = _finish(p, timeout=900)
-    rows = _rows(tmp_path / "nodeloss")
+    rows = _rows(run_dir)
     assert len(rows) == n and all(r["status"] == "ok" for r in rows), out[-3000:]
     assert len({r["trial_id"] for r in rows}) == n and set(_finished_keys(out.splitlines())) == {r["key"] for r in rows}
-    retried = [d.parent.name.split("_")[2] for d in (tmp_path / "nodeloss" / "tune").glob("*/error.txt")]
+    retried = {d.parent.name: d.parent.name.split("_")[2] for d in (run_dir / "tune").glob("*/error.txt")}
     assert retried, "no trial was lost with the worker node:\n" + out[-3000:]
     by_id = {r["trial_id"]: r for r in rows}
-    assert all(by_id[t]["node_id"] == cluster.head_node_id for t in retried)  # finished on the head
-    print(f"node loss: {len(retried)} trial(s) retried on the head; search finished "
-          f"{time.time() - killed_at:.0f} s after the kill")
+    assert all(by_id[t]["node_id"] == cluster.head_node_id for t in retried.values())  # finished on the head
+    assert set(seen_mid_training) <= set(retried)
+    on_worker, on_head = _epochs(run_dir, worker, last=True), _epochs(run_dir, cluster.head_node_id, last=False)
+    for dirname, trial_id in retried.items():
+        # continued from its last epoch checkpoint: its first epoch on the head follows the last it reported
+        # on the worker (each reported epoch carries a checkpoint), and a trial seen mid-training there
+        # does not start over from epoch 1
+        assert on_head[dirname] == on_worker.get(dirname, 0) + 1, (dirname, on_head, on_worker)
+        assert int(by_id[trial_id]["epochs"]) == EPOCHS
+    assert all(on_head[d] > 1 for d in seen_mid_training)
+    # and ends as an uninterrupted training of the same network does (same program, same data order)
+    dirname = seen_mid_training[0]
+    trial_id = retried[dirname]
+    uninterrupted = _train_in_process(run_dir / "tune" / dirname, sets)
+    assert abs(float(by_id[trial_id]["accuracy"]) - uninterrupted.val_accuracy) <= 1 / 270 + 1e-9, \
+        (by_id[trial_id]["accuracy"], uninterrupted.val_accuracy)
+    print(f"node loss: {len(retried)} trial(s) retried on the head from epochs "
+          f"{sorted(on_head[d] for d in retried)}; search finished {time.time() - killed_at:.0f} s after the kill")
 
 
-def _last_epochs(run_dir: Path, node_id: str) -> dict[str, int]:
-    """The last epoch each trial on `node_id` has reported so far (Tune's per-trial result.json lines)."""
-    last: dict[str, int] = {}
+def _train_in_process(trial_dir: Path, sets: list[str]):
+    """Train the trial's network here, uninterrupted, as the search's config says."""
+    from evaluators.datasets import load
+    from evaluators.train import train
+    from nas.config import load_config
+    from nas.rundir import experiment_of
+    from search_spaces.architecture import Architecture
+
+    arch = Architecture.from_json(max(trial_dir.glob("checkpoint_*/architecture.json")).read_text())
+    cfg = load_config(QUICKSTART, sets)
+    exp = experiment_of(cfg)
+    data = load(cfg.dataset, seed=cfg.seed, resolution=arch.resolution, channels=arch.in_channels)
+    assert len(data.y_val) == 270  # the tolerance above is one validation image
+    return train(arch, data, exp.train)
+
+
+def _epochs(run_dir: Path, node_id: str, *, last: bool) -> dict[str, int]:
+    """The last (or first) epoch each trial has reported from `node_id` so far (Tune's per-trial
+    result.json lines, keyed by trial directory)."""
+    seen: dict[str, int] = {}
     for f in (run_dir / "tune").glob("*/result.json"):
         for line in f.read_text().splitlines():
             try:
@@ -159,8 +203,9 @@ def _last_epochs(run_dir: Path, node_id: str) -> dict[str, int]:
             except json.JSONDecodeError:  # a line being written
                 continue
             if r.get("node_id") == node_id and r.get("epochs"):
-                last[f.parent.name] = max(last.get(f.parent.name, 0), int(r["epochs"]))
-    return last
+                e, d = int(r["epochs"]), f.parent.name
+                seen[d] = e if d not in seen else (max if last else min)(seen[d], e)
+    return seen
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_path, macro_table_path, drivers):

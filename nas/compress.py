@@ -33,6 +33,8 @@ import onnx
 
 from evaluators.cost import analytic_cost
 from evaluators.datasets import load as load_data
+from evaluators.energy import energy
+from evaluators.hardware import PROFILES
 from evaluators.onnx_export import ort_session, run, to_onnx
 from evaluators.predict import evaluate
 from evaluators.prune import agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads

@@ -142,3 +142,17 @@ def test_a_network_with_layers_missing_from_the_int8_table_is_refused(calibrated
     arch = load_space("mobile_small").with_input(resolution=8).decode("100-100--100--1")
     with pytest.raises(NasError, match="no int8 entry for .* run `nas hw calibrate --space mobile_small --precision int8`"):
         cost_value("latency_ms@host:int8", arch)
+
+
+def test_the_report_predicts_an_int8_latency_column_from_the_table_or_says_why_not(calibrated, monkeypatch, tmp_path):
+    """A search aiming at latency_ms@host:int8 records the column `latency_ms_at_host:int8`; the report's
+    predictions for it come from the int8 table, or from the int8 roofline with a note saying why."""
+    from evaluators.hardware import analytic_latency
+    from nas.plots import predicted_latency_ms
+
+    arch = SearchSpace.from_dict(TWO).decode("1")
+    assert predicted_latency_ms(arch, "host:int8") == calibrated.predict(arch).total_ms
+    monkeypatch.setenv(lut.CACHE_ENV, str(tmp_path / "none"))
+    notes: set[str] = set()
+    assert predicted_latency_ms(arch, "host:int8", notes) == analytic_latency(arch, "host", "int8").total_ms
+    assert any("--precision int8" in n for n in notes)

@@ -20,7 +20,8 @@ from evaluators.hardware import analytic_latency, get_profile
 from evaluators.lut import CALIBRATABLE, LatencyTable, default_cache_path, fingerprint, load_table
 from evaluators.signatures import LayerSig, arch_signatures, space_signatures
 from evaluators.timing import (
-    REBUILD_EACH_PASS, arch_callable, check_runtime, load_average, measure_passes, null_callable, unit_callable,
+    REBUILD_EACH_PASS, arch_callable, check_precision, check_runtime, load_average, measure_passes, null_callable,
+    unit_callable,
 )
 from search_spaces.architecture import Architecture
 from search_spaces.catalog import load_space
@@ -53,7 +54,7 @@ def sample_archs(space: SearchSpace, n: int, seed: int, exclude: Iterable[str] =
 def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "onnxruntime", *,
               cache_path: str | Path | None = None, progress: Progress | None = None, recalibrate: bool = False,
               archs: Sequence[Architecture] | None = None, fit_samples: int = FIT_SAMPLES, seed: int = 0,
-              budget_s: float = 0.15, passes: int = 3) -> LatencyTable:
+              budget_s: float = 0.15, passes: int = 3, precision: str = "fp32") -> LatencyTable:
     """Measure every layer configuration of `space` on this machine and store the look-up table.
 
     Args:
@@ -69,6 +70,9 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
       budget_s: time spent repeating each layer measurement (median).
       passes: measure every layer this many times, spread in time, keeping the minimum median
         (ONNX Runtime: a fresh session each pass).
+      precision: 'fp32', or 'int8' (ONNX Runtime only): every layer and fit network is timed as a
+        QDQ model quantized like the export's model.int8.onnx; stored in its own table beside
+        the fp32 one (`default_cache_path(profile, runtime, 'int8')`).
 
     Returns:
       The `LatencyTable` (also saved). Re-running reuses every entry already in the cache.
@@ -78,22 +82,22 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
       >>> table.predict(arch).total_ms
     """
     space = _space(space)
-    check_runtime(runtime)
+    check_precision(precision, runtime)
     fresh = runtime in REBUILD_EACH_PASS
     get_profile(profile)
     if profile not in CALIBRATABLE:
         raise NasError(f"profile '{profile}': calibrate() measures this machine; allowed: {', '.join(CALIBRATABLE)} "
                        f"(run it on the device itself)")
-    path = Path(cache_path) if cache_path else default_cache_path(profile, runtime)
+    path = Path(cache_path) if cache_path else default_cache_path(profile, runtime, precision)
     table = None
     if path.exists():
         try:
-            table = load_table(path, profile=profile, runtime=runtime)
+            table = load_table(path, profile=profile, runtime=runtime, precision=precision)
         except NasError:
             if not recalibrate:
                 raise
     if table is None:
-        table = LatencyTable(profile, runtime, fingerprint(runtime), path=path)
+        table = LatencyTable(profile, runtime, fingerprint(runtime, precision), path=path, precision=precision)
     fit = sample_archs(space, fit_samples, seed)
     if archs is None:
         wanted = space_signatures(space)
@@ -128,9 +132,11 @@ def calibrate(space: SearchSpace | str, profile: str = "host", runtime: str = "o
             table.save(path)
             last_save[0] = time.monotonic()
 
-    measure_passes([lambda s=s: unit_callable(s, runtime) for s in todo], passes, budget_s, record, rebuild=fresh)
+    measure_passes([lambda s=s: unit_callable(s, runtime, precision) for s in todo], passes, budget_s, record,
+                   rebuild=fresh)
     if refit:
-        measured = measure_passes([lambda a=a: arch_callable(a, runtime) for a in fit], passes, 2 * budget_s,
+        measured = measure_passes([lambda a=a: arch_callable(a, runtime, precision=precision) for a in fit], passes,
+                                  2 * budget_s,
                                   lambda i, ms: tick(f"fit {fit[i].key}"), rebuild=fresh)
         sums = [sum(table.layer_ms(s) or 0.0 for s in arch_signatures(a)) for a in fit]
         table.scales[space.name], table.constants[space.name] = fit_affine(sums, measured)
@@ -167,8 +173,12 @@ def rank_metrics(predicted: Sequence[float], measured: Sequence[float]) -> dict[
 
 def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "onnxruntime", n: int = 50, *,
              cache_path: str | Path | None = None, seed: int = 1, calibrate_missing: bool = True,
-             progress: Progress | None = None, budget_s: float = 0.3, passes: int = 3) -> dict[str, Any]:
+             progress: Progress | None = None, budget_s: float = 0.3, passes: int = 3,
+             precision: str = "fp32") -> dict[str, Any]:
     """Measure `n` sampled architectures end to end and score both predictors against them.
+
+    At `precision` 'int8' the networks are timed quantized (QDQ) and scored against the int8 table
+    and the roofline's int8 figures.
 
     Each architecture is timed in `passes` passes over the whole sample (minimum of the medians).
 
@@ -180,11 +190,11 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
       (layers missing from it are calibrated first when `calibrate_missing`).
     """
     space = _space(space)
-    check_runtime(runtime)
+    check_precision(precision, runtime)
     t0 = time.monotonic()
     load_before = load_average()
-    path = Path(cache_path) if cache_path else default_cache_path(profile, runtime)
-    table = load_table(path, profile=profile, runtime=runtime) if path.exists() else None
+    path = Path(cache_path) if cache_path else default_cache_path(profile, runtime, precision)
+    table = load_table(path, profile=profile, runtime=runtime, precision=precision) if path.exists() else None
     fit_keys = [a.key for a in sample_archs(space, FIT_SAMPLES, 0)]  # calibrate()'s default fit set
     archs = sample_archs(space, n, seed, exclude=fit_keys)
     if len(archs) < 3:
@@ -195,14 +205,16 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
             raise NasError(f"{path}: latency table not found; run calibrate() (nas hw calibrate) first")
         if calibrate_missing:
             t1 = time.monotonic()
-            table = calibrate(space, profile, runtime, cache_path=path, archs=archs, progress=progress)
+            table = calibrate(space, profile, runtime, cache_path=path, archs=archs, progress=progress,
+                              precision=precision)
             t_cal = time.monotonic() - t1
     count = iter(range(1, passes * len(archs) + 1))
-    measured = measure_passes([lambda a=a: arch_callable(a, runtime) for a in archs], passes, budget_s,
+    measured = measure_passes([lambda a=a: arch_callable(a, runtime, precision=precision) for a in archs], passes,
+                              budget_s,
                               lambda i, ms: progress and progress(next(count), passes * len(archs),
                                                                   f"measure {archs[i].key}"),
                               rebuild=runtime in REBUILD_EACH_PASS)
-    samples = [{"key": a.key, "measured_ms": m, "analytic_ms": analytic_latency(a, profile).total_ms,
+    samples = [{"key": a.key, "measured_ms": m, "analytic_ms": analytic_latency(a, profile, precision).total_ms,
                 "lut_ms": table.predict(a).total_ms if table.covers(a) else float("nan")}
                for a, m in zip(archs, measured)]
     meas = [s["measured_ms"] for s in samples]
@@ -211,7 +223,8 @@ def validate(space: SearchSpace | str, profile: str = "host", runtime: str = "on
         "analytic": rank_metrics([s["analytic_ms"] for s in samples], meas),
         "lut": rank_metrics([s["lut_ms"] for s in lut_ok], [s["measured_ms"] for s in lut_ok]) if len(lut_ok) > 2
         else None,
-        "meta": {"space": space.name, "profile": profile, "runtime": runtime, "n": len(samples),
+        "meta": {"space": space.name, "profile": profile, "runtime": runtime, "precision": precision,
+                 "n": len(samples),
                  "load_before": list(load_before), "load_after": list(load_average()),
                  "seconds": time.monotonic() - t0, "calibration_seconds": t_cal, "cache": str(path)},
         "samples": samples,

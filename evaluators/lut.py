@@ -9,6 +9,11 @@ The cache records the machine (CPU model, core count) and library versions; load
 does not match raises `NasError` (recalibrate explicitly) - it is never used silently. It is
 written atomically (temporary file + rename), also during calibration, so an interrupted run
 leaves a valid, partial cache that the next run completes.
+
+A table has a precision: 'fp32' (the default), or 'int8', whose layers were timed as ONNX QDQ
+models quantized as the export ships int8 (`calibrate(..., precision='int8')`, `nas hw calibrate
+--precision int8`). The int8 table is its own file beside the fp32 one
+(`latency-host-onnxruntime-int8.json`), with the precision and quantization in its fingerprint.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from evaluators.hardware import LatencyEstimate, LayerLatency
 from evaluators.signatures import LayerSig, arch_signatures
-from evaluators.timing import ROUNDS, check_runtime
+from evaluators.timing import PRECISIONS, ROUNDS, check_precision, check_runtime
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.graph import layer_names
@@ -49,9 +54,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def fingerprint(runtime: str) -> dict[str, Any]:
-    """What a measurement depends on besides the layer: machine, library versions, runtime settings."""
-    check_runtime(runtime)
+INT8_QUANTIZATION = "QDQ, per-channel symmetric int8 weights, uint8 activations (evaluators.quantize)"
+
+
+def fingerprint(runtime: str, precision: str = "fp32") -> dict[str, Any]:
+    """What a measurement depends on besides the layer: machine, library versions, runtime settings
+    (and, for an int8 table, the precision and how layers were quantized)."""
+    check_precision(precision, runtime)
     fp: dict[str, Any] = {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
                           "runtime": runtime, "threads": 1, "timing": TIMING, "jax": jax.__version__}
     if runtime == "onnxruntime":
@@ -65,18 +74,24 @@ def fingerprint(runtime: str) -> dict[str, Any]:
 
         fp["jaxlib"] = jaxlib.__version__
         fp["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    if precision != "fp32":  # fp32 tables keep the fingerprint they were written with
+        fp["precision"] = precision
+        fp["quantization"] = INT8_QUANTIZATION
     return fp
 
 
-def default_cache_path(profile: str = "host", runtime: str = "onnxruntime") -> Path:
-    """`$COMPACT_NAS_CACHE_DIR/latency-<profile>-<runtime>.json`, default dir `~/.cache/compact-nas`."""
+def default_cache_path(profile: str = "host", runtime: str = "onnxruntime", precision: str = "fp32") -> Path:
+    """`$COMPACT_NAS_CACHE_DIR/latency-<profile>-<runtime>.json` (`...-int8.json` for the int8 table,
+    beside it), default dir `~/.cache/compact-nas`."""
     base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compact-nas")
-    return base / f"latency-{profile}-{check_runtime(runtime)}.json"
+    suffix = "" if check_precision(precision, runtime) == "fp32" else f"-{precision}"
+    return base / f"latency-{profile}-{check_runtime(runtime)}{suffix}.json"
 
 
 @dataclass
 class LatencyTable:
-    """Measured per-layer latencies (raw medians, ms) for one profile and runtime, plus the fitted slope and constant per space."""
+    """Measured per-layer latencies (raw medians, ms) for one profile, runtime and precision, plus the
+    fitted slope and constant per space."""
 
     profile: str
     runtime: str
@@ -86,6 +101,7 @@ class LatencyTable:
     constants: dict[str, float] = field(default_factory=dict)  # per space name, ms
     path: Path | None = None
     scales: dict[str, float] = field(default_factory=dict)  # per space name, fitted slope on the layer sum
+    precision: str = "fp32"  # 'int8': layers timed as QDQ models (evaluators.timing.unit_callable)
 
     def layer_ms(self, sig: LayerSig) -> float | None:
         """Latency charged to one layer in a network (raw median minus the per-call overhead)."""
@@ -124,16 +140,17 @@ class LatencyTable:
         layers.append(LayerLatency(len(names) - 1, names[-1], 0.0, source="lut", signature="(in head)"))
         c = self.constant_ms(arch.space)
         return LatencyEstimate(total_ms=sum(l.latency_ms for l in layers) + c, method="lut", profile=self.profile,
-                               precision="fp32", runtime=self.runtime, constant_ms=c, layers=tuple(layers))
+                               precision=self.precision, runtime=self.runtime, constant_ms=c, layers=tuple(layers))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "profile": self.profile, "runtime": self.runtime, "fingerprint": self.fingerprint,
+        return {"format": FORMAT, "profile": self.profile, "runtime": self.runtime, "precision": self.precision,
+                "fingerprint": self.fingerprint,
                 "null_ms": self.null_ms, "constants": self.constants, "scales": self.scales,
                 "entries": dict(sorted(self.entries.items()))}
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write atomically (temporary file in the same directory, fsync, rename)."""
-        path = Path(path or self.path or default_cache_path(self.profile, self.runtime))
+        path = Path(path or self.path or default_cache_path(self.profile, self.runtime, self.precision))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:
@@ -150,9 +167,10 @@ class LatencyTable:
 
 
 def load_table(path: str | Path, *, profile: str | None = None, runtime: str | None = None,
-               check_machine: bool = True) -> LatencyTable:
-    """Read a cache file; NasError when it is corrupt, for another profile/runtime, or stale
-    (measured on another machine or with other library versions, when `check_machine`)."""
+               precision: str | None = None, check_machine: bool = True) -> LatencyTable:
+    """Read a cache file; NasError when it is corrupt, for another profile/runtime/precision, or stale
+    (measured on another machine or with other library versions, when `check_machine`). A table
+    without a `precision` key is fp32 (written before int8 tables existed)."""
     path = Path(path)
     hint = "delete it or recalibrate (calibrate(..., recalibrate=True) / nas hw calibrate --recalibrate)"
     try:
@@ -185,9 +203,14 @@ def load_table(path: str | Path, *, profile: str | None = None, runtime: str | N
         raise NasError(f"{path}: latency table is for profile '{d['profile']}', not '{profile}'")
     if runtime is not None and d["runtime"] != runtime:
         raise NasError(f"{path}: latency table is for runtime '{d['runtime']}', not '{runtime}'")
+    prec = d.get("precision", "fp32")
+    if prec not in PRECISIONS:
+        raise NasError(f"{path}: corrupt latency table: precision {prec!r}, allowed: {', '.join(PRECISIONS)}; {hint}")
+    if precision is not None and prec != precision:
+        raise NasError(f"{path}: latency table is for precision '{prec}', not '{precision}'")
     if check_machine:
         check_runtime(d["runtime"])
-        here = fingerprint(d["runtime"])
+        here = fingerprint(d["runtime"], prec)
         for k in sorted(set(here) | set(d["fingerprint"])):
             if d["fingerprint"].get(k) != here.get(k):
                 raise NasError(f"{path}: stale latency table: {k} = {d['fingerprint'].get(k)!r} when measured, "
@@ -195,18 +218,18 @@ def load_table(path: str | Path, *, profile: str | None = None, runtime: str | N
     return LatencyTable(d["profile"], d["runtime"], d["fingerprint"], float(d["null_ms"]),
                         {k: float(v) for k, v in d["entries"].items()},
                         {k: float(v) for k, v in d["constants"].items()}, path,
-                        {k: float(v) for k, v in scales.items()})
+                        {k: float(v) for k, v in scales.items()}, prec)
 
 
-_LOADED: dict[tuple[str, int, int], LatencyTable] = {}  # per process, by (path, mtime, size)
+_LOADED: dict[tuple[Any, ...], LatencyTable] = {}  # per process, by (path, mtime, size, what was asked)
 
 
-def cached_table(path: Path, profile: str, runtime: str) -> LatencyTable:
+def cached_table(path: Path, profile: str, runtime: str, precision: str = "fp32") -> LatencyTable:
     """`load_table(path, ...)`, read once per process while the file is unchanged (prediction per trial)."""
     if not path.is_file():
-        return load_table(path, profile=profile, runtime=runtime)  # raises 'not found'
+        return load_table(path, profile=profile, runtime=runtime, precision=precision)  # raises 'not found'
     st = path.stat()
-    k = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    k = (str(path.resolve()), st.st_mtime_ns, st.st_size, profile, runtime, precision)
     if k not in _LOADED:
-        _LOADED[k] = load_table(path, profile=profile, runtime=runtime)
+        _LOADED[k] = load_table(path, profile=profile, runtime=runtime, precision=precision)
     return _LOADED[k]

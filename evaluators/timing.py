@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluators.onnx_export import function_to_onnx, ort_session, random_variables, to_onnx
+from evaluators.quantize import quantize_model_int8
 from evaluators.signatures import LayerSig, LayerUnit
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -65,13 +66,36 @@ def _jax_callable(apply: Callable, variables: Any, shape: Sequence[int]) -> Call
     return lambda: f(x).block_until_ready()
 
 
-def unit_callable(sig: LayerSig, runtime: str) -> Callable[[], Any]:
+PRECISIONS = ("fp32", "int8")  # what the runtimes are timed at (int8: ONNX Runtime QDQ only)
+INT8_CALIBRATION_ROWS = 4  # random inputs setting the activation ranges of a model quantized only to be timed
+
+
+def check_precision(precision: str, runtime: str) -> str:
+    """`precision` itself when `runtime` can be timed at it; else NasError naming what is allowed."""
+    if precision not in PRECISIONS:
+        raise NasError(f"unknown precision '{precision}'; allowed: {', '.join(PRECISIONS)}")
+    if precision == "int8" and check_runtime(runtime) != "onnxruntime":
+        raise NasError(f"precision 'int8' is timed in ONNX Runtime (QDQ models); runtime '{runtime}' allowed only "
+                       f"with fp32")
+    return precision
+
+
+def _int8(model: Any, shape: Sequence[int]) -> Any:
+    """`model` statically quantized as the export ships int8 (QDQ, per-channel weights, uint8
+    activations), calibrated on a few random inputs: the ranges change the values, not the speed."""
+    x = np.random.default_rng(1).standard_normal((INT8_CALIBRATION_ROWS, *shape[1:])).astype(np.float32)
+    return quantize_model_int8(model, x, batch=shape[0] if isinstance(shape[0], int) else 1)
+
+
+def unit_callable(sig: LayerSig, runtime: str, precision: str = "fp32") -> Callable[[], Any]:
     """A zero-argument callable that runs the one-layer model of `sig` once at batch 1.
 
     ONNX Runtime: exported from the reference (lax.conv) implementation with NCHW input and output
     (except the stem's input and the head's output), so its layout transposes cancel inside as
-    they do between the layers of an exported network. JAX: the 'fast' implementation, jitted.
+    they do between the layers of an exported network; at int8 that model quantized (QDQ) as the
+    export quantizes whole networks. JAX: the 'fast' implementation, jitted (fp32 only).
     """
+    check_precision(precision, runtime)
     if runtime == "onnxruntime":
         unit = LayerUnit(sig, "reference")
         variables = random_variables(unit, sig.in_shape())
@@ -79,7 +103,8 @@ def unit_callable(sig: LayerSig, runtime: str) -> Callable[[], Any]:
         model = function_to_onnx(lambda x: unit.apply(variables, x), sig.in_shape(), batch=1, nchw_in=nchw_in,
                                  nchw_out=nchw_out, name="unit")
         r, c = sig.resolution, sig.in_channels
-        return _ort_callable(model, (1, c, r, r) if nchw_in else (1, r, r, c))
+        shape = (1, c, r, r) if nchw_in else (1, r, r, c)
+        return _ort_callable(_int8(model, shape) if precision == "int8" else model, shape)
     unit = LayerUnit(sig, "fast")
     return _jax_callable(unit.apply, random_variables(unit, sig.in_shape()), (1, *sig.in_shape()))
 
@@ -97,15 +122,18 @@ def null_callable(runtime: str) -> Callable[[], Any]:
     return _jax_callable(lambda v, x: jnp.einsum("nhwc,cd->nhwd", x, v), w, (1, 4, 4, 8))
 
 
-def arch_callable(arch: Architecture, runtime: str, variables: Any = None) -> Callable[[], Any]:
-    """A zero-argument callable that runs the whole network once at batch 1 in `runtime`."""
-    check_runtime(runtime)
+def arch_callable(arch: Architecture, runtime: str, variables: Any = None,
+                  precision: str = "fp32") -> Callable[[], Any]:
+    """A zero-argument callable that runs the whole network once at batch 1 in `runtime` (int8:
+    its ONNX export quantized as `unit_callable` quantizes a layer)."""
+    check_precision(precision, runtime)
     impl = "reference" if runtime == "onnxruntime" else "fast"
     net = build_model(arch, impl)
     if variables is None:
         variables = random_variables(net, input_shape(arch)[1:])
     if runtime == "onnxruntime":
-        return _ort_callable(to_onnx(arch, variables, batch=1), input_shape(arch))
+        model = to_onnx(arch, variables, batch=1)
+        return _ort_callable(_int8(model, input_shape(arch)) if precision == "int8" else model, input_shape(arch))
     return _jax_callable(lambda v, x: net.apply(v, x, train=False), variables, input_shape(arch))
 
 

@@ -14,6 +14,8 @@ from evaluators.energy import energy
 from evaluators.hardware import PROFILES
 from evaluators.calibrate import calibrate, validate
 from evaluators.latency import latency_breakdown
+from evaluators.lut import default_cache_path
+from evaluators.timing import PRECISIONS as LUT_PRECISIONS
 from nas.batched_search import run_supernet_search
 from nas.compress import compress_options, run_compress
 from nas.config import EXPORT_FORMATS, ExperimentConfig, ExportConfig, load_config
@@ -105,12 +107,20 @@ def _cost(args):
         arch = load_space(args.space).decode(args.arch)
     report = analytic_cost(arch)
     latency = {p: latency_breakdown(arch, p) for p in PROFILES.names()}
+    notes = {}
+    for p in PROFILES.names():  # the measured int8 tables there are (latency_ms@PROFILE:int8)
+        if default_cache_path(p, precision="int8").is_file():
+            try:
+                latency[f"{p}:int8"] = latency_breakdown(arch, p, precision="int8")
+            except NasError as e:  # a table of another space: say so, cost the rest
+                notes[f"{p}:int8"] = str(e)
     energies = {f"{p}:{q}": energy(arch, p, q).total_mj for p in PROFILES.names()
                 if PROFILES.get(p).energy_pj is not None for q in PROFILES.get(p).precisions}
     if args.json:
         print(json.dumps({"space": arch.space, "key": arch.key, **report.to_dict(),
                           "latency_ms": {p: e.total_ms for p, e in latency.items()},
                           "latency_method": {p: e.method for p, e in latency.items()},
+                          **({"latency_notes": notes} if notes else {}),
                           "energy_mj": energies}, indent=2))
         return
     print(f"{arch.space} {arch.key}: params {report.params:,d}  MACs {report.macs:,d}  "
@@ -118,6 +128,8 @@ def _cost(args):
           f"int8 {report.weight_bytes['int8']:,d} B")
     print("  predicted latency (batch 1): " + "  ".join(f"{p} {e.total_ms:.3f} ms ({e.method})"
                                                         for p, e in latency.items()))
+    for p, note in notes.items():
+        print(f"  latency {p}: n/a ({note})")
     print("  energy per inference (batch 1): " + "  ".join(f"{k} {v:.4f} mJ" for k, v in energies.items()))
     for l in report.layers:
         print(f"  {l.index:3d} {l.name:<40} params {l.params:>10,d}  MACs {l.macs:>13,d}  out {l.output_shape}")
@@ -132,6 +144,9 @@ def _hw_args(p):
     p.add_argument("--n", type=int, default=50, help="validate: number of sampled architectures")
     p.add_argument("--cache", default=None, help="look-up table file (default under ~/.cache/compact-nas)")
     p.add_argument("--recalibrate", action="store_true", help="calibrate: measure again, ignoring the cache")
+    p.add_argument("--precision", default="fp32", choices=list(LUT_PRECISIONS),
+                   help="calibrate/validate: time layers at this precision (int8: ONNX Runtime QDQ models, a table "
+                        "beside the fp32 one; the cost latency_ms@PROFILE:int8)")
     p.add_argument("--json", action="store_true")
 
 
@@ -151,12 +166,12 @@ def _hw(args):
 
     if args.action == "calibrate":
         table = calibrate(args.space, args.profile, args.runtime, cache_path=args.cache, progress=progress,
-                                  recalibrate=args.recalibrate)
+                          recalibrate=args.recalibrate, precision=args.precision)
         print(f"calibrated {len(table.entries)} layer configurations of {args.space} on {args.profile} "
-              f"({args.runtime}) -> {table.path}")
+              f"({args.runtime}, {table.precision}) -> {table.path}")
         return
     res = validate(args.space, args.profile, args.runtime, n=args.n, cache_path=args.cache,
-                           progress=progress)
+                   progress=progress, precision=args.precision)
     if args.json:
         print(json.dumps(res, indent=2))
         return

@@ -40,10 +40,11 @@ from evaluators.predict import evaluate
 from evaluators.prune import agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads
 from evaluators.qat import export_variables, qat_predict, qat_train
 from evaluators.quantize import quantize_static_int8
-from evaluators.timing import measure_passes
 from evaluators.train import train
 from evaluators.variables import load_variables, save_variables
+from nas.compress_report import compression_report, measure_onnx_latency  # noqa: F401 (measure_onnx_latency: used by benchmarks)
 from nas.config import CompressConfig, build_section
+from nas.export.card import compressed_card
 from nas.preflight import preflight
 from nas.rundir import TEACHER_DIR, experiment_from_run_dir, load_winners, read_distill, winner_weights
 from nas.teacher import cached_outputs, resolve_teacher, search_candidates
@@ -225,70 +226,16 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
             metrics["int8"]["test_accuracy"] = float(np.mean(logits.argmax(-1) == data.y_test))
             metrics["int8"]["accuracy_drop_pt"] = 100 * (metrics["test_accuracy_before"] - metrics["int8"]["test_accuracy"])
         before = to_onnx(arch, variables)
-        metrics.update(compression_report(arch, small, before, model, data.x_test, c.latency_budget_s, int8))
+        metrics.update(compression_report(arch, small, before, model, data.x_test, c.latency_budget_s, int8,
+                                          calibration=data.x_train[:c.calibration_images]))
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (stage / "README.md").write_text(compressed_card(small, metrics, folder.name))
         if folder.exists() and force:
             shutil.rmtree(folder)
         stage.rename(folder)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-
-
-def compression_report(arch: Architecture, small: Architecture, before_onnx: Any, after_onnx: Any,
-                       x: np.ndarray, budget_s: float, int8_onnx: Any = None) -> dict[str, Any]:
-    """Params, MACs, fp32 bytes (analytic and ONNX file) before/after with ratios (before/after), the
-    energy per inference on every profile with energy figures, and the ONNX Runtime latency of
-    both (and of the int8 model) at batch 1 and 32, measured alternately in one process."""
-    a, b = analytic_cost(arch), analytic_cost(small)
-    sizes = {"before": len(before_onnx.SerializeToString()), "after": len(after_onnx.SerializeToString())}
-    if int8_onnx is not None:
-        sizes["after_int8"] = len(int8_onnx.SerializeToString())
-    rep: dict[str, Any] = {
-        "params": {"before": a.params, "after": b.params}, "macs": {"before": a.macs, "after": b.macs},
-        "weight_bytes_fp32": {"before": a.weight_bytes["fp32"], "after": b.weight_bytes["fp32"]},
-        "onnx_bytes": sizes,
-        "ratios": {"params": a.params / b.params, "macs": a.macs / b.macs,
-                   "onnx_bytes": sizes["before"] / sizes["after"]},
-        "energy_mj": {},
-    }
-    if int8_onnx is not None:
-        rep["ratios"]["shipped_bytes"] = sizes["before"] / sizes["after_int8"]
-    for p in PROFILES.names():
-        prof = PROFILES.get(p)
-        if prof.energy_pj is None:
-            continue
-        for q in prof.precisions:
-            rep["energy_mj"][f"{p}:{q}"] = {"before": energy(arch, p, q).total_mj, "after": energy(small, p, q).total_mj}
-    if budget_s > 0:
-        models = {"before": before_onnx, "after": after_onnx, **({"after_int8": int8_onnx} if int8_onnx else {})}
-        lat = measure_onnx_latency(models, x, budget_s)
-        rep["latency_ms"] = lat
-        rep["speedup"] = {bk: lat["before"][bk] / lat["after"][bk] for bk in ("batch1", "batch32")}
-        if int8_onnx is not None:
-            rep["speedup_int8"] = {bk: lat["before"][bk] / lat["after_int8"][bk] for bk in ("batch1", "batch32")}
-    return rep
-
-
-def measure_onnx_latency(models: Mapping[str, Any], x: np.ndarray, budget_s: float) -> dict[str, dict[str, float]]:
-    """{name: {'batch1': ms, 'batch32': ms}} for ONNX models (one thread), all figures interleaved
-    (`evaluators.timing.measure_passes`) so their ratios compare like with like."""
-    batches = {"batch1": np.ascontiguousarray(x[:1], np.float32),
-               "batch32": np.resize(x, (32, *x.shape[1:])).astype(np.float32)}
-    which, makers = [], []
-    for name, model in models.items():
-        for bk, xb in batches.items():
-            def make(model=model, xb=xb):
-                sess = ort_session(model, threads=1)
-                feed = {sess.get_inputs()[0].name: xb}
-                return lambda: sess.run(None, feed)
-
-            which.append((name, bk))
-            makers.append(make)
-    out: dict[str, dict[str, float]] = {}
-    for (name, bk), ms in zip(which, measure_passes(makers, 1, budget_s)):
-        out.setdefault(name, {})[bk] = ms
-    return out
 
 
 def compress_options(run_dir: str | Path, **given: Any) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The search objective: accuracy times soft cost penalties, subject to hard constraints.
 
 Costs are looked up by name: `params`, `macs`, `activation_bytes`, `weight_bytes_fp32`,
-`weight_bytes_int8`, `latency_ms@PROFILE` (predicted latency on a named hardware profile) and
+`weight_bytes_int8`, `latency_ms@PROFILE[:PRECISION]` (predicted latency on a named hardware
+profile; `:int8` from the measured int8 look-up table, `evaluators.latency`) and
 `energy_mj@PROFILE[:PRECISION]` (energy per inference, `evaluators.energy`).
 Soft penalty (MnasNet, Tan et al. 2019): score = acc * (cost / target) ** w with w = alpha when
 cost <= target and beta otherwise. Hard constraints are checked from the cost model *before*
@@ -16,8 +17,9 @@ from typing import Callable, Mapping
 from evaluators.cost import analytic_cost
 from evaluators.energy import PREFIX as ENERGY_PREFIX
 from evaluators.energy import energy_mj, parse_cost_name
-from evaluators.hardware import PROFILES
-from evaluators.latency import predict_latency_ms
+from evaluators.latency import PREFIX as LATENCY_PREFIX
+from evaluators.latency import int8_table, latency_ms
+from evaluators.latency import parse_cost_name as parse_latency_name
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.registry import Registry
@@ -29,13 +31,18 @@ COSTS.register("macs", lambda a: float(analytic_cost(a).macs))
 COSTS.register("activation_bytes", lambda a: float(analytic_cost(a).activation_bytes))
 COSTS.register("weight_bytes_fp32", lambda a: float(analytic_cost(a).weight_bytes["fp32"]))
 COSTS.register("weight_bytes_int8", lambda a: float(analytic_cost(a).weight_bytes["int8"]))
-LATENCY_PREFIX = "latency_ms@"
 
 
 def check_cost_name(name: str, where: str) -> None:
-    """Raise a one-line error unless `name` is a known cost (or latency_ms@<known profile>)."""
+    """Raise a one-line error unless `name` is a known cost (latency_ms@<known profile>[:fp32|int8]:
+    at int8 the profile's measured int8 table must exist and load)."""
     if name.startswith(LATENCY_PREFIX):
-        PROFILES.get(name[len(LATENCY_PREFIX):])
+        try:
+            profile, precision = parse_latency_name(name)
+            if precision == "int8":
+                int8_table(profile)
+        except NasError as e:
+            raise NasError(f"{where}: {e}") from None
         return
     if name.startswith(ENERGY_PREFIX):
         try:
@@ -44,14 +51,14 @@ def check_cost_name(name: str, where: str) -> None:
             raise NasError(f"{where}: {e}") from None
         return
     if name not in COSTS:
-        raise NasError(f"{where}: unknown cost '{name}'; allowed: {', '.join(COSTS.names())}, {LATENCY_PREFIX}PROFILE, "
-                       f"{ENERGY_PREFIX}PROFILE[:PRECISION]")
+        raise NasError(f"{where}: unknown cost '{name}'; allowed: {', '.join(COSTS.names())}, "
+                       f"{LATENCY_PREFIX}PROFILE[:int8], {ENERGY_PREFIX}PROFILE[:PRECISION]")
 
 
 def cost_value(name: str, arch: Architecture) -> float:
     """The value of one named cost for `arch`."""
     if name.startswith(LATENCY_PREFIX):
-        return float(predict_latency_ms(arch, name[len(LATENCY_PREFIX):]))
+        return float(latency_ms(arch, name))
     if name.startswith(ENERGY_PREFIX):
         return energy_mj(arch, name)
     return COSTS.get(name)(arch)

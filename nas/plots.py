@@ -27,14 +27,17 @@ COLORS = {"trial": "#9aa5b1", "stopped": "#d0d5da", "front": "#1f77b4", "winner"
 def predicted_latency_ms(arch: Architecture, profile: str = DEFAULT_PROFILE, notes: set[str] | None = None) -> float:
     """Predicted latency (ms): the calibrated LUT when it covers `arch`, else the analytic roofline.
 
-    An unusable LUT (stale format, corrupt) falls back to the roofline; the reason goes to `notes`.
+    `profile` may carry a precision ('host:int8', as in the cost `latency_ms@host:int8`). An
+    unusable LUT (stale format, corrupt, missing at int8) falls back to the roofline; the reason
+    goes to `notes`.
     """
+    name, _, precision = profile.partition(":")
     try:
-        return float(latency_breakdown(arch, profile).total_ms)
+        return float(latency_breakdown(arch, name, precision=precision or None).total_ms)
     except NasError as e:
         if notes is not None:
             notes.add(f"latency table not used ({e}); analytic roofline instead")
-        return float(analytic_latency(arch, profile).total_ms)
+        return float(analytic_latency(arch, name, precision or None).total_ms)
 
 
 def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):

@@ -21,9 +21,11 @@ from evaluators.cost import analytic_cost
 from evaluators.datasets import load
 from evaluators.predict import evaluate
 from evaluators.train import train
+from nas.compress_report import CompressionReport, compressed_folders, read_compression_report
 from nas.config import ExperimentConfig
 from nas.objective import Objective
 from nas.pareto import hypervolume
+from nas.export.card import compression_tables
 from nas.plots import (DEFAULT_PROFILE, best_so_far_figure, front_points, layer_breakdown,
                        layer_figure, pareto_figure, predicted_latency_ms)
 from nas.rundir import (RESULT_LATENCY_PREFIX, experiment_from_run_dir, finite_float, read_distill, read_trials,
@@ -361,6 +363,7 @@ def _markdown(run: Run, winners: list[dict[str, Any]], top: Architecture | None)
                          f"params ×{finite_float(w.get('params')) / r['params']:.2f}, "
                          f"latency ×{finite_float(w.get('latency_ms')) / r['latency_ms']:.2f}")
         L.append("")
+    L += compression_section(run.run_dir)
     L += ["## Progress over trials", "", "![best so far](best_so_far.png)", ""]
     if top is not None:
         rows = layer_breakdown(top, DEFAULT_PROFILE)
@@ -382,3 +385,46 @@ def _arch(run: Run, w: Mapping[str, Any]) -> Architecture | None:
         return Architecture.from_dict(w["architecture"]) if "architecture" in w else run.space.decode(w["key"])
     except (NasError, KeyError, TypeError, ValueError):
         return None
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def _pt(v: float | None) -> str:
+    return "–" if v is None else f"{v:+.2f}"
+
+
+def compression_section(run_dir: Path) -> list[str]:
+    """'## Compression': every model under RUN_DIR/compressed/ with its compression report (nothing
+    when the run has none). The figures are read from each folder's metrics.json, never recomputed."""
+    folders = compressed_folders(run_dir)
+    if not folders:
+        return []
+    reports: list[CompressionReport] = []
+    unreadable: list[str] = []
+    for f in folders:
+        try:
+            reports.append(read_compression_report(f))
+        except NasError as e:
+            unreadable.append(str(e))
+    L = ["## Compression", "",
+         "Models written by `nas compress` (RUN_DIR/compressed/), each against the winner it was compressed "
+         "from: ratios are before / after; accuracy on the test split (change in points); ONNX Runtime speedups "
+         "measured at compression time (one thread, alternated), the original fp32 over the compressed fp32 and "
+         "over the compressed int8; each folder's README.md has the full report.", "",
+         "| folder | from | techniques | params | MACs | fp32 file | shipped file | test acc. before | after (pt) "
+         "| int8 (pt) | speedup fp32 b1 / b32 | speedup int8 b1 / b32 |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        L.append(f"| `{r.name}` | `{r.pruned_from}` | {r.techniques()} | {_x(r.params.ratio)} | {_x(r.macs.ratio)} "
+                 f"| {_x(r.onnx_bytes.ratio)} | {_x(r.shipped_bytes.ratio if r.shipped_bytes else None)} "
+                 f"| {_fmt(r.accuracy_before)} | {_fmt(r.accuracy_after)} ({_pt(r.accuracy_change_pt)}) "
+                 f"| {_fmt(r.accuracy_int8)} ({_pt(r.int8_change_pt)}) "
+                 f"| {_x(r.speedup('after', 'batch1'))} / {_x(r.speedup('after', 'batch32'))} "
+                 f"| {_x(r.speedup('after_int8', 'batch1'))} / {_x(r.speedup('after_int8', 'batch32'))} |")
+    L += [f"- {u}" for u in unreadable]
+    for r in reports:
+        L += ["", f"### `{r.name}`", "", *compression_tables(r)]
+    L.append("")
+    return L

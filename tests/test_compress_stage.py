@@ -82,11 +82,14 @@ def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(c
     np.testing.assert_allclose(onnx_model(x), flax_model(x), atol=1e-4)
     assert flax_model.accuracy(data.x_test, data.y_test) == pytest.approx(m["test_accuracy"])
     assert len(m["steps"]) == 2 and m["steps"][-1]["kept_fraction"] <= 0.5
-    assert set(m["latency_ms"]) == {"before", "after", "after_int8"} and set(m["speedup"]) == {"batch1", "batch32"}
+    assert set(m["latency_ms"]) == {"before", "after", "before_int8", "after_int8"}
+    assert set(m["speedup"]) == {"batch1", "batch32"} and m["latency_int8_source"] == "model.int8.onnx"
     int8 = nas.load(compressed, format="int8")
     assert int8.accuracy(data.x_test, data.y_test) == pytest.approx(m["int8"]["test_accuracy"])
     assert m["ratios"]["shipped_bytes"] > m["ratios"]["onnx_bytes"] and set(m["speedup_int8"]) == {"batch1", "batch32"}
     assert m["energy_mj"]["rpi4:int8"]["after"] < m["energy_mj"]["rpi4:fp32"]["after"] < m["energy_mj"]["rpi4:fp32"]["before"]
+    card = (compressed / "README.md").read_text()
+    assert f"| {m['ratios']['shipped_bytes']:.2f}x |" in card and "| compressed, int8 (model.int8.onnx) |" in card
     assert m["teacher"]["kind"] and m["accuracy_drop_pt"] == pytest.approx(
         100 * (m["test_accuracy_before"] - m["test_accuracy"]))
 

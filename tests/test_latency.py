@@ -177,9 +177,9 @@ def test_calibrate_refuses_a_stale_cache_unless_told_to_recalibrate(tmp_path, mo
         calibrate(SearchSpace.from_dict(TINY), cache_path=path)
     # recalibrate=True discards it (measurements stubbed: only the bookkeeping is under test here)
     monkeypatch.setattr(timing, "median_ms", lambda fn, **kw: 0.5)
-    monkeypatch.setattr("evaluators.calibrate.unit_callable", lambda sig, rt: None)
+    monkeypatch.setattr("evaluators.calibrate.unit_callable", lambda sig, rt, *a: None)
     monkeypatch.setattr("evaluators.calibrate.null_callable", lambda rt: None)
-    monkeypatch.setattr("evaluators.calibrate.arch_callable", lambda a, rt: None)
+    monkeypatch.setattr("evaluators.calibrate.arch_callable", lambda a, rt, **k: None)
     t = calibrate(SearchSpace.from_dict(TINY), cache_path=path, recalibrate=True, fit_samples=3)
     assert t.fingerprint == fingerprint("onnxruntime") and len(t.entries) == 23
     assert "stem_k3_relu_c1>8_s1_r16" in load_table(path).entries
@@ -194,9 +194,9 @@ def test_a_corrupt_cache_is_named_with_the_way_out_and_recalibrating_replaces_it
     msg = str(e.value)
     assert msg.startswith(f"{path}: corrupt latency table") and "--recalibrate" in msg and "\n" not in msg
     monkeypatch.setattr(timing, "median_ms", lambda fn, **kw: 0.5)  # measurements stubbed: bookkeeping under test
-    monkeypatch.setattr("evaluators.calibrate.unit_callable", lambda sig, rt: None)
+    monkeypatch.setattr("evaluators.calibrate.unit_callable", lambda sig, rt, *a: None)
     monkeypatch.setattr("evaluators.calibrate.null_callable", lambda rt: None)
-    monkeypatch.setattr("evaluators.calibrate.arch_callable", lambda a, rt: None)
+    monkeypatch.setattr("evaluators.calibrate.arch_callable", lambda a, rt, **k: None)
     calibrate(SearchSpace.from_dict(TINY), cache_path=path, recalibrate=True, fit_samples=3)
     assert len(load_table(path).entries) == 23
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from nas.compress_report import CompressionReport
 from nas.export.loading import FILES
 from search_spaces.architecture import Architecture
 
@@ -90,34 +91,8 @@ def model_card(arch: Architecture, m: Mapping[str, Any], cost: Mapping[str, Any]
             detail = f"tolerance {c['tolerance']:g}{sizes}" + (f"; {detail}" if detail else "")
         L.append(f"| {f} | {'passed' if c['passed'] else 'FAILED'} | {'' if diff is None else f'{diff:.2g}'} "
                  f"| {_pct(c.get('accuracy')) if 'accuracy' in c else ''} | {detail} |")
-    L += ["", "## How to load and run", "", "```python",
-          "import numpy as np",
-          f"FOLDER = \"path/to/{name}\"   # this folder",
-          f"x = np.zeros((4, {arch.resolution}, {arch.resolution}, {arch.in_channels}), np.float32)  "
-          "# normalised images: (image - mean) / std", "```", ""]
-    L += ["With this project installed (`pip install -e .` in compact-nas), any format:", "", "```python", "import nas",
-          "model = nas.load(FOLDER)                      # flax; or format=\"onnx\" | \"int8\" | \"stablehlo\"",
-          "logits = model(x)                             # (N, classes) numpy", "```", ""]
-    if fmt.get("onnx", {}).get("file") or fmt.get("int8", {}).get("file"):
-        f = FILES["onnx"] if fmt.get("onnx", {}).get("file") else FILES["int8"]
-        L += ["ONNX Runtime only (`pip install onnxruntime numpy`); `model.int8.onnx` runs the same way:", "",
-              "```python", "import onnxruntime as ort",
-              f"sess = ort.InferenceSession(f\"{{FOLDER}}/{f}\", providers=[\"CPUExecutionProvider\"])",
-              "logits = sess.run(None, {\"input\": x})[0]", "```", ""]
-    if fmt.get("stablehlo", {}).get("file"):
-        plats = ", ".join(fmt["stablehlo"].get("platforms", []))
-        L += [f"StableHLO through JAX only (`pip install jax`; lowered for {plats}):",
-              "", "```python", "from jax import export",
-              "with open(f\"{FOLDER}/model.stablehlo\", \"rb\") as f:",
-              "    exported = export.deserialize(bytearray(f.read()))",
-              "logits = exported.call(x)", "```", ""]
-    if fmt.get("flax", {}).get("file"):
-        L += ["Flax weights with this project's model builder:", "", "```python", "import json",
-              "from flax.serialization import msgpack_restore",
-              "from search_spaces.architecture import Architecture", "from search_spaces.model import build_model",
-              "arch = Architecture.from_dict(json.load(open(f\"{FOLDER}/architecture.json\"))[\"architecture\"])",
-              "variables = msgpack_restore(open(f\"{FOLDER}/flax/variables.msgpack\", \"rb\").read())",
-              "logits = build_model(arch).apply(variables, x, train=False)", "```", ""]
+    files = {f: fmt[f]["file"] for f in fmt if fmt[f].get("file")}
+    L += ["", *how_to_load(arch, name, files, fmt.get("stablehlo", {}).get("platforms", []))]
     return "\n".join(L)
 
 
@@ -131,3 +106,115 @@ def _teacher(m: Mapping[str, Any]) -> str:
         return ""
     acc = t.get("test_accuracy")
     return f" from teacher `{t.get('key', '?')}`" + (f" (test accuracy {_pct(acc)})" if acc is not None else "")
+
+
+def how_to_load(arch: Architecture, name: str, files: Mapping[str, str], platforms: list[str] = ()) -> list[str]:
+    """The card's 'How to load and run' section for a folder holding `files` (format -> file name)."""
+    L = ["## How to load and run", "", "```python",
+         "import numpy as np",
+         f"FOLDER = \"path/to/{name}\"   # this folder",
+         f"x = np.zeros((4, {arch.resolution}, {arch.resolution}, {arch.in_channels}), np.float32)  "
+         "# normalised images: (image - mean) / std", "```", ""]
+    L += ["With this project installed (`pip install -e .` in compact-nas), any format:", "", "```python", "import nas",
+          "model = nas.load(FOLDER)                      # flax" + (
+              "; or format=" + " | ".join(f'"{f}"' for f in others) if (others := [f for f in files if f != "flax"])
+              else ""),
+          "logits = model(x)                             # (N, classes) numpy", "```", ""]
+    if "onnx" in files or "int8" in files:
+        f = FILES["onnx"] if "onnx" in files else FILES["int8"]
+        L += ["ONNX Runtime only (`pip install onnxruntime numpy`)"
+              + ("; `model.int8.onnx` runs the same way:" if "int8" in files else ":"), "",
+              "```python", "import onnxruntime as ort",
+              f"sess = ort.InferenceSession(f\"{{FOLDER}}/{f}\", providers=[\"CPUExecutionProvider\"])",
+              "logits = sess.run(None, {\"input\": x})[0]", "```", ""]
+    if "stablehlo" in files:
+        L += [f"StableHLO through JAX only (`pip install jax`; lowered for {', '.join(platforms)}):",
+              "", "```python", "from jax import export",
+              "with open(f\"{FOLDER}/model.stablehlo\", \"rb\") as f:",
+              "    exported = export.deserialize(bytearray(f.read()))",
+              "logits = exported.call(x)", "```", ""]
+    if "flax" in files:
+        L += ["Flax weights with this project's model builder:", "", "```python", "import json",
+              "from flax.serialization import msgpack_restore",
+              "from search_spaces.architecture import Architecture", "from search_spaces.model import build_model",
+              "arch = Architecture.from_dict(json.load(open(f\"{FOLDER}/architecture.json\"))[\"architecture\"])",
+              "variables = msgpack_restore(open(f\"{FOLDER}/flax/variables.msgpack\", \"rb\").read())",
+              "logits = build_model(arch).apply(variables, x, train=False)", "```", ""]
+    return L
+
+
+# ============================================================ compressed model folders
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _n(v: float | None) -> str:
+    return "n/a" if v is None else f"{int(round(v)):,d}"
+
+
+def _pt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.2f} pt"
+
+
+LATENCY_ROWS = (("before", "original, fp32"), ("after", "compressed, fp32 (model.onnx)"),
+                ("before_int8", "original, int8 (post-training, timing only)"), ("after_int8", "compressed, int8"))
+
+
+def compression_tables(rep: CompressionReport) -> list[str]:
+    """The compression report as Markdown tables: size, accuracy, measured latency, energy."""
+    L = ["| what | before | after | before / after |", "|---|---:|---:|---:|",
+         f"| parameters | {_n(rep.params.before)} | {_n(rep.params.after)} | {_x(rep.params.ratio)} |",
+         f"| multiply-accumulates per image | {_n(rep.macs.before)} | {_n(rep.macs.after)} | {_x(rep.macs.ratio)} |",
+         f"| file, fp32 ONNX (bytes) | {_n(rep.onnx_bytes.before)} | {_n(rep.onnx_bytes.after)} "
+         f"| {_x(rep.onnx_bytes.ratio)} |"]
+    if rep.shipped_bytes is not None:
+        L.append(f"| file shipped: fp32 original vs model.int8.onnx (bytes) | {_n(rep.shipped_bytes.before)} "
+                 f"| {_n(rep.shipped_bytes.after)} | {_x(rep.shipped_bytes.ratio)} |")
+    L += ["", "| test accuracy | value | change |", "|---|---:|---:|",
+          f"| original (fp32) | {_pct(rep.accuracy_before)} | |",
+          f"| compressed, fp32 | {_pct(rep.accuracy_after)} | {_pt(rep.accuracy_change_pt)} |"]
+    if rep.accuracy_int8 is not None:
+        L.append(f"| compressed, int8 (model.int8.onnx) | {_pct(rep.accuracy_int8)} | {_pt(rep.int8_change_pt)} |")
+    if rep.latency_ms:
+        L += ["", "Measured ONNX Runtime latency (one thread, every figure alternated with the others in one "
+              "process; speedup = the original fp32's latency / this one's)"
+              + (f"; int8 of the compressed network: {rep.latency_int8_source}" if rep.latency_int8_source else "")
+              + ":", "",
+              "| model | batch 1 | speedup | batch 32 | speedup |", "|---|---:|---:|---:|---:|"]
+        for k, label in LATENCY_ROWS:
+            if k in rep.latency_ms:
+                row = rep.latency_ms[k]
+                L.append(f"| {label} | {_ms(row.get('batch1'))} | {_x(rep.speedup(k, 'batch1'))} "
+                         f"| {_ms(row.get('batch32'))} | {_x(rep.speedup(k, 'batch32'))} |")
+    else:
+        L += ["", "Latency: not measured (compress.latency_budget_s = 0)."]
+    if rep.energy_mj:
+        L += ["", "Energy per inference (batch 1, `evaluators.energy`: arithmetic + weight and activation traffic):", "",
+              "| profile:precision | before (mJ) | after (mJ) | before / after |", "|---|---:|---:|---:|"]
+        for k, e in rep.energy_mj.items():
+            L.append(f"| {k} | {_e(e.before)} | {_e(e.after)} | {_x(e.ratio)} |")
+    return L
+
+
+def _e(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def compressed_card(arch: Architecture, metrics: Mapping[str, Any], name: str) -> str:
+    """README.md of a compressed model folder (`nas compress`): what it is, the compression report, how to run it."""
+    rep = CompressionReport.from_metrics(metrics, name)
+    L = [f"# {arch.space} `{arch.key}` (compressed)", "", "## What it is", "",
+         f"Winner {rep.rank if rep.rank is not None else '?'} `{rep.pruned_from}` of its run, compressed: "
+         f"{rep.techniques()}; data `{metrics.get('dataset', '?')}`"
+         + (f", fine-tuned with distillation from teacher `{metrics['teacher'].get('key', '?')}`"
+            if isinstance(metrics.get("teacher"), Mapping) else "") + ".", "",
+         f"- input: `input`, float32 NHWC `(N, {arch.resolution}, {arch.resolution}, {arch.in_channels})`, "
+         "normalised per channel with the training split's statistics (architecture.json, `input`)",
+         f"- output: `logits`, float32 `(N, {arch.num_classes})`",
+         "- layers: " + ", ".join(f"`{t}`" for t in arch.describe()), "",
+         "## Compression report", "", *compression_tables(rep), ""]
+    files = {"flax": FILES["flax"], "onnx": FILES["onnx"]}
+    if rep.shipped_bytes is not None:
+        files["int8"] = FILES["int8"]
+    L += how_to_load(arch, name, files)
+    return "\n".join(L)

@@ -25,8 +25,11 @@ install-dev: $(DEV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nas run experiments/quickstart.yaml --force
 
+# Two workers (pytest-xdist, a test file per worker at a time) for everything but the tests marked
+# `serial` (they kill processes on a schedule or start a two-node Ray cluster), which then run alone.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,7 +18,7 @@ import pytest
 
 from ray_cluster import LocalCluster, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 MACRO = REPO / "experiments" / "macro_bench.yaml"
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

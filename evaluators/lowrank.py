@@ -193,10 +193,7 @@ def choose_ranks(arch: Architecture, variables: Mapping[str, Any], target: LowRa
     def at(e: float) -> float:
         return cost(factorized_architecture(arch, ranks_at(spec, e)))
 
-    if at(cuts[0]) > budget:
-        least = at(cuts[0]) / cost(arch)
-        raise NasError(f"compress.lowrank: {target.label()} is below what rank 1 in every layer reaches "
-                       f"({target.kind} {least:.3g} of the original); allowed {target.kind} >= {math.ceil(least * 1000) / 1000:g}")
+    check_reachable(arch, target)
     lo, hi = 0, len(cuts) - 1  # at(cuts[lo]) meets the budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -205,6 +202,23 @@ def choose_ranks(arch: Architecture, variables: Mapping[str, Any], target: LowRa
         else:
             hi = mid - 1
     return ranks_at(spec, cuts[lo])
+
+
+def floor_fraction(arch: Architecture, kind: str) -> float:
+    """The `kind` (params|macs) of `arch` with every unfactorized site at rank 1, as a fraction of its own."""
+    done = {(i, n) for i, ly in enumerate(arch.layers) for n, _ in ly.ranks} | {("head", n) for n, _ in arch.head.ranks}
+    least = factorized_architecture(arch, {st: 1 for st in sites(arch) if (st.owner, st.name) not in done and st.pays(1)})
+    return getattr(analytic_cost(least), kind) / getattr(analytic_cost(arch), kind)
+
+
+def check_reachable(arch: Architecture, target: LowRankTarget, where: str = "compress.lowrank") -> None:
+    """Raise NasError when a params/macs target is below what rank 1 in every layer reaches."""
+    if target.kind == "energy":
+        return
+    least = floor_fraction(arch, target.kind)
+    if target.value < least:
+        raise NasError(f"{where}: {target.label()} is below what rank 1 in every layer reaches for "
+                       f"'{arch.key}'; allowed {target.kind} >= {math.ceil(least * 1000) / 1000:g}")
 
 
 # ============================================================ weights

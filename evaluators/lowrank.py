@@ -35,8 +35,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from evaluators.cost import analytic_cost
+from evaluators.onnx_export import function_to_onnx, ort_session, random_variables
+from evaluators.signatures import LayerSig, LayerUnit, arch_signatures
+from evaluators.timing import measure_passes
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
+from search_spaces.graph import layer_names
 from search_spaces.model import BN_EPS
 
 TARGET_KINDS = ("energy", "params", "macs")
@@ -219,6 +223,52 @@ def check_reachable(arch: Architecture, target: LowRankTarget, where: str = "com
     if target.value < least:
         raise NasError(f"{where}: {target.label()} is below what rank 1 in every layer reaches for "
                        f"'{arch.key}'; allowed {target.kind} >= {math.ceil(least * 1000) / 1000:g}")
+
+
+# ============================================================ measured latency per layer
+def _unit_maker(sig: LayerSig, batch: int) -> Callable[[], Callable[[], Any]]:
+    """A maker of a callable running the one-layer ONNX model of `sig` at `batch` (ONNX Runtime, one
+    thread; NCHW inside the network, as `evaluators.timing.unit_callable` exports units)."""
+    unit = LayerUnit(sig, "reference")
+    variables = random_variables(unit, sig.in_shape())
+    nchw_in, nchw_out = sig.part != "stem", sig.part != "head"
+    model = function_to_onnx(lambda x: unit.apply(variables, x), sig.in_shape(), nchw_in=nchw_in,
+                             nchw_out=nchw_out, name="unit")
+    r, c = sig.resolution, sig.in_channels
+    x = np.random.default_rng(0).standard_normal((batch, c, r, r) if nchw_in else (batch, r, r, c)).astype(np.float32)
+
+    def make() -> Callable[[], Any]:
+        sess = ort_session(model, threads=1)
+        feed = {sess.get_inputs()[0].name: x}
+        return lambda: sess.run(None, feed)
+
+    return make
+
+
+def measure_layers(arch: Architecture, small: Architecture, budget_s: float) -> list[dict[str, Any]]:
+    """Every layer of `small` factorized where `arch` is not: its one-layer ONNX Runtime model whole
+    and factorized, at batch 1 and 32, all figures interleaved (`measure_passes`); one record per
+    layer: {'layer', 'index' (of `layer_names`), 'ms': {'whole'|'factorized': {'batch1', 'batch32'}},
+    'speedup': {'batch1', 'batch32'}}."""
+    names = layer_names(small)
+    pairs = [(i, b, a) for i, (b, a) in enumerate(zip(arch_signatures(arch), arch_signatures(small))) if a != b]
+    makers, which = [], []
+    for i, b, a in pairs:
+        for form, sig in (("whole", b), ("factorized", a)):
+            for batch in (1, 32):
+                makers.append(_unit_maker(sig, batch))
+                which.append((i, form, f"batch{batch}"))
+    out: dict[int, dict[str, Any]] = {i: {"layer": names[i], "index": i, "ms": {}} for i, _, _ in pairs}
+    for (i, form, bk), ms in zip(which, measure_passes(makers, 1, budget_s)):
+        out[i]["ms"].setdefault(form, {})[bk] = ms
+    for rec in out.values():
+        rec["speedup"] = {bk: rec["ms"]["whole"][bk] / rec["ms"]["factorized"][bk] for bk in ("batch1", "batch32")}
+    return list(out.values())
+
+
+def site_index(site: Site, arch: Architecture) -> int:
+    """The index in `layer_names(arch)` / `arch_signatures(arch)` of the layer holding `site`."""
+    return len(arch.layers) + 1 if site.owner == "head" else int(site.owner) + 1
 
 
 # ============================================================ weights

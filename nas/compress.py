@@ -38,7 +38,7 @@ from evaluators.cost import analytic_cost
 from evaluators.datasets import load as load_data
 from evaluators.energy import energy
 from evaluators.hardware import PROFILES
-from evaluators.lowrank import check_reachable, factorize
+from evaluators.lowrank import check_reachable, choose_ranks, factorize, factorized_architecture, measure_layers, site_index
 from evaluators.onnx_export import ort_session, run, to_onnx
 from evaluators.predict import evaluate
 from evaluators.prune import agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads
@@ -213,19 +213,35 @@ def lowrank_one(arch: Architecture, variables: Any, data, c: CompressConfig, bas
                 kd: Any = None, teacher_logits: np.ndarray | None = None,
                 printer=print) -> tuple[Architecture, Any, dict[str, Any]]:
     """Factorize `arch` for `c.lowrank` (evaluators.lowrank), re-estimate BatchNorm statistics,
-    fine-tune `c.lowrank_epochs`; returns (factorized architecture, its variables, a record: the
-    target, per-layer ranks, params/MACs kept, and - with `c.latency_budget_s` - the ONNX Runtime
-    latency of the network before and after factorizing, at batch 1 and 32, measured alternately)."""
+    fine-tune `c.lowrank_epochs`; returns (factorized architecture, its variables, a record).
+
+    With `c.lowrank_keep == 'latency'` (and `c.latency_budget_s` > 0) each layer the ranks would
+    factorize is first timed as a one-layer ONNX Runtime model, whole and factorized, at batch 1 and
+    32, and stays whole unless factorized is faster at both. The record holds the target, per-conv
+    ranks, the per-layer measurements, params/MACs kept and - with `c.latency_budget_s` - the ONNX
+    Runtime latency of the whole network before and after factorizing (batch 1 and 32, alternated)."""
     target = c.lowrank_target()
-    small, sv, layers = factorize(arch, variables, target)
+    ranks = choose_ranks(arch, variables, target)
+    measured, slower = None, set()
+    if ranks and c.lowrank_keep == "latency" and c.latency_budget_s > 0:
+        measured = measure_layers(arch, factorized_architecture(arch, ranks), c.latency_budget_s)
+        slower = {m["index"] for m in measured if not (m["speedup"]["batch1"] > 1 and m["speedup"]["batch32"] > 1)}
+        for m in measured:
+            m["kept"] = m["index"] not in slower
+        ranks = {st: r for st, r in ranks.items() if site_index(st, arch) not in slower}
+    small, sv, layers = factorize(arch, variables, ranks)
     a, b = analytic_cost(arch), analytic_cost(small)
-    rec: dict[str, Any] = {"target": target.label(), "key_before": arch.key, "layers": layers,
+    rec: dict[str, Any] = {"target": target.label(), "keep": c.lowrank_keep, "key_before": arch.key, "layers": layers,
                            "factorized": sum(1 for l in layers if l["rank"] is not None),
                            "params_kept": b.params / a.params, "macs_kept": b.macs / a.macs,
                            "epochs": c.lowrank_epochs}
+    if measured is not None:
+        rec["measured_layers"] = measured
     if not small.factorized:
-        printer(f"  lowrank {target.label()}: no layer pays off (rank r keeps r (cin + cout) >= cin cout in every "
-                f"1x1 conv); left whole", flush=True)
+        why = (f"each of the {len(slower)} cheaper factorized layer(s) measured slower in ONNX Runtime at batch 1 or 32"
+               if slower else "no 1x1 conv gets cheaper (rank r with r (cin + cout) < cin cout)")
+        rec["note"] = f"left whole: {why}"
+        printer(f"  lowrank {target.label()}: left whole ({why})", flush=True)
         return arch, variables, rec
     sv = recalibrate_bn(small, sv, data.x_train)
     if c.lowrank_epochs:
@@ -236,7 +252,8 @@ def lowrank_one(arch: Architecture, variables: Any, data, c: CompressConfig, bas
                                    data.x_test, c.latency_budget_s)
         rec["latency_ms"] = lat
         rec["speedup"] = {bk: lat["whole"][bk] / lat["factorized"][bk] for bk in ("batch1", "batch32")}
-    printer(f"  lowrank {target.label()}: {rec['factorized']}/{len(layers)} layers factorized, params kept "
+    printer(f"  lowrank {target.label()}: {rec['factorized']}/{len(layers)} convs factorized"
+            + (f" ({len(slower)} layer(s) left whole: slower in ONNX Runtime)" if slower else "") + ", params kept "
             f"{rec['params_kept']:.3f}, MACs kept {rec['macs_kept']:.3f}"
             + (f", val accuracy {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else "")
             + (f", ONNX Runtime speedup b1 {rec['speedup']['batch1']:.2f}x b32 {rec['speedup']['batch32']:.2f}x"

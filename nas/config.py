@@ -274,6 +274,10 @@ class CompressConfig:
     # 'params=F' or 'macs=F'; checked by evaluators.lowrank.LowRankTarget in `check`
     lowrank: Any = False
     lowrank_epochs: int = spec(2, ge=0)  # fine-tuning epochs after the factorization
+    # which factorized layers stay: 'latency' - only those whose one-layer ONNX Runtime model is faster
+    # factorized at batch 1 and 32 (measured; needs latency_budget_s > 0); 'cost' - every one that has
+    # fewer parameters than the whole layer (always required)
+    lowrank_keep: str = spec("latency", choices=("latency", "cost"), what="lowrank_keep")
     qat: bool = False  # quantization-aware training after pruning: adds model.int8.onnx (evaluators.qat)
     qat_epochs: int = spec(2, ge=1)
     qat_learning_rate: float = spec(2e-4, gt=0)

@@ -192,6 +192,71 @@ def test_qat_folding_of_a_factorized_model_is_exact_and_exports_back(half):
     x = images()
     folded = fold(small, sv)
     want = predict_logits(small, sv, x)
-    got = np.asarray(forward(small, jax.tree.map(jnp.asarray, folded), jnp.asarray(x), None))
+    got = np.asarray(jax.jit(lambda f, xb: forward(small, f, xb, None))(jax.tree.map(jnp.asarray, folded), x))
     np.testing.assert_allclose(got, want, rtol=0, atol=float32_bound(want))
     check_variables(small, export_variables(small, folded))
+
+
+# ============================================================ the stage, end to end (the run of test_compress_stage)
+from test_compress_stage import KEY, QUIET, data, run_dir  # noqa: E402,F401  (module fixtures: a tiny trained run)
+
+
+@pytest.fixture(scope="module")
+def lowrank_folder(run_dir, tmp_path_factory):
+    from nas.cli import main
+
+    out = tmp_path_factory.mktemp("lowrank-out")
+    assert main(["compress", str(run_dir), "--winner", "1", "--lowrank", "--lowrank-epochs", "1", "--out", str(out)]) == 0
+    (folder,) = out.iterdir()
+    return folder
+
+
+@pytest.mark.slow
+def test_nas_compress_lowrank_writes_a_factorized_model_nas_load_runs(lowrank_folder, data):
+    import nas
+
+    assert lowrank_folder.name == f"01-{KEY}-lowrank-energy90"
+    flax_model, onnx_model = nas.load(lowrank_folder), nas.load(lowrank_folder, format="onnx")
+    arch = flax_model.arch
+    assert arch.factorized and arch.key.startswith(f"{KEY}~lr") and onnx_model.arch == arch
+    m = json.loads((lowrank_folder / "metrics.json").read_text())
+    lr = m["lowrank"]
+    assert lr["target"] == "energy=0.9" and lr["factorized"] == sum(r["rank"] is not None for r in lr["layers"]) > 0
+    assert m["params"]["after"] == analytic_cost(arch).params < m["params"]["before"]
+    assert set(lr["speedup"]) == {"batch1", "batch32"} and set(lr["latency_ms"]) == {"whole", "factorized"}
+    x = data.x_test[:64]
+    np.testing.assert_allclose(onnx_model(x), flax_model(x), atol=1e-4)
+    assert flax_model.accuracy(data.x_test, data.y_test) == pytest.approx(m["test_accuracy"])
+
+
+@pytest.mark.slow
+def test_prune_then_lowrank_then_qat_chain_in_that_order(run_dir, tmp_path, data):
+    import nas
+    from nas.compress import run_compress
+
+    (folder,) = run_compress(run_dir, winner=1, out=tmp_path, options={
+        "prune": "macs=0.7", "epochs": 1, "lowrank": "params=0.8", "lowrank_epochs": 1, "qat": True,
+        "qat_epochs": 1, "latency_budget_s": 0}, **QUIET)
+    assert folder.name == f"01-{KEY}-prune-macs70-l1-lowrank-params80-qat"
+    arch = nas.load(folder).arch
+    assert arch.factorized and arch.key.startswith(f"{KEY}~p0.") and "~lr0." in arch.key
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["lowrank"]["key_before"].startswith(f"{KEY}~p0.") and m["lowrank"]["params_kept"] <= 0.8
+    int8 = nas.load(folder, format="int8")
+    assert int8.accuracy(data.x_test, data.y_test) == pytest.approx(m["int8"]["test_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, message", [
+    (["--lowrank", "energy=1.5"], "compress.lowrank: energy=1.5; allowed a fraction in (0, 1]"),
+    (["--lowrank", "rank=4"], "compress.lowrank: unknown key 'rank'; allowed energy=F"),
+    (["--lowrank", "params=0.01"], "compress.lowrank: params=0.01 is below what rank 1 in every layer reaches"),
+])
+def test_bad_lowrank_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
+    from nas.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compress", str(run_dir), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -206,7 +206,8 @@ def lowrank_folder(run_dir, tmp_path_factory):
     from nas.cli import main
 
     out = tmp_path_factory.mktemp("lowrank-out")
-    assert main(["compress", str(run_dir), "--winner", "1", "--lowrank", "--lowrank-epochs", "1", "--out", str(out)]) == 0
+    assert main(["compress", str(run_dir), "--winner", "1", "--lowrank", "--lowrank-epochs", "1", "--lowrank-keep",
+                 "cost", "--out", str(out)]) == 0
     (folder,) = out.iterdir()
     return folder
 
@@ -260,3 +261,20 @@ def test_bad_lowrank_input_is_one_line_exit_2_and_nothing_written(run_dir, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_latency_gate_keeps_exactly_the_layers_measured_faster(run_dir, tmp_path):
+    from nas.compress import run_compress
+
+    (folder,) = run_compress(run_dir, winner=1, out=tmp_path, options={
+        "lowrank": "energy=0.8", "lowrank_epochs": 0, "lowrank_keep": "latency", "latency_budget_s": 0.02}, **QUIET)
+    m = json.loads((folder / "metrics.json").read_text())["lowrank"]
+    measured = m["measured_layers"]
+    assert measured, "energy=0.8 makes some layer cheaper to factorize, so it is measured"
+    factorized_layers = {r["layer"].split(".")[0] for r in m["layers"] if r["rank"] is not None}
+    for rec in measured:
+        faster = rec["speedup"]["batch1"] > 1 and rec["speedup"]["batch32"] > 1
+        assert rec["kept"] == faster
+        owner = "head" if rec["layer"] == "head" else f"layer{rec['index'] - 1}"
+        assert (owner in factorized_layers) == faster

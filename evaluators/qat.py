@@ -12,6 +12,9 @@ per-tensor uint8 activations. QAT trains exactly that network:
   features) is fake-quantized per tensor to uint8 over a range observed on calibration images
   (`fake_quant_act`, ranges from `observe_ranges`). Rounding passes gradients straight through
   (straight-through estimator, Bengio et al. 2013).
+* A low-rank factorized layer (`evaluators.lowrank`) runs as ONNX Runtime runs it: its bare first
+  half is a conv (or matmul) of its own with int8 weights and a quantized output; the BatchNorm
+  folds into the second half.
 * `export_variables` writes the trained network back as Flax variables of the same architecture
   with identity BatchNorm (scale 1, mean 0, var 1 - eps) and kernels already on their int8 grid,
   so ONNX Runtime's folding is exact, its max-abs per-channel weight scales are the ones trained

@@ -231,6 +231,18 @@ def test_nas_compress_lowrank_writes_a_factorized_model_nas_load_runs(lowrank_fo
 
 
 @pytest.mark.slow
+def test_nas_cost_costs_the_factorized_architecture(lowrank_folder, capsys):
+    import nas
+    from nas.cli import main
+
+    assert main(["cost", "--arch-file", str(lowrank_folder / "architecture.json"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    arch = nas.load(lowrank_folder).arch
+    assert doc["key"] == arch.key and doc["params"] == analytic_cost(arch).params and doc["latency_ms"]["rpi4"] > 0
+    assert doc["latency_method"]["host"] == "analytic"  # no look-up table has factorized layers
+
+
+@pytest.mark.slow
 def test_prune_then_lowrank_then_qat_chain_in_that_order(run_dir, tmp_path, data):
     import nas
     from nas.compress import run_compress

@@ -222,6 +222,75 @@ def test_a_failed_numerical_check_is_reported_and_not_written_as_good(run_dir, t
         load(failed, "onnx")
 
 
+# ---------------------------------------------------------------- the CLI's exit code on a failed check
+def _outlier_channel(variables, c: int = 0, s: float = 1e4):
+    """The same float function with activations that defeat per-tensor int8: the stem's channel `c`
+    (BatchNorm scale and bias, then ReLU, which is positively homogeneous) is `s` times larger and
+    the next depthwise kernel's channel `c` `s` times smaller, so one int8 scale for the stem's output
+    leaves the other channels a fraction of one step (what cross-layer equalization would undo)."""
+    v = {k: {n: dict(m) for n, m in t.items()} for k, t in variables.items()}
+    stem_bn = dict(v["params"]["stem"]["bn"])
+    for name in ("scale", "bias"):
+        stem_bn[name] = stem_bn[name].copy()
+        stem_bn[name][c] *= s
+    v["params"]["stem"] = {**v["params"]["stem"], "bn": stem_bn}
+    dw = {**v["params"]["layer0"]["dw"], "kernel": v["params"]["layer0"]["dw"]["kernel"].copy()}
+    dw["kernel"][..., c] /= s
+    v["params"]["layer0"] = {**v["params"]["layer0"], "dw": dw}
+    return v
+
+
+def test_nas_export_exits_2_when_int8_loses_more_than_the_run_allows(run_dir, tmp_path, data):
+    """A real model whose float function is unchanged but whose int8 version collapses: `nas export
+    --int8` prints one error line naming the check and exits 2; the fp32 model stays checked and good."""
+    import subprocess
+    import sys
+
+    from evaluators.variables import load_variables, save_variables
+    from search_spaces.architecture import Architecture
+    from search_spaces.model import build_model
+
+    run = copy_run(run_dir, tmp_path)
+    ck = run / "winners" / "01"
+    arch = Architecture.from_json((ck / "architecture.json").read_text())
+    variables = load_variables(ck / "variables.msgpack")
+    skewed = _outlier_channel(variables)
+    net = build_model(arch)
+    x = data.x_test[:64]
+    before, after = (np.asarray(net.apply(v, x, train=False)) for v in (variables, skewed))
+    assert np.abs(after - before).max() <= 1e-3 * max(1.0, np.abs(before).max())  # the same float model
+    save_variables(ck / "variables.msgpack", skewed)
+    p = subprocess.run([sys.executable, "-m", "nas.cli", "export", str(run), "--format", "onnx", "--int8"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [l for l in p.stderr.splitlines() if l.startswith("nas: error:")]
+    assert len(err) == 1 and "int8" in err[0] and "points below fp32" in err[0] and "allowed 1.00" in err[0], p.stderr
+    m = json.loads((run / "export" / f"01-{KEY}.failed" / "metrics.json").read_text())
+    assert m["formats"]["onnx"]["check"]["passed"] and not m["formats"]["int8"]["check"]["passed"]
+    assert m["formats"]["int8"]["check"]["accuracy_drop"] > 0.3  # collapsed: 81 points here, with every calibration method
+
+
+def test_nas_export_exits_2_when_the_onnx_batch_dimension_is_not_dynamic(run_dir, tmp_path, monkeypatch, capsys):
+    """An exporter regression that fixes the batch size (injected): the CLI refuses the model in one line."""
+    from nas.cli import main
+
+    real = ex_formats.onnx_model
+
+    def fixed_batch(arch, variables):
+        model = real(arch, variables)
+        dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+        return model
+
+    monkeypatch.setattr(ex_formats, "onnx_model", fixed_batch)
+    run = copy_run(run_dir, tmp_path)
+    assert main(["export", str(run), "--format", "flax,onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nas: error:") and "the batch dimension is not dynamic" in err[0], err
+    assert not (run / "export" / f"01-{KEY}.failed" / "model.onnx").exists()
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,message", [
     ({"formats": ("flax", "tflite")}, "export.formats: unknown format 'tflite'; allowed: flax, onnx, stablehlo"),

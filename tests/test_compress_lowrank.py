@@ -147,6 +147,32 @@ def test_bad_targets_are_refused_by_name(spec, message):
         LowRankTarget.parse(spec)
 
 
+@pytest.mark.parametrize("value, target, tag", [
+    (True, LowRankTarget("energy", 0.9), "lowrank-energy90"),
+    ("energy=0.8", LowRankTarget("energy", 0.8), "lowrank-energy80"),
+    ("params=0.5", LowRankTarget("params", 0.5), "lowrank-params50"),
+    ("macs=0.7", LowRankTarget("macs", 0.7), "lowrank-macs70"),
+])
+def test_the_compress_section_takes_lowrank(value, target, tag):
+    from nas.config import CompressConfig
+
+    c = CompressConfig.from_dict({"lowrank": value}, "exp.yaml: compress")
+    assert c.lowrank_target() == target and c.tag() == tag and c.target() is None
+
+
+@pytest.mark.parametrize("value, message", [
+    (1, "exp.yaml: compress.lowrank: 1; allowed true or energy=F"),
+    ("energy=0", "exp.yaml: compress.lowrank: energy=0; allowed a fraction in (0, 1]"),
+    ("svd=0.5", "exp.yaml: compress.lowrank: unknown key 'svd'; allowed energy=F"),
+])
+def test_a_bad_lowrank_in_the_compress_section_is_one_line_naming_the_key(value, message):
+    from nas.config import CompressConfig
+
+    with pytest.raises(NasError) as e:
+        CompressConfig.from_dict({"lowrank": value}, "exp.yaml: compress")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
 def test_the_json_form_round_trips_and_an_unfactorized_one_is_unchanged(half):
     small = half[0]
     doc = small.to_dict()

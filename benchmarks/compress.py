@@ -120,7 +120,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     scan = []  # the default energy threshold's evidence: what each threshold keeps, before fine-tuning
     for e in (0.7, 0.8, 0.9, 0.95, 0.99):
-        fa, fv, frec = factorize(arch, res.variables, LowRankTarget("energy", e))
+        fa, fv, frec = factorize(arch, res.variables, LowRankTarget("energy", e), args.divisor)
         fv = recalibrate_bn(fa, fv, data.x_train) if fa.factorized else fv
         scan.append({"energy": e, "convs": sum(r["rank"] is not None for r in frec), "of": len(frec),
                      "params_kept": analytic_cost(fa).params / analytic_cost(arch).params,
@@ -130,7 +130,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
                                                  for r in scan), flush=True)
     lowrank = {}
     for keep in ("latency", "cost"):
-        lc = CompressConfig.from_dict({"lowrank": args.lowrank, "lowrank_epochs": args.lowrank_epochs,
+        lc = CompressConfig.from_dict({"lowrank": args.lowrank, "lowrank_epochs": args.lowrank_epochs, "divisor": args.divisor,
                                        "lowrank_keep": keep, "learning_rate": args.finetune_lr,
                                        "latency_budget_s": args.layer_budget})
         la, lv, lrec = lowrank_one(arch, res.variables, data, lc, base, kd=kd, teacher_logits=teacher,

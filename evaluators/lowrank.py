@@ -153,11 +153,18 @@ def spectra(arch: Architecture, variables: Mapping[str, Any]) -> dict[Site, np.n
     return {st: _svd(st, variables)[1] for st in sites(arch) if (st.owner, st.name) not in done}
 
 
-def ranks_at(spec: Mapping[Site, np.ndarray], energy: float) -> dict[Site, int]:
-    """The sites that pay off at one energy threshold, with their ranks."""
+def round_rank(r: int, site: Site, divisor: int = 1) -> int:
+    """`r` rounded up to a multiple of `divisor`, at most the full rank min(cin, cout)."""
+    return min(-(-r // divisor) * divisor, site.cin, site.cout)
+
+
+def ranks_at(spec: Mapping[Site, np.ndarray], energy: float, divisor: int = 1) -> dict[Site, int]:
+    """The sites that pay off at one energy threshold, with their ranks (rounded up to multiples of
+    `divisor`: ONNX Runtime's blocked NCHWc kernels want channel counts that are multiples of 8 or
+    16, and a one-layer 96 -> 24 conv at rank 9 ran 0.41x as fast as whole at batch 32, at rank 8 1.94x)."""
     out = {}
     for st, s in spec.items():
-        r = energy_rank(s, energy)
+        r = round_rank(energy_rank(s, energy), st, divisor)
         if st.pays(r):
             out[st] = r
     return out
@@ -181,13 +188,15 @@ def factorized_architecture(arch: Architecture, ranks: Mapping[Site, int], key: 
     return out
 
 
-def choose_ranks(arch: Architecture, variables: Mapping[str, Any], target: LowRankTarget) -> dict[Site, int]:
-    """The ranks for `target` (only sites where the factorization costs less than the whole layer).
+def choose_ranks(arch: Architecture, variables: Mapping[str, Any], target: LowRankTarget,
+                 divisor: int = 1) -> dict[Site, int]:
+    """The ranks for `target`, multiples of `divisor` (only sites where the factorization costs less
+    than the whole layer).
 
-    Raises NasError when a params/macs target is below what rank 1 in every layer reaches."""
+    Raises NasError when a params/macs target is below what the least rank in every layer reaches."""
     spec = spectra(arch, variables)
     if target.kind == "energy":
-        return ranks_at(spec, target.value)
+        return ranks_at(spec, target.value, divisor)
     cost: Callable[[Architecture], float] = (lambda a: float(getattr(analytic_cost(a), target.kind)))
     budget = target.value * cost(arch)
     # every threshold at which some site's rank changes, ascending; the cost grows with the threshold
@@ -195,9 +204,9 @@ def choose_ranks(arch: Architecture, variables: Mapping[str, Any], target: LowRa
     cuts = [c for c in cuts if c > 0] or [1.0]
 
     def at(e: float) -> float:
-        return cost(factorized_architecture(arch, ranks_at(spec, e)))
+        return cost(factorized_architecture(arch, ranks_at(spec, e, divisor)))
 
-    check_reachable(arch, target)
+    check_reachable(arch, target, divisor=divisor)
     lo, hi = 0, len(cuts) - 1  # at(cuts[lo]) meets the budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -205,23 +214,27 @@ def choose_ranks(arch: Architecture, variables: Mapping[str, Any], target: LowRa
             lo = mid
         else:
             hi = mid - 1
-    return ranks_at(spec, cuts[lo])
+    return ranks_at(spec, cuts[lo], divisor)
 
 
-def floor_fraction(arch: Architecture, kind: str) -> float:
-    """The `kind` (params|macs) of `arch` with every unfactorized site at rank 1, as a fraction of its own."""
+def floor_fraction(arch: Architecture, kind: str, divisor: int = 1) -> float:
+    """The `kind` (params|macs) of `arch` with every unfactorized site at its least rank (`divisor`,
+    where that is cheaper than whole), as a fraction of its own."""
     done = {(i, n) for i, ly in enumerate(arch.layers) for n, _ in ly.ranks} | {("head", n) for n, _ in arch.head.ranks}
-    least = factorized_architecture(arch, {st: 1 for st in sites(arch) if (st.owner, st.name) not in done and st.pays(1)})
+    least = factorized_architecture(arch, {st: round_rank(1, st, divisor) for st in sites(arch)
+                                           if (st.owner, st.name) not in done and st.pays(round_rank(1, st, divisor))})
     return getattr(analytic_cost(least), kind) / getattr(analytic_cost(arch), kind)
 
 
-def check_reachable(arch: Architecture, target: LowRankTarget, where: str = "compress.lowrank") -> None:
-    """Raise NasError when a params/macs target is below what rank 1 in every layer reaches."""
+def check_reachable(arch: Architecture, target: LowRankTarget, where: str = "compress.lowrank",
+                    divisor: int = 1) -> None:
+    """Raise NasError when a params/macs target is below what the least rank in every layer reaches."""
     if target.kind == "energy":
         return
-    least = floor_fraction(arch, target.kind)
+    least = floor_fraction(arch, target.kind, divisor)
     if target.value < least:
-        raise NasError(f"{where}: {target.label()} is below what rank 1 in every layer reaches for "
+        rank = "rank 1" if divisor == 1 else f"rank {divisor} (compress.divisor)"
+        raise NasError(f"{where}: {target.label()} is below what {rank} in every layer reaches for "
                        f"'{arch.key}'; allowed {target.kind} >= {math.ceil(least * 1000) / 1000:g}")
 
 
@@ -298,14 +311,14 @@ def lowrank_key(original: str, fraction: float) -> str:
     return f"{original}~lr{fraction:.2f}"
 
 
-def factorize(arch: Architecture, variables: Mapping[str, Any], target: LowRankTarget | Mapping[Site, int]
-              ) -> tuple[Architecture, dict[str, Any], list[dict[str, Any]]]:
-    """Factorize `arch` for `target` (or explicit per-site ranks).
+def factorize(arch: Architecture, variables: Mapping[str, Any], target: LowRankTarget | Mapping[Site, int],
+              divisor: int = 1) -> tuple[Architecture, dict[str, Any], list[dict[str, Any]]]:
+    """Factorize `arch` for `target` (ranks multiples of `divisor`), or at explicit per-site ranks.
 
     Returns (factorized architecture keyed 'KEY~lrF', its variables, one record per site:
     {'layer', 'cin', 'cout', 'full_rank', 'rank' (None: left whole), 'energy' kept at that rank})."""
     spec = spectra(arch, variables)
-    ranks = dict(target) if isinstance(target, Mapping) else choose_ranks(arch, variables, target)
+    ranks = dict(target) if isinstance(target, Mapping) else choose_ranks(arch, variables, target, divisor)
     small = factorized_architecture(arch, ranks)
     frac = analytic_cost(small).params / analytic_cost(arch).params
     small = dataclasses.replace(small, key=lowrank_key(arch.key, frac))

@@ -207,6 +207,8 @@ def _compress_args(p):
                    help="low-rank factorization of 1x1 convs and the classifier after pruning: energy=F (default "
                         "energy=0.9: the fraction of squared singular values kept per layer), params=F or macs=F")
     p.add_argument("--lowrank-epochs", type=int, default=None, help="fine-tuning epochs after the factorization")
+    p.add_argument("--divisor", type=int, default=None,
+                   help="pruned widths and low-rank ranks are multiples of this (default 16; 1: any)")
     p.add_argument("--lowrank-keep", default=None, help="latency (default): keep a factorized layer only where "
                    "ONNX Runtime runs it faster at batch 1 and 32; cost: wherever it has fewer parameters")
     p.add_argument("--qat", action="store_true", help="quantization-aware training after pruning/factorization (adds model.int8.onnx)")
@@ -282,6 +284,7 @@ def _compress(args):
                  options=compress_options(args.run_dir, prune=args.prune, criterion=args.criterion,
                                           steps=args.steps, epochs=args.epochs, lowrank=args.lowrank,
                                           lowrank_epochs=args.lowrank_epochs, lowrank_keep=args.lowrank_keep,
+                                          divisor=args.divisor,
                                           qat=args.qat))
 
 

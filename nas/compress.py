@@ -107,7 +107,7 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
                            f"({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
                            f"{target.kind} >= {target.cost_fn()(floor) / (1 if target.kind == 'latency_ms' else target.cost_fn()(arch)):.3g}")
         if lr_target is not None and target is None:  # after pruning it is checked again on the pruned network
-            check_reachable(arch, lr_target)
+            check_reachable(arch, lr_target, divisor=c.divisor)
         plans.append((w, arch, weights, folder))
 
     data = load_data(cfg.dataset, seed=cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
@@ -221,7 +221,7 @@ def lowrank_one(arch: Architecture, variables: Any, data, c: CompressConfig, bas
     ranks, the per-layer measurements, params/MACs kept and - with `c.latency_budget_s` - the ONNX
     Runtime latency of the whole network before and after factorizing (batch 1 and 32, alternated)."""
     target = c.lowrank_target()
-    ranks = choose_ranks(arch, variables, target)
+    ranks = choose_ranks(arch, variables, target, c.divisor)
     measured, slower = None, set()
     if ranks and c.lowrank_keep == "latency" and c.latency_budget_s > 0:
         measured = measure_layers(arch, factorized_architecture(arch, ranks), c.latency_budget_s)

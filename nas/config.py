@@ -264,7 +264,7 @@ class CompressConfig:
     prune: str | None = None  # macs=F | params=F | latency_ms@PROFILE=MS (checked by evaluators.prune.Target)
     criterion: str = spec("l1", choices=PRUNE_CRITERIA, what="criterion")
     min_keep: float = spec(0.25, ge=0, check=lambda v: None if v < 1 else f"{v!r}; allowed a fraction in [0, 1)")
-    divisor: int = spec(16, ge=1)  # kept widths are multiples of this (ONNX Runtime's blocked NCHWc kernels; 1: any)
+    divisor: int = spec(16, ge=1)  # kept widths and low-rank ranks are multiples of this (ONNX Runtime's blocked NCHWc kernels; 1: any)
     cost_aware: bool = False  # rank channels by importance per unit of the target's cost (else importance only)
     steps: int = spec(1, ge=1)  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
     epochs: int = spec(3, ge=0)

@@ -120,6 +120,16 @@ def test_a_params_target_is_met_and_only_paying_layers_are_factorized(variables,
             assert rec["rank"] * (st.cin + st.cout) < st.cin * st.cout and 0 < rec["energy"] < 1
 
 
+@pytest.mark.parametrize("divisor", [4, 8])
+def test_ranks_are_multiples_of_the_divisor_and_keep_at_least_the_energy(variables, divisor):
+    _, _, records = factorize(ARCH, variables, LowRankTarget.parse("energy=0.8"), divisor)
+    ranked = [r for r in records if r["rank"] is not None]
+    assert ranked
+    for r in ranked:
+        assert (r["rank"] % divisor == 0 or r["rank"] == r["full_rank"]) and r["energy"] >= 0.8
+        assert r["rank"] * (r["cin"] + r["cout"]) < r["cin"] * r["cout"]
+
+
 def test_energy_one_keeps_every_layer_whole(variables):
     # full rank never costs less than the layer: min(cin, cout) (cin + cout) >= cin cout
     small, sv, records = factorize(ARCH, variables, LowRankTarget.parse("energy=1"))
@@ -233,7 +243,7 @@ def lowrank_folder(run_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lowrank-out")
     assert main(["compress", str(run_dir), "--winner", "1", "--lowrank", "--lowrank-epochs", "1", "--lowrank-keep",
-                 "cost", "--out", str(out)]) == 0
+                 "cost", "--divisor", "1", "--out", str(out)]) == 0
     (folder,) = out.iterdir()
     return folder
 
@@ -274,7 +284,7 @@ def test_prune_then_lowrank_then_qat_chain_in_that_order(run_dir, tmp_path, data
     from nas.compress import run_compress
 
     (folder,) = run_compress(run_dir, winner=1, out=tmp_path, options={
-        "prune": "macs=0.7", "epochs": 1, "lowrank": "params=0.8", "lowrank_epochs": 1, "qat": True,
+        "prune": "macs=0.7", "epochs": 1, "lowrank": "params=0.8", "lowrank_epochs": 1, "qat": True, "divisor": 1,
         "qat_epochs": 1, "latency_budget_s": 0}, **QUIET)
     assert folder.name == f"01-{KEY}-prune-macs70-l1-lowrank-params80-qat"
     arch = nas.load(folder).arch
@@ -289,7 +299,7 @@ def test_prune_then_lowrank_then_qat_chain_in_that_order(run_dir, tmp_path, data
 @pytest.mark.parametrize("argv, message", [
     (["--lowrank", "energy=1.5"], "compress.lowrank: energy=1.5; allowed a fraction in (0, 1]"),
     (["--lowrank", "rank=4"], "compress.lowrank: unknown key 'rank'; allowed energy=F"),
-    (["--lowrank", "params=0.01"], "compress.lowrank: params=0.01 is below what rank 1 in every layer reaches"),
+    (["--lowrank", "params=0.01"], "compress.lowrank: params=0.01 is below what rank 16 (compress.divisor) in every layer"),
 ])
 def test_bad_lowrank_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
     from nas.cli import main
@@ -306,7 +316,8 @@ def test_the_latency_gate_keeps_exactly_the_layers_measured_faster(run_dir, tmp_
     from nas.compress import run_compress
 
     (folder,) = run_compress(run_dir, winner=1, out=tmp_path, options={
-        "lowrank": "energy=0.8", "lowrank_epochs": 0, "lowrank_keep": "latency", "latency_budget_s": 0.02}, **QUIET)
+        "lowrank": "energy=0.8", "lowrank_epochs": 0, "lowrank_keep": "latency", "latency_budget_s": 0.02, "divisor": 1},
+        **QUIET)
     m = json.loads((folder / "metrics.json").read_text())["lowrank"]
     measured = m["measured_layers"]
     assert measured, "energy=0.8 makes some layer cheaper to factorize, so it is measured"

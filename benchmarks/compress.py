@@ -11,8 +11,14 @@ For each mobile_small key (default: the export benchmark's three, 28x28) in one 
   4. int8: static post-training QDQ (`evaluators.quantize.quantize_static_int8`, percentile) of the
      winner (PTQ), and quantization-aware training (`evaluators.qat`, `--qat-epochs` with KD from the
      winner, exported QDQ with min/max calibration) of the winner and of the pruned network;
-  5. ONNX Runtime latency (one thread) of winner fp32 / pruned fp32 / winner int8 / pruned int8 at
-     batch 1 and 32, every figure interleaved with the others (`evaluators.timing.measure_passes`).
+  5. low-rank factorization of the winner (`nas.compress.lowrank_one`, `--lowrank`, default
+     energy=0.9) fine-tuned `--lowrank-epochs` with KD from the winner, twice: keeping only the
+     layers whose one-layer ONNX Runtime model is faster factorized at batch 1 and 32 (the stage's
+     default, `lowrank_keep: latency`; per-layer figures in the row's `lowrank_layers`), and keeping
+     every layer that gets cheaper (`lowrank_keep: cost`, the `lowrank_cost_*` figures);
+  6. ONNX Runtime latency (one thread) of winner fp32 / pruned fp32 / winner int8 / pruned int8 /
+     both factorized networks at batch 1 and 32, every figure interleaved with the others
+     (`evaluators.timing.measure_passes`).
 
 Figures (each a ratio or difference measured in this one run; medians over keys in the summary):
 
@@ -23,11 +29,15 @@ Figures (each a ratio or difference measured in this one run; medians over keys 
   qat_drop_pt         winner fp32 - QAT int8 test accuracy (ORT), points   target <= 0.3 (ptq_drop_pt: PTQ's)
   chain_ratio         winner fp32 ONNX bytes / pruned QAT int8 ONNX bytes  target >= 8
   chain_drop_pt       acc0 - pruned QAT int8 accuracy (ORT), points        target <= 1.5
+  lowrank_ratio       winner fp32 ONNX bytes / factorized fp32 ONNX bytes  (no target; also lowrank_cost_ratio)
+  lowrank_speedup_b1/b32  winner fp32 ms / factorized fp32 ms              (no target; also lowrank_cost_speedup_*)
+  lowrank_drop_pt     acc0 - factorized test accuracy, points              (no target; also lowrank_cost_drop_pt)
 
 The machine may be shared: the load average before/after is printed; only ratios are reported.
 
     python benchmarks/compress.py --json
     python benchmarks/compress.py --keys 1131001--11d7-1 --epochs 2 --finetune 2
+    python benchmarks/compress.py --keys 1131001--11d7-1 --lowrank params=0.5
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ DEFAULT_KEYS = ("1131001--11d7-1", "1142208--1146-1", "100-0114-0100-0")  # as b
 TARGETS = {"prune_speedup_b32": 1.6, "prune_drop_pt": 1.0, "prune_vs_uniform_pt": 0.0, "qat_drop_pt": 0.3,
            "int8_speedup_b1": 1.0,
            "int8_speedup_b32": 1.0, "chain_ratio": 8.0, "chain_drop_pt": 1.5}
+LOWRANK = tuple(f"{n}_{f}" for n in ("lowrank", "lowrank_cost") for f in ("ratio", "speedup_b1", "speedup_b32", "drop_pt"))
 
 
 def ort_accuracy(model, x, y) -> float:
@@ -71,7 +82,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
     from evaluators.optim import KDConfig, TrainConfig
     from evaluators.predict import evaluate, predict_logits
     from evaluators.train import train
-    from nas.compress import compress_one, measure_onnx_latency
+    from nas.compress import compress_one, lowrank_one, measure_onnx_latency
     from nas.config import CompressConfig
     from search_spaces.catalog import load_space
 
@@ -104,6 +115,31 @@ def one_key(key: str, args, data, printer=print) -> dict:
         folded, _, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher)
         models[name] = to_onnx(a, export_variables(a, folded))
     printer(f"{key}: QAT done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    from evaluators.lowrank import LowRankTarget, factorize
+    from evaluators.prune import recalibrate_bn
+
+    scan = []  # the default energy threshold's evidence: what each threshold keeps, before fine-tuning
+    for e in (0.7, 0.8, 0.9, 0.95, 0.99):
+        fa, fv, frec = factorize(arch, res.variables, LowRankTarget("energy", e), args.divisor)
+        fv = recalibrate_bn(fa, fv, data.x_train) if fa.factorized else fv
+        scan.append({"energy": e, "convs": sum(r["rank"] is not None for r in frec), "of": len(frec),
+                     "params_kept": analytic_cost(fa).params / analytic_cost(arch).params,
+                     "drop_pt_before_finetune": 100 * (acc0 - evaluate(fa, fv, data.x_test, data.y_test)[0])})
+    printer(f"{key}: energy scan " + "; ".join(f"{r['energy']:g}: {r['convs']}/{r['of']} convs, params "
+                                                 f"{r['params_kept']:.2f}, drop {r['drop_pt_before_finetune']:.2f}"
+                                                 for r in scan), flush=True)
+    lowrank = {}
+    for keep in ("latency", "cost"):
+        lc = CompressConfig.from_dict({"lowrank": args.lowrank, "lowrank_epochs": args.lowrank_epochs, "divisor": args.divisor,
+                                       "lowrank_keep": keep, "learning_rate": args.finetune_lr,
+                                       "latency_budget_s": args.layer_budget})
+        la, lv, lrec = lowrank_one(arch, res.variables, data, lc, base, kd=kd, teacher_logits=teacher,
+                                   printer=lambda *a, **k: None)
+        name = "lowrank" if keep == "latency" else "lowrank_cost"
+        lowrank[name] = {"key": la.key, "acc": evaluate(la, lv, data.x_test, data.y_test)[0], "record": lrec}
+        models[name] = to_onnx(la, lv)
+    printer(f"{key}: lowrank {args.lowrank} done: {lowrank['lowrank']['key']} (latency-gated), "
+            f"{lowrank['lowrank_cost']['key']} (cost only) ({time.perf_counter() - t0:.0f} s)", flush=True)
     calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         for name, method in (("fp32", "percentile"), ("pruned", "percentile"), ("qat", "minmax"),
@@ -116,8 +152,15 @@ def one_key(key: str, args, data, printer=print) -> dict:
             models.pop(name)  # the fp32 form of a QAT network is not shipped
     sizes = {k: len(m.SerializeToString()) for k, m in models.items()}
     accs = {k: ort_accuracy(m, data.x_test, data.y_test) for k, m in models.items()}
-    lat = measure_onnx_latency({k: models[k] for k in ("fp32", "pruned", "fp32_int8", "pruned_qat_int8")},
-                               data.x_test, args.latency_budget)
+    lat = measure_onnx_latency({k: models[k] for k in ("fp32", "pruned", "fp32_int8", "pruned_qat_int8", "lowrank",
+                                                       "lowrank_cost")}, data.x_test, args.latency_budget)
+    lr_figures = {}
+    for name in ("lowrank", "lowrank_cost"):
+        lr_figures.update({
+            f"{name}_ratio": sizes["fp32"] / sizes[name],
+            f"{name}_speedup_b1": lat["fp32"]["batch1"] / lat[name]["batch1"],
+            f"{name}_speedup_b32": lat["fp32"]["batch32"] / lat[name]["batch32"],
+            f"{name}_drop_pt": 100 * (acc0 - lowrank[name]["acc"])})
     row = {
         "key": key, "pruned_key": small.key, "uniform": [l.out_channels for l in uni.layers],
         "macs": analytic_cost(arch).macs, "macs_pruned": analytic_cost(small).macs, "macs_uniform": analytic_cost(uni).macs,
@@ -133,11 +176,17 @@ def one_key(key: str, args, data, printer=print) -> dict:
         "chain_ratio": sizes["fp32"] / sizes["pruned_qat_int8"], "chain_drop_pt": 100 * (acc0 - accs["pruned_qat_int8"]),
         "chain_ptq_drop_pt": 100 * (acc0 - accs["pruned_int8"]),
         "chain_speedup_b32": lat["fp32"]["batch32"] / lat["pruned_qat_int8"]["batch32"],
+        **lr_figures, "lowrank_keys": {k: v["key"] for k, v in lowrank.items()},
+        "lowrank_layers": lowrank["lowrank"]["record"].get("measured_layers", []),
+        "lowrank_ranks": {k: v["record"]["layers"] for k, v in lowrank.items()}, "lowrank_energy_scan": scan,
         "wall_s": time.perf_counter() - t0,
     }
     printer(f"{key}: " + ", ".join(f"{k} {row[k]:.2f}" for k in (
         "prune_speedup_b1", "prune_speedup_b32", "prune_drop_pt", "prune_vs_uniform_pt", "ptq_drop_pt", "qat_drop_pt",
-        "int8_speedup_b1", "int8_speedup_b32", "chain_ratio", "chain_drop_pt")), flush=True)
+        "int8_speedup_b1", "int8_speedup_b32", "chain_ratio", "chain_drop_pt", *LOWRANK)), flush=True)
+    for m in row["lowrank_layers"]:
+        printer(f"    lowrank layer {m['layer']}: factorized/whole one-layer speedup b1 {m['speedup']['batch1']:.2f} "
+                f"b32 {m['speedup']['batch32']:.2f} -> {'kept' if m['kept'] else 'left whole'}", flush=True)
     return row
 
 
@@ -153,6 +202,10 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs (KD from the winner)")
     ap.add_argument("--finetune-lr", type=float, default=2e-3)
     ap.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (KD from the winner)")
+    ap.add_argument("--lowrank", default="energy=0.9", help="low-rank target: energy=F, params=F or macs=F")
+    ap.add_argument("--lowrank-epochs", type=int, default=2, help="fine-tuning epochs after factorizing (KD)")
+    ap.add_argument("--layer-budget", type=float, default=0.2,
+                    help="seconds per one-layer latency figure of the lowrank latency gate")
     ap.add_argument("--latency-budget", type=float, default=1.0, help="seconds per latency figure")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
@@ -176,8 +229,10 @@ def main(argv=None) -> int:
               f"{'met' if better else 'NOT met'}")
     print(f"  post-training int8 drop (ptq_drop_pt) median {statistics.median(r['ptq_drop_pt'] for r in rows):.2f}; "
           f"chain with PTQ instead of QAT: drop median {statistics.median(r['chain_ptq_drop_pt'] for r in rows):.2f}")
+    lr_med = {k: statistics.median(r[k] for r in rows) for k in LOWRANK}
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in lr_med.items()) + f"  (lowrank {args.lowrank}; median over keys)")
     if args.json:
-        out = {**med, "ptq_drop_pt": statistics.median(r["ptq_drop_pt"] for r in rows),
+        out = {**med, **lr_med, "ptq_drop_pt": statistics.median(r["ptq_drop_pt"] for r in rows),
                "prune_speedup_b1": statistics.median(r["prune_speedup_b1"] for r in rows),
                "int8_size_ratio": statistics.median(r["int8_size_ratio"] for r in rows),
                "rows": rows, "load_average": [load_before, load_after], "options": vars(args)}

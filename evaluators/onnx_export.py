@@ -131,6 +131,26 @@ def fuse_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def drop_zero_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the optional C input of a Gemm when it is a zero scalar constant.
+
+    jax2onnx writes every matrix product as Gemm(A, B, C) with C a shared 0-d zero (a Dense bias
+    follows as an Add). ONNX Runtime's static quantizer indexes C per output channel and failed
+    ("array is 0-dimensional") on a low-rank factorized classifier, whose two Gemms share that C.
+    Without the input the Gemm computes the same."""
+    g = model.graph
+    zero = {i.name for i in g.initializer
+            if not i.dims and not np.any(onnx.numpy_helper.to_array(i))}
+    for n in g.node:
+        if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] in zero:
+            del n.input[2]
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used or i.name not in zero]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return model
+
+
 def _fix_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop jax2onnx's stale intermediate and output shapes and infer them again (strict)."""
     del model.graph.value_info[:]
@@ -159,7 +179,7 @@ def function_to_onnx(fn: Callable[[jnp.ndarray], jnp.ndarray], in_shape: Sequenc
     model = j2o(fn, [spec], model_name=name, opset=OPSET,
                 inputs_as_nchw=[0] if nchw_in else None, outputs_as_nchw=[0] if nchw_out else None,
                 input_names=[input_name], output_names=[output_name])
-    return _fix_shapes(fuse_activations(model))
+    return _fix_shapes(drop_zero_gemm_bias(fuse_activations(model)))
 
 
 def to_onnx(arch: Architecture, variables: Variables, *, batch: int | None = None) -> onnx.ModelProto:

@@ -12,6 +12,9 @@ per-tensor uint8 activations. QAT trains exactly that network:
   features) is fake-quantized per tensor to uint8 over a range observed on calibration images
   (`fake_quant_act`, ranges from `observe_ranges`). Rounding passes gradients straight through
   (straight-through estimator, Bengio et al. 2013).
+* A low-rank factorized layer (`evaluators.lowrank`) runs as ONNX Runtime runs it: its bare first
+  half is a conv (or matmul) of its own with int8 weights and a quantized output; the BatchNorm
+  folds into the second half.
 * `export_variables` writes the trained network back as Flax variables of the same architecture
   with identity BatchNorm (scale 1, mean 0, var 1 - eps) and kernels already on their int8 grid,
   so ONNX Runtime's folding is exact, its max-abs per-channel weight scales are the ones trained
@@ -72,8 +75,10 @@ def fold(arch: Architecture, variables: Mapping[str, Any]) -> dict[str, Any]:
                 g = np.asarray(bn["scale"]) / np.sqrt(np.asarray(st["var"]) + BN_EPS)
                 out[k] = {"kernel": np.asarray(v["kernel"]) * g,
                           "bias": np.asarray(bn["bias"]) - np.asarray(st["mean"]) * g}
+                if "down" in v:  # a low-rank factorized conv: BatchNorm folds into its second half
+                    out[k]["down"] = {"kernel": np.asarray(v["down"]["kernel"])}
             elif isinstance(v, Mapping) and "kernel" in v:
-                out[k] = {n: np.asarray(a) for n, a in v.items()}
+                out[k] = jax.tree.map(np.asarray, dict(v))
             else:
                 out[k] = walk(v, s.get(k, {}))
         return out
@@ -96,10 +101,15 @@ def forward(arch: Architecture, folded: Mapping[str, Any], x: jnp.ndarray, range
         return fake_quant_weight(t) if quant else t
 
     def conv(name: str, mod, t, kind, stride, act):
+        if "down" in mod:  # low-rank factorized: a bare 1x1 conv whose output ONNX Runtime quantizes too
+            t = q_act(f"{name}.down", KERNELS["fast"]["pwconv"](t, w(mod["down"]["kernel"]), stride))
+            stride = 1
         y = KERNELS["fast"][kind](t, w(mod["kernel"]), stride) + mod["bias"]
         return q_act(name, ACT_FNS[act](y) if act else y)
 
-    def dense(mod, t):
+    def dense(mod, t, name=""):
+        if "down" in mod:
+            t = q_act(f"{name}.down", t @ w(mod["down"]["kernel"]))
         return t @ w(mod["kernel"]) + mod["bias"]
 
     a = arch
@@ -128,7 +138,7 @@ def forward(arch: Architecture, folded: Mapping[str, Any], x: jnp.ndarray, range
         h = q_act(f"{n}.add", h + y) if ly.residual else y
     h = conv("head", folded["head"], h, "pwconv", 1, a.head.act)
     feats = q_act("pool", jnp.mean(h, axis=(1, 2)))
-    return dense(folded["classifier"], feats)
+    return dense(folded["classifier"], feats, "classifier")
 
 
 def observe_ranges(arch: Architecture, folded: Mapping[str, Any], x: np.ndarray, batch_size: int = 128) -> Ranges:
@@ -221,11 +231,13 @@ def export_variables(arch: Architecture, folded: Mapping[str, Any]) -> dict[str,
                 continue
             kq = np.asarray(fake_quant_weight(jnp.asarray(v["kernel"])), np.float32)
             bias = np.asarray(v["bias"], np.float32)
+            down = {"down": {"kernel": np.asarray(fake_quant_weight(jnp.asarray(v["down"]["kernel"])), np.float32)}
+                    } if "down" in v else {}
             if kq.ndim == 2:  # Dense (SE, classifier)
-                p[k] = {"kernel": kq, "bias": bias}
+                p[k] = {**down, "kernel": kq, "bias": bias}
                 continue
             c = kq.shape[-1]
-            p[k] = {"kernel": kq, "bn": {"scale": np.ones(c, np.float32), "bias": bias}}
+            p[k] = {**down, "kernel": kq, "bn": {"scale": np.ones(c, np.float32), "bias": bias}}
             s[k] = {"bn": {"mean": np.zeros(c, np.float32), "var": np.full(c, 1 - BN_EPS, np.float32)}}
 
     walk(folded, params, stats)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax.numpy as jnp
 
-from search_spaces.architecture import Architecture, Layer
+from search_spaces.architecture import Architecture, Layer, Ranks, ranks_token
 from search_spaces.catalog import load_space
 from search_spaces.graph import conv_out
-from search_spaces.model import Block, ConvBN
+from search_spaces.model import Block, ConvBN, FactorizedDense
 from search_spaces.space import SearchSpace, make_divisible
 
 
@@ -34,6 +34,7 @@ class LayerSig:
     se: float = 0.0
     act: str = ""
     classes: int = 0
+    ranks: Ranks = ()  # low-rank factorized convs (never in a space: a table misses them, see evaluators.latency)
 
     @property
     def identity(self) -> bool:
@@ -46,11 +47,11 @@ class LayerSig:
         if self.part == "stem":
             return f"stem_k{self.kernel}_{self.act}_{io}"
         if self.part == "head":
-            return f"head_{self.act}_{io}_n{self.classes}"
+            return f"head_{self.act}_{io}_n{self.classes}" + ranks_token(self.ranks)
         layer = Layer(self.block, self.in_channels, self.out_channels, self.stride, self.kernel, self.expansion,
                       self.se, self.act)
         tok = layer.token().rsplit("_c", 1)[0] if self.block != "skip" else "skip"
-        return f"{tok}_{io}"
+        return f"{tok}_{io}" + ranks_token(self.ranks)
 
     def in_shape(self) -> tuple[int, int, int]:
         return (self.resolution, self.resolution, self.in_channels)
@@ -65,10 +66,11 @@ def arch_signatures(arch: Architecture) -> list[LayerSig]:
     r = conv_out(r, arch.stem.stride)
     for ly in arch.layers:
         sigs.append(LayerSig("block", ly.in_channels, ly.out_channels, ly.stride, r, ly.block, ly.kernel,
-                             ly.expansion, ly.se, ly.act))
+                             ly.expansion, ly.se, ly.act, ranks=ly.ranks))
         r = conv_out(r, ly.stride)
     cin = arch.layers[-1].out_channels if arch.layers else arch.stem.channels
-    sigs.append(LayerSig("head", cin, arch.head.channels, 1, r, act=arch.head.act, classes=arch.num_classes))
+    sigs.append(LayerSig("head", cin, arch.head.channels, 1, r, act=arch.head.act, classes=arch.num_classes,
+                         ranks=arch.head.ranks))
     return sigs
 
 
@@ -115,7 +117,11 @@ class LayerUnit(nn.Module):
         if s.part == "stem":
             return ConvBN(s.out_channels, "conv", s.kernel, s.stride, s.act, self.impl, name="stem")(x, train)
         if s.part == "block":
-            layer = Layer(s.block, s.in_channels, s.out_channels, s.stride, s.kernel, s.expansion, s.se, s.act)
+            layer = Layer(s.block, s.in_channels, s.out_channels, s.stride, s.kernel, s.expansion, s.se, s.act, s.ranks)
             return Block(layer, self.impl, name="layer")(x, train)
-        x = ConvBN(s.out_channels, "pwconv", act=s.act, impl=self.impl, name="head")(x, train)
-        return nn.Dense(s.classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+        ranks = dict(s.ranks)
+        x = ConvBN(s.out_channels, "pwconv", act=s.act, impl=self.impl, rank=ranks.get("conv"), name="head")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        if "classifier" in ranks:
+            return FactorizedDense(s.classes, ranks["classifier"], name="classifier")(x)
+        return nn.Dense(s.classes, name="classifier")(x)

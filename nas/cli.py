@@ -218,8 +218,15 @@ def _compress_args(p):
     p.add_argument("--criterion", default=None, help="channel importance: l1, bn (BatchNorm scale), taylor")
     p.add_argument("--steps", type=int, default=None, help="AGP pruning steps (1: one-shot)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs in total (with KD from the teacher)")
-    p.add_argument("--lowrank", action="store_true", help="low-rank factorization (not available yet: refused)")
-    p.add_argument("--qat", action="store_true", help="quantization-aware training after pruning (adds model.int8.onnx)")
+    p.add_argument("--lowrank", nargs="?", const=True, default=None, metavar="TARGET",
+                   help="low-rank factorization of 1x1 convs and the classifier after pruning: energy=F (default "
+                        "energy=0.9: the fraction of squared singular values kept per layer), params=F or macs=F")
+    p.add_argument("--lowrank-epochs", type=int, default=None, help="fine-tuning epochs after the factorization")
+    p.add_argument("--divisor", type=int, default=None,
+                   help="pruned widths and low-rank ranks are multiples of this (default 16; 1: any)")
+    p.add_argument("--lowrank-keep", default=None, help="latency (default): keep a factorized layer only where "
+                   "ONNX Runtime runs it faster at batch 1 and 32; cost: wherever it has fewer parameters")
+    p.add_argument("--qat", action="store_true", help="quantization-aware training after pruning/factorization (adds model.int8.onnx)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compressed)")
     p.add_argument("--force", action="store_true", help="replace an earlier result folder of the same name")
 
@@ -290,7 +297,10 @@ def _export(args):
 def _compress(args):
     run_compress(args.run_dir, winner=args.winner, out=args.out, force=args.force,
                  options=compress_options(args.run_dir, prune=args.prune, criterion=args.criterion,
-                                          steps=args.steps, epochs=args.epochs, lowrank=args.lowrank, qat=args.qat))
+                                          steps=args.steps, epochs=args.epochs, lowrank=args.lowrank,
+                                          lowrank_epochs=args.lowrank_epochs, lowrank_keep=args.lowrank_keep,
+                                          divisor=args.divisor,
+                                          qat=args.qat))
 
 
 @command("report", "write report.md and plots for a finished run")(_report_args)

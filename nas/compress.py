@@ -1,18 +1,21 @@
-"""Compression stage: prune a run's winners to a target, fine-tune with distillation, write a model folder.
+"""Compression stage: prune, factorize and/or quantize a run's winners, fine-tune with distillation, write a model folder.
 
-`run_compress(run_dir, winner=N, prune='macs=0.5')` takes winner N's weights (its distilled
-weights when `nas distill` ran, else its search checkpoint), removes channels by importance
-(`evaluators.prune`) one-shot or over `steps` AGP steps, fine-tunes after each step with
-knowledge distillation from the run's teacher (the `distill.teacher` of the experiment, through
-the same `evaluators.train.train` path as `nas distill`), and writes one folder per winner,
+`run_compress(run_dir, winner=N, options={'prune': 'macs=0.5', 'lowrank': 'energy=0.9', 'qat': True})`
+takes winner N's weights (its distilled weights when `nas distill` ran, else its search
+checkpoint) and chains, in this order, the techniques asked for: pruning (`evaluators.prune`:
+channels removed by importance one-shot or over `steps` AGP steps, fine-tuned after each step),
+low-rank factorization (`evaluators.lowrank`: truncated SVD of the 1x1 convs and the classifier,
+then `lowrank_epochs` of fine-tuning), quantization-aware training (`evaluators.qat`). Fine-tuning
+uses knowledge distillation from the run's teacher (the `distill.teacher` of the experiment,
+through the same `evaluators.train.train` path as `nas distill`). One folder per winner,
 `RUN_DIR/compressed/NN-KEY-TAG/`:
 
 | file | what |
 |---|---|
-| architecture.json | {'architecture': the pruned network, 'pruned_from': the original, 'compression': the options} |
+| architecture.json | {'architecture': the compressed network, 'pruned_from': the original (before any technique), 'input': ...} |
 | flax/variables.msgpack | the fine-tuned weights (Flax msgpack) |
 | model.onnx | the ONNX export (reference implementation, dynamic batch) |
-| metrics.json | params, MACs, bytes before/after and their ratios; test accuracy before/after; measured ONNX Runtime latency of both at batch 1 and 32 and the speedups; energy per profile |
+| metrics.json | params, MACs, bytes before/after and their ratios; test accuracy before/after; measured ONNX Runtime latency of both at batch 1 and 32 and the speedups; energy per profile; with lowrank, 'lowrank': per-layer ranks and the measured latency of the network before/after factorizing |
 
 `nas.load(folder)` loads it like an export folder. Everything is validated before anything is
 trained or written; a folder is written under a hidden `.NAME.partial` name and renamed when done.
@@ -35,6 +38,7 @@ from evaluators.cost import analytic_cost
 from evaluators.datasets import load as load_data
 from evaluators.energy import energy
 from evaluators.hardware import PROFILES
+from evaluators.lowrank import check_reachable, choose_ranks, factorize, factorized_architecture, measure_layers, site_index
 from evaluators.onnx_export import ort_session, run, to_onnx
 from evaluators.predict import evaluate
 from evaluators.prune import agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads
@@ -52,7 +56,7 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.schema import to_plain
 
-FLAGS = ("lowrank", "qat")  # boolean techniques: a command line's False means "not given"
+FLAGS = ("lowrank", "qat")  # techniques given by a flag: a command line's False means "not given"
 TAYLOR_IMAGES = 512
 
 
@@ -88,7 +92,7 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
         winners = [w for w in winners if w.rank == winner]
     distilled = read_distill(run_dir)
     out = Path(out).resolve() if out else run_dir / "compressed"
-    target = c.target()
+    target, lr_target = c.target(), c.lowrank_target()
     plans = []
     for w in winners:
         arch = w.architecture
@@ -103,6 +107,8 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
             raise NasError(f"compress.prune: {target.label()} for winner {w.rank} is below {what} "
                            f"({target.kind} {target.cost_fn()(floor):g} at the least); allowed "
                            f"{target.kind} >= {target.cost_fn()(floor) / (1 if target.kind == 'latency_ms' else target.cost_fn()(arch)):.3g}")
+        if lr_target is not None and target is None:  # after pruning it is checked again on the pruned network
+            check_reachable(arch, lr_target, divisor=c.divisor)
         plans.append((w, arch, weights, folder))
 
     data = load_data(cfg.dataset, seed=cfg.seed, resolution=exp.space.resolutions[0], channels=exp.space.in_channels)
@@ -112,7 +118,7 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
     d = cfg.distill
     logits = None
     teacher_info = None
-    if c.kd and c.epochs:
+    if c.kd and (c.epochs or (c.lowrank_target() is not None and c.lowrank_epochs)):
         teacher_train = dataclasses.replace(exp.train, epochs=d.teacher_epochs or exp.train.epochs)
         teacher = resolve_teacher(d.teacher, exp.space, data, teacher_train, run_dir / TEACHER_DIR, printer,
                                   candidates=search_candidates(run_dir), source=f"{cfg.source}: distill.teacher")
@@ -127,6 +133,10 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
         acc_before = evaluate(arch, variables, data.x_test, data.y_test)[0]
         small, sv, history = compress_one(arch, variables, data, c, exp.train, kd=kd, teacher_logits=logits,
                                           printer=printer)
+        lowrank_info = None
+        if c.lowrank_target() is not None:
+            small, sv, lowrank_info = lowrank_one(small, sv, data, c, exp.train, kd=kd, teacher_logits=logits,
+                                                  printer=printer)
         qat_info = None
         if c.qat:
             folded, ranges, qhist = qat_train(small, sv, data, epochs=c.qat_epochs, learning_rate=c.qat_learning_rate,
@@ -142,6 +152,8 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
                    "options": to_plain(c), "steps": history,
                    "test_accuracy_before": acc_before, "test_accuracy": acc_after,
                    "accuracy_drop_pt": 100 * (acc_before - acc_after)}
+        if lowrank_info is not None:
+            metrics["lowrank"] = lowrank_info
         if qat_info is not None:
             metrics["qat"] = qat_info
         _write_folder(folder, arch, variables, small, sv, data, metrics, c, force)
@@ -181,15 +193,73 @@ def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, ba
         current = dataclasses.replace(current, key=pruned_key(arch.key, cost(current) / full))
         rec: dict[str, Any] = {"step": s + 1, "kept_fraction": cost(current) / full, "epochs": per_step[s]}
         if per_step[s]:
-            tcfg = dataclasses.replace(base_train, epochs=per_step[s], learning_rate=c.learning_rate,
-                                       schedule="cosine", warmup_epochs=0)
-            res = train(current, data, tcfg, init_variables=v, teacher_logits=teacher_logits, kd=kd)
-            v = res.variables
-            rec["val_accuracy"] = res.val_accuracy
+            v, rec["val_accuracy"] = finetune(current, v, data, per_step[s], c, base_train, kd=kd,
+                                              teacher_logits=teacher_logits)
         history.append(rec)
         printer(f"  step {s + 1}/{c.steps}: {target.kind} kept {rec['kept_fraction']:.3f}"
                 + (f", val accuracy {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else ""), flush=True)
     return current, v, history
+
+
+def finetune(arch: Architecture, variables: Any, data, epochs: int, c: CompressConfig, base_train: Any, *,
+             kd: Any = None, teacher_logits: np.ndarray | None = None) -> tuple[Any, float]:
+    """`epochs` of fine-tuning (cosine from `c.learning_rate`, KD when `kd`); returns (variables, val accuracy)."""
+    tcfg = dataclasses.replace(base_train, epochs=epochs, learning_rate=c.learning_rate, schedule="cosine",
+                               warmup_epochs=0)
+    res = train(arch, data, tcfg, init_variables=variables, teacher_logits=teacher_logits, kd=kd)
+    return res.variables, res.val_accuracy
+
+
+def lowrank_one(arch: Architecture, variables: Any, data, c: CompressConfig, base_train: Any, *,
+                kd: Any = None, teacher_logits: np.ndarray | None = None,
+                printer=print) -> tuple[Architecture, Any, dict[str, Any]]:
+    """Factorize `arch` for `c.lowrank` (evaluators.lowrank), re-estimate BatchNorm statistics,
+    fine-tune `c.lowrank_epochs`; returns (factorized architecture, its variables, a record).
+
+    With `c.lowrank_keep == 'latency'` (and `c.latency_budget_s` > 0) each layer the ranks would
+    factorize is first timed as a one-layer ONNX Runtime model, whole and factorized, at batch 1 and
+    32, and stays whole unless factorized is faster at both. The record holds the target, per-conv
+    ranks, the per-layer measurements, params/MACs kept and - with `c.latency_budget_s` - the ONNX
+    Runtime latency of the whole network before and after factorizing (batch 1 and 32, alternated)."""
+    target = c.lowrank_target()
+    ranks = choose_ranks(arch, variables, target, c.divisor)
+    measured, slower = None, set()
+    if ranks and c.lowrank_keep == "latency" and c.latency_budget_s > 0:
+        measured = measure_layers(arch, factorized_architecture(arch, ranks), c.latency_budget_s)
+        slower = {m["index"] for m in measured if not (m["speedup"]["batch1"] > 1 and m["speedup"]["batch32"] > 1)}
+        for m in measured:
+            m["kept"] = m["index"] not in slower
+        ranks = {st: r for st, r in ranks.items() if site_index(st, arch) not in slower}
+    small, sv, layers = factorize(arch, variables, ranks)
+    a, b = analytic_cost(arch), analytic_cost(small)
+    rec: dict[str, Any] = {"target": target.label(), "keep": c.lowrank_keep, "key_before": arch.key, "layers": layers,
+                           "factorized": sum(1 for l in layers if l["rank"] is not None),
+                           "params_kept": b.params / a.params, "macs_kept": b.macs / a.macs,
+                           "epochs": c.lowrank_epochs}
+    if measured is not None:
+        rec["measured_layers"] = measured
+    if not small.factorized:
+        why = (f"each of the {len(slower)} cheaper factorized layer(s) measured slower in ONNX Runtime at batch 1 or 32"
+               if slower else "no 1x1 conv gets cheaper (rank r with r (cin + cout) < cin cout)")
+        rec["note"] = f"left whole: {why}"
+        printer(f"  lowrank {target.label()}: left whole ({why})", flush=True)
+        return arch, variables, rec
+    sv = recalibrate_bn(small, sv, data.x_train)
+    if c.lowrank_epochs:
+        sv, rec["val_accuracy"] = finetune(small, sv, data, c.lowrank_epochs, c, base_train, kd=kd,
+                                           teacher_logits=teacher_logits)
+    if c.latency_budget_s > 0:
+        lat = measure_onnx_latency({"whole": to_onnx(arch, variables), "factorized": to_onnx(small, sv)},
+                                   data.x_test, c.latency_budget_s)
+        rec["latency_ms"] = lat
+        rec["speedup"] = {bk: lat["whole"][bk] / lat["factorized"][bk] for bk in ("batch1", "batch32")}
+    printer(f"  lowrank {target.label()}: {rec['factorized']}/{len(layers)} convs factorized"
+            + (f" ({len(slower)} layer(s) left whole: slower in ONNX Runtime)" if slower else "") + ", params kept "
+            f"{rec['params_kept']:.3f}, MACs kept {rec['macs_kept']:.3f}"
+            + (f", val accuracy {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else "")
+            + (f", ONNX Runtime speedup b1 {rec['speedup']['batch1']:.2f}x b32 {rec['speedup']['batch32']:.2f}x"
+               if "speedup" in rec else ""), flush=True)
+    return small, sv, rec
 
 
 # ============================================================ the folder

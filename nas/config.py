@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from evaluators.augment import AugmentConfig
+from evaluators.lowrank import LowRankTarget
 from evaluators.data.spec import DataSpec
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.prune import CRITERIA as PRUNE_CRITERIA
@@ -252,7 +253,7 @@ class ExportConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "enabled"}
 
 
-COMPRESS_TECHNIQUES = ("prune", "qat")  # what the compress stage implements; lowrank is refused by name
+COMPRESS_TECHNIQUES = ("prune", "lowrank", "qat")  # what the compress stage implements, in the order it chains them
 
 
 @dataclass(frozen=True)
@@ -263,14 +264,20 @@ class CompressConfig:
     prune: str | None = None  # macs=F | params=F | latency_ms@PROFILE=MS (checked by evaluators.prune.Target)
     criterion: str = spec("l1", choices=PRUNE_CRITERIA, what="criterion")
     min_keep: float = spec(0.25, ge=0, check=lambda v: None if v < 1 else f"{v!r}; allowed a fraction in [0, 1)")
-    divisor: int = spec(16, ge=1)  # kept widths are multiples of this (ONNX Runtime's blocked NCHWc kernels; 1: any)
+    divisor: int = spec(16, ge=1)  # kept widths and low-rank ranks are multiples of this (ONNX Runtime's blocked NCHWc kernels; 1: any)
     cost_aware: bool = False  # rank channels by importance per unit of the target's cost (else importance only)
     steps: int = spec(1, ge=1)  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
     epochs: int = spec(3, ge=0)
     learning_rate: float = spec(1e-3, gt=0)
     kd: bool = True  # fine-tune with distillation from the run's teacher (else cross-entropy)
-    lowrank: bool = spec(False, check=lambda v: "technique not available in this version; allowed: "
-                         f"{', '.join(COMPRESS_TECHNIQUES)}" if v else None)
+    # low-rank factorization after pruning (evaluators.lowrank): false, true (= energy=0.9), 'energy=F',
+    # 'params=F' or 'macs=F'; checked by evaluators.lowrank.LowRankTarget in `check`
+    lowrank: Any = False
+    lowrank_epochs: int = spec(2, ge=0)  # fine-tuning epochs after the factorization
+    # which factorized layers stay: 'latency' - only those whose one-layer ONNX Runtime model is faster
+    # factorized at batch 1 and 32 (measured; needs latency_budget_s > 0); 'cost' - every one that has
+    # fewer parameters than the whole layer (always required)
+    lowrank_keep: str = spec("latency", choices=("latency", "cost"), what="lowrank_keep")
     qat: bool = False  # quantization-aware training after pruning: adds model.int8.onnx (evaluators.qat)
     qat_epochs: int = spec(2, ge=1)
     qat_learning_rate: float = spec(2e-4, gt=0)
@@ -283,22 +290,31 @@ class CompressConfig:
         return build_section(cls, d, source)
 
     def check(self, err: Errors) -> None:
-        if self.prune is None and not self.qat:
+        if self.prune is None and not self.qat and not self.lowrank:
             raise err("prune", "no technique chosen; give a target: macs=F, params=F or latency_ms@PROFILE=MS, "
-                      "and/or qat: true")
+                      "and/or lowrank: true|energy=F|params=F|macs=F, and/or qat: true")
         if self.prune is not None:
             Target.parse(self.prune, f"{err.source}: {err.key('prune')}" if err.source else err.key("prune"))
+        if self.lowrank is not False and self.lowrank is not None:
+            LowRankTarget.parse(self.lowrank, f"{err.source}: {err.key('lowrank')}" if err.source else err.key("lowrank"))
 
     def target(self) -> Target | None:
         return Target.parse(self.prune) if self.prune is not None else None
 
+    def lowrank_target(self) -> LowRankTarget | None:
+        off = self.lowrank is False or self.lowrank is None
+        return None if off else LowRankTarget.parse(self.lowrank, "compress.lowrank")
+
     def tag(self) -> str:
-        """Folder-name suffix, e.g. 'prune-macs50-l1-qat' (letters, digits and '-' only)."""
+        """Folder-name suffix, e.g. 'prune-macs50-l1-lowrank-energy90-qat' (letters, digits and '-' only)."""
         parts = []
         t = self.target()
         if t is not None:
             v = f"{round(100 * t.value)}" if t.kind != "latency_ms" else f"{t.value:g}".replace(".", "p")
             parts.append(f"prune-{t.kind.replace('_', '')}{t.profile}{v}-{self.criterion}")
+        lr = self.lowrank_target()
+        if lr is not None:
+            parts.append(f"lowrank-{lr.kind}{round(100 * lr.value)}")
         if self.qat:
             parts.append("qat")
         return "-".join(parts)

@@ -38,9 +38,15 @@ class _Builder:
     def __init__(self) -> None:
         self.ops: list[OpSpec] = []
 
-    def conv(self, layer, name, kind, shape, cout, kernel=1, stride=1, act="", held=0, bias=False):
+    def conv(self, layer, name, kind, shape, cout, kernel=1, stride=1, act="", held=0, bias=False, rank=None):
+        """A conv + BN (+ act); with `rank`, a 1x1 conv factorized as `NAME.down` (cin -> rank, no BN)
+        then NAME (rank -> cout, with the BN)."""
         h, w, c = shape
         out = (conv_out(h, stride), conv_out(w, stride), c if kind == "dwconv" else cout)
+        if rank is not None:
+            mid = (out[0], out[1], rank)
+            self.ops.append(OpSpec(layer, name + ".down", kind, shape, mid, kernel, stride, held=held))
+            shape, stride = mid, 1
         self.ops.append(OpSpec(layer, name, kind, shape, out, kernel, stride, bias, held=held))
         self.ops.append(OpSpec(layer, name + ".bn", "bn", out, out, held=held))
         if act:
@@ -54,13 +60,15 @@ def layer_ops(b: _Builder, idx: int, layer: Layer, shape: Shape) -> Shape:
     if layer.block == "skip":
         if layer.residual:
             return shape
-        return b.conv(idx, "shortcut", "pwconv", shape, layer.out_channels, stride=layer.stride)
+        return b.conv(idx, "shortcut", "pwconv", shape, layer.out_channels, stride=layer.stride,
+                      rank=layer.rank("shortcut"))
     if layer.block == "ds":
         x = b.conv(idx, "dw", "dwconv", shape, shape[2], layer.kernel, layer.stride, layer.act)
-        return b.conv(idx, "pw", "pwconv", x, layer.out_channels, act=layer.act)
+        return b.conv(idx, "pw", "pwconv", x, layer.out_channels, act=layer.act, rank=layer.rank("pw"))
     x = shape
     if layer.expanded_channels != layer.in_channels:
-        x = b.conv(idx, "expand", "pwconv", x, layer.expanded_channels, act=layer.act, held=held)
+        x = b.conv(idx, "expand", "pwconv", x, layer.expanded_channels, act=layer.act, held=held,
+                   rank=layer.rank("expand"))
     x = b.conv(idx, "dw", "dwconv", x, x[2], layer.kernel, layer.stride, layer.act, held=held)
     if layer.se:
         c, r = x[2], layer.se_channels
@@ -73,7 +81,7 @@ def layer_ops(b: _Builder, idx: int, layer: Layer, shape: Shape) -> Shape:
             OpSpec(idx, "se.gate", "act", (c,), (c,), act=gate, held=held),
             OpSpec(idx, "se.mul", "mul", x, x, held=held),
         ]
-    out = b.conv(idx, "project", "pwconv", x, layer.out_channels, held=held)
+    out = b.conv(idx, "project", "pwconv", x, layer.out_channels, held=held, rank=layer.rank("project"))
     if layer.residual:
         b.ops.append(OpSpec(idx, "add", "add", out, out, held=held))
     return out
@@ -87,9 +95,13 @@ def network_ops(arch: Architecture) -> list[OpSpec]:
     for i, layer in enumerate(arch.layers, start=1):
         shape = layer_ops(b, i, layer, shape)
     n = len(arch.layers) + 1
-    shape = b.conv(n, "head", "pwconv", shape, arch.head.channels, act=arch.head.act)
+    shape = b.conv(n, "head", "pwconv", shape, arch.head.channels, act=arch.head.act, rank=arch.head.rank("conv"))
     b.ops.append(OpSpec(n + 1, "pool", "pool", shape, (shape[2],)))
-    b.ops.append(OpSpec(n + 1, "fc", "dense", (shape[2],), (arch.num_classes,), bias=True))
+    feats = (shape[2],)
+    if arch.head.rank("classifier") is not None:
+        b.ops.append(OpSpec(n + 1, "fc.down", "dense", feats, (arch.head.rank("classifier"),)))
+        feats = (arch.head.rank("classifier"),)
+    b.ops.append(OpSpec(n + 1, "fc", "dense", feats, (arch.num_classes,), bias=True))
     return b.ops
 
 

@@ -77,8 +77,29 @@ def _init(zero: bool, declared: Callable) -> Callable:
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal", in_axis=-2, out_axis=-1)
 
 
+class Down(nn.Module):
+    """The first half of a low-rank factorized layer: a bare 1x1 conv (or dense map) to `rank`
+    channels, no bias, no BatchNorm, no activation; its variables are {'kernel'}."""
+
+    rank: int
+    kind: str  # pwconv | dense
+    stride: int = 1
+    impl: str = "fast"
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.kind == "dense":
+            init = _init(self.zero_init, nn.linear.default_kernel_init)
+            return x @ self.param("kernel", init, (x.shape[-1], self.rank)).astype(x.dtype)
+        w = self.param("kernel", _init(self.zero_init, CONV_INIT), (1, 1, x.shape[-1], self.rank))
+        return KERNELS[self.impl]["pwconv"](x, w.astype(x.dtype), self.stride)
+
+
 class ConvBN(nn.Module):
-    """Convolution (no bias) + BatchNorm + optional activation."""
+    """Convolution (no bias) + BatchNorm + optional activation. With `rank` (1x1 convs only) the
+    convolution is low-rank factorized: `Down` (cin -> rank, carrying the stride) then this
+    module's own kernel (rank -> features) with the BatchNorm."""
 
     features: int
     kind: str  # conv | pwconv | dwconv
@@ -87,14 +108,19 @@ class ConvBN(nn.Module):
     act: str = ""
     impl: str = "fast"
     zero_init: bool = False
+    rank: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        stride = self.stride
+        if self.rank is not None:
+            x = Down(self.rank, "pwconv", stride, self.impl, self.zero_init, name="down")(x)
+            stride = 1
         cin = x.shape[-1]
         shape = (self.kernel, self.kernel, 1, cin) if self.kind == "dwconv" else (
             self.kernel, self.kernel, cin, self.features)
         w = self.param("kernel", _init(self.zero_init, CONV_INIT), shape)
-        x = KERNELS[self.impl][self.kind](x, w.astype(x.dtype), self.stride)
+        x = KERNELS[self.impl][self.kind](x, w.astype(x.dtype), stride)
         if train and self.impl == "fast":
             x = BatchNormTrain(BN_MOMENTUM, BN_EPS, name="bn")(x)
         else:
@@ -130,18 +156,18 @@ class Block(nn.Module):
         if ly.block == "skip":
             if ly.residual:
                 return x
-            return conv(ly.out_channels, "pwconv", 1, ly.stride, name="shortcut")(x, train)
+            return conv(ly.out_channels, "pwconv", 1, ly.stride, rank=ly.rank("shortcut"), name="shortcut")(x, train)
         if ly.block == "ds":
             x = conv(ly.in_channels, "dwconv", ly.kernel, ly.stride, ly.act, name="dw")(x, train)
-            return conv(ly.out_channels, "pwconv", act=ly.act, name="pw")(x, train)
+            return conv(ly.out_channels, "pwconv", act=ly.act, rank=ly.rank("pw"), name="pw")(x, train)
         y = x
         if ly.expanded_channels != ly.in_channels:
-            y = conv(ly.expanded_channels, "pwconv", act=ly.act, name="expand")(y, train)
+            y = conv(ly.expanded_channels, "pwconv", act=ly.act, rank=ly.rank("expand"), name="expand")(y, train)
         y = conv(ly.expanded_channels, "dwconv", ly.kernel, ly.stride, ly.act, name="dw")(y, train)
         if ly.se:
             y = SqueezeExcite(ly.se_channels, "hsigmoid" if ly.act == "hswish" else "sigmoid", self.zero_init,
                               name="se")(y)
-        y = conv(ly.out_channels, "pwconv", name="project")(y, train)
+        y = conv(ly.out_channels, "pwconv", rank=ly.rank("project"), name="project")(y, train)
         return x + y if ly.residual else y
 
 
@@ -164,12 +190,30 @@ class Net(nn.Module):
         x = conv(a.stem.channels, "conv", a.stem.kernel, a.stem.stride, a.stem.act, name="stem")(x, train)
         for i, layer in enumerate(a.layers):
             x = Block(layer, self.impl, self.zero_init, name=f"layer{i}")(x, train)
-        x = conv(a.head.channels, "pwconv", act=a.head.act, name="head")(x, train)
+        x = conv(a.head.channels, "pwconv", act=a.head.act, rank=a.head.rank("conv"), name="head")(x, train)
         feats = jnp.mean(x, axis=(1, 2))
         h = nn.Dropout(a.head.dropout, deterministic=not train)(feats) if a.head.dropout else feats
-        logits = nn.Dense(a.num_classes, kernel_init=_init(self.zero_init, nn.linear.default_kernel_init),
-                          name="classifier")(h)
+        init = _init(self.zero_init, nn.linear.default_kernel_init)
+        if a.head.rank("classifier") is None:
+            logits = nn.Dense(a.num_classes, kernel_init=init, name="classifier")(h)
+        else:
+            logits = FactorizedDense(a.num_classes, a.head.rank("classifier"), self.zero_init, name="classifier")(h)
         return (logits, feats) if features else logits
+
+
+class FactorizedDense(nn.Module):
+    """A Dense layer as `Down` (in -> rank, no bias) then {'kernel' (rank -> features), 'bias'}."""
+
+    features: int
+    rank: int
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = Down(self.rank, "dense", zero_init=self.zero_init, name="down")(x)
+        kernel = self.param("kernel", _init(self.zero_init, nn.linear.default_kernel_init), (self.rank, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
 def build_model(arch: Architecture, impl: str = "fast") -> Net:

@@ -104,7 +104,7 @@ def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
     (["--prune", "macs=0.0001"], "below compress.min_keep=0.25"),
     (["--prune", "macs=0.5", "--criterion", "random"], "allowed: l1, bn, taylor"),
     (["--prune", "flops=0.5"], "unknown target 'flops'"),
-    (["--prune", "macs=0.5", "--lowrank"], "compress.lowrank"),
+    (["--prune", "macs=0.5", "--lowrank", "energy=2"], "compress.lowrank: energy=2; allowed a fraction in (0, 1]"),
     (["--prune", "macs=0.5", "--winner", "7"], "--winner: 7; allowed: 1"),
     ([], "compress.prune: no technique chosen"),
     (["--prune", "macs=0.5", "--steps", "0"], "compress.steps: must be >= 1, got 0"),

@@ -36,8 +36,6 @@ import onnx
 
 from evaluators.cost import analytic_cost
 from evaluators.datasets import load as load_data
-from evaluators.energy import energy
-from evaluators.hardware import PROFILES
 from evaluators.lowrank import check_reachable, choose_ranks, factorize, factorized_architecture, measure_layers, site_index
 from evaluators.onnx_export import ort_session, run, to_onnx
 from evaluators.predict import evaluate

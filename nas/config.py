@@ -253,9 +253,6 @@ class ExportConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "enabled"}
 
 
-COMPRESS_TECHNIQUES = ("prune", "lowrank", "qat")  # what the compress stage implements, in the order it chains them
-
-
 @dataclass(frozen=True)
 class CompressConfig:
     """The `compress:` section of an experiment (and the options of `nas compress`, nas.compress)."""

@@ -21,22 +21,22 @@ Channels are shared first-c; `channel_groups` lists every tensor axis that carri
 of channels, so the trainer can re-order them by importance (`permute_channels`) without changing
 the largest candidate's function.
 
-Modules, one idea each (imports go layout <- candidates <- forward <- module; extract and channels
-read the layout):
-  layout      the static structure: slots, largest widths, branches, kernel windows
-  candidates  an Architecture as arrays; the largest / smallest architecture
-  forward     the computation of one candidate (masked ops, one `lax.switch` per slot)
-  module      the Flax module declaring the variables; NumPy initialisation
-  extract     stand-alone variables of one candidate for `build_model(arch)`
-  channels    channel groups, importance and permutation
-  trees       helpers over nested dicts addressed by key paths
+Modules, one idea each (imports go structure <- candidates <- computation <- module; standalone and
+channels read the structure):
+  structure    the static layout: slots, largest widths, branches, kernel windows
+  candidates   an Architecture as arrays; the largest / smallest architecture
+  computation  the computation of one candidate (masked ops, `lax.switch` per slot and per kernel/width)
+  module       the Flax module declaring the variables; NumPy initialisation
+  standalone   stand-alone variables of one candidate for `build_model(arch)` (`extract`)
+  channels     channel groups, importance and permutation
+  trees        helpers over nested dicts addressed by key paths
 """
 
 from search_spaces.supernet.candidates import Candidate, candidate, check_arch, extreme, slots_of, stack_candidates
 from search_spaces.supernet.channels import ChannelGroup, channel_groups, channel_importance, permute_channels
-from search_spaces.supernet.extract import extract
-from search_spaces.supernet.forward import forward
-from search_spaces.supernet.layout import Layout, Slot, input_sizes, kernel_window, layout
+from search_spaces.supernet.standalone import extract
+from search_spaces.supernet.computation import forward
+from search_spaces.supernet.structure import Layout, Slot, input_sizes, kernel_window, layout
 from search_spaces.supernet.module import Supernet, initialize, variable_shapes
 
 __all__ = [

@@ -13,7 +13,7 @@ import numpy as np
 from search_spaces.architecture import Architecture, Layer
 from search_spaces.errors import SpaceError
 from search_spaces.space import SearchSpace
-from search_spaces.supernet.layout import Slot, input_sizes, kernel_window, layout
+from search_spaces.supernet.structure import Slot, input_sizes, kernel_window, layout
 
 Candidate = dict[str, Any]  # a pytree of NumPy arrays (see `candidate`)
 _BLOCK_RANK = {"skip": 0, "ds": 1, "mb": 2}
@@ -55,7 +55,9 @@ def candidate(space: SearchSpace, arch: Architecture) -> Candidate:
 
     Returns a dict: 'stem', 'head' (channel masks), 'stages' (a tuple of channel masks), and per slot
     name a dict with 'branch' (int32 index into the slot's branches), 'residual', 'se_on' (0/1) and,
-    where the slot has them, 'exp' (expansion mask), 'se' (SE width mask), 'ds_k' / 'mb_k' (kernel masks).
+    where the slot has them, 'exp' (expansion mask), 'se' (SE width mask), 'ds_k' / 'mb_k' (kernel masks),
+    'ds_kv' / 'mb_kv' (int32: which of the slot's kernels runs) and 'mb_wv' (int32: which expanded width
+    an expanding mb op is computed at, the masks doing the rest).
     """
     check_arch(space, arch)
     lay = layout(space)
@@ -92,13 +94,18 @@ def _slot_arrays(slot: Slot, ly: Layer | None, size: int) -> dict[str, np.ndarra
         d["exp"] = _mask(slot.expanded, ly.expanded_channels if ly is not None and ly.block == "mb" else 0)
     if slot.se:
         d["se"] = _mask(slot.se, ly.se_channels if ly is not None and ly.block == "mb" else 0)
-    for block, big in (("ds", slot.ds_kernel), ("mb", slot.mb_kernel)):
+    for block, big, kernels in (("ds", slot.ds_kernel, slot.ds_kernels), ("mb", slot.mb_kernel, slot.mb_kernels)):
         if big:
             m = np.zeros((big, big), np.float32)
-            if ly is not None and ly.block == block:
+            mine = ly is not None and ly.block == block
+            if mine:
                 o = kernel_window(size, ly.kernel, big, slot.stride)
                 m[o:o + ly.kernel, o:o + ly.kernel] = 1.0
             d[f"{block}_k"] = m
+            d[f"{block}_kv"] = np.int32(kernels.index(ly.kernel) if mine else 0)  # which kernel runs
+    if slot.mb_widths:
+        e = ly.expanded_channels if kind[0] == "mb" else 0
+        d["mb_wv"] = np.int32(next(i for i, w in enumerate(slot.mb_widths) if w >= e))  # which width runs
     return d
 
 

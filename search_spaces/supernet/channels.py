@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from search_spaces.space import SearchSpace
-from search_spaces.supernet.layout import layout
+from search_spaces.supernet.structure import layout
 from search_spaces.supernet.trees import get_path, plain, put
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from search_spaces.model import CONV_INIT
 from search_spaces.space import SearchSpace
 from search_spaces.supernet.candidates import Candidate, candidate, extreme
-from search_spaces.supernet.forward import classify, forward
-from search_spaces.supernet.layout import Layout, layout
+from search_spaces.supernet.computation import classify, forward
+from search_spaces.supernet.structure import Layout, layout
 from search_spaces.supernet.trees import plain
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from search_spaces.architecture import Architecture
 from search_spaces.space import SearchSpace
 from search_spaces.supernet.candidates import check_arch, slots_of
-from search_spaces.supernet.layout import input_sizes, kernel_window, layout
+from search_spaces.supernet.structure import input_sizes, kernel_window, layout
 from search_spaces.supernet.trees import plain, put
 
 

@@ -1,6 +1,11 @@
 """The supernet's computation for one candidate: masked conv + BatchNorm per op, one `lax.switch`
 per slot over its branches (only the taken branch runs under `jit`), and the BatchNorm moments
 each op saw (for re-estimating statistics per candidate).
+
+Inside a branch a second `lax.switch` picks the candidate's own depthwise kernel (the k x k window
+of the largest kernel, sliced, not masked) and, for an expanding mb op, the expanded width it is
+computed at (the largest for its expansion; masks zero the rest), so a candidate with a 3x3 kernel
+and expansion 3 does not pay for a 7x7 kernel at expansion 6. Every variant is in the one program.
 """
 
 from __future__ import annotations
@@ -9,11 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from search_spaces.errors import SpaceError
 from search_spaces.model import ACT_FNS, BN_EPS
 from search_spaces.ops import KERNELS, batch_norm_train
 from search_spaces.space import SearchSpace
 from search_spaces.supernet.candidates import Candidate
-from search_spaces.supernet.layout import Layout, Slot, layout
+from search_spaces.supernet.structure import Layout, Slot, kernel_window, layout
 
 
 def _act(name: str, y: jnp.ndarray) -> jnp.ndarray:
@@ -37,6 +43,51 @@ def _conv_bn(p: dict, x: jnp.ndarray, kind: str, stride: int, train: bool, mask:
         y = (y - st["mean"]) * (lax.rsqrt(st["var"] + BN_EPS) * scale) + bias
         mom = {"mean": jnp.zeros_like(scale), "var": jnp.zeros_like(scale)}
     return _act(act, y) * mask, mom
+
+
+def _window(p: dict, size: int, kernel: int, stride: int) -> dict | None:
+    """ConvBN variables `p` with the depthwise kernel cut to the k x k window a SAME k x k convolution
+    uses at input size `size` (what the candidate's kernel mask keeps); None where there is none."""
+    big = p["kernel"].shape[0]
+    try:
+        o = kernel_window(size, kernel, big, stride)
+    except SpaceError:  # no candidate can take this kernel here (`candidate` refuses it)
+        return None
+    return {**p, "kernel": p["kernel"][o:o + kernel, o:o + kernel]}
+
+
+def _channels(p: dict, n: int, axis: int) -> dict:
+    """ConvBN or Dense variables `p` with the kernel's `axis` (and, for the output axis, BatchNorm's
+    vectors, the statistics and a bias) cut to the first `n` channels."""
+    k = p["kernel"]
+    out = {**p, "kernel": lax.slice_in_dim(k, 0, n, axis=axis)}
+    if axis == k.ndim - 1:
+        for name in ("bn", "stats"):
+            if name in p:
+                out[name] = {a: b[:n] for a, b in p[name].items()}
+        if "bias" in p:
+            out["bias"] = p["bias"][:n]
+    return out
+
+
+def _dw_variants(p: dict, x: jnp.ndarray, stride: int, train: bool, mask: jnp.ndarray, act: str,
+                 kernels: tuple[int, ...], which: jnp.ndarray, kmask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+    """The depthwise ConvBN at the candidate's own kernel (`which` indexes `kernels`): one branch each
+    (the largest kernel under `kmask` where a window cannot be cut)."""
+    size = x.shape[1]
+
+    def at(k):
+        pk = _window(p, size, k, stride)
+        if pk is None:
+            return lambda x: _conv_bn(p, x, "dwconv", stride, train, mask, act, kmask)
+        return lambda x: _conv_bn(pk, x, "dwconv", stride, train, mask, act)
+
+    fns = [at(k) for k in kernels]
+    return fns[0](x) if len(fns) == 1 else lax.switch(which, fns, x)
+
+
+def _pad_moments(m: dict, n: int) -> dict:
+    return {k: _fit(a, n) for k, a in m.items()}
 
 
 def _fit(x: jnp.ndarray, c: int) -> jnp.ndarray:
@@ -82,33 +133,44 @@ def _slot_forward(sl: Slot, v: dict, c: dict, x: jnp.ndarray, in_mask: jnp.ndarr
     def ds(act):
         def run(x):
             p = v["ds"]
-            y, m1 = _conv_bn(p["dw"], x, "dwconv", sl.stride, train, in_mask, act, c["ds_k"])
+            y, m1 = _dw_variants(p["dw"], x, sl.stride, train, in_mask, act, sl.ds_kernels, c["ds_kv"], c["ds_k"])
             y, m2 = _conv_bn(p["pw"], y, "pwconv", 1, train, out_mask, act)
             return y, with_moments({("ds", "dw"): m1, ("ds", "pw"): m2})
         return run
 
-    def mb(act, expand: bool):
+    def mb_at(act: str, expand: bool, width: int):
+        """The mb op computed at `width` expanded channels (static), padded back to the slot's largest."""
         def run(x):
             p = v["mb"]
             ups = {}
             if expand:
-                y, ups[("mb", "expand")] = _conv_bn(p["expand"], x, "pwconv", 1, train, c["exp"], act)
+                exp = c["exp"][:width]
+                y, m = _conv_bn(_channels(p["expand"], width, 3), x, "pwconv", 1, train, exp, act)
+                ups[("mb", "expand")] = _pad_moments(m, sl.expanded)
             else:
-                y = _fit(x, sl.expanded)
-            y, ups[("mb", "dw")] = _conv_bn(p["dw"], y, "dwconv", sl.stride, train,
-                                            c["exp"] if expand else _fit(in_mask, sl.expanded), act, c["mb_k"])
+                exp = _fit(in_mask, width)
+                y = _fit(x, width)
+            y, m = _dw_variants(_channels(p["dw"], width, 3), y, sl.stride, train, exp, act, sl.mb_kernels,
+                                c["mb_kv"], c["mb_k"])
+            ups[("mb", "dw")] = _pad_moments(m, sl.expanded)
             if sl.se:
                 se = p["se"]
                 s = jnp.mean(y, axis=(1, 2))
-                s = jax.nn.relu(s @ se["reduce"]["kernel"] + se["reduce"]["bias"]) * c["se"]
-                gate = ACT_FNS["hsigmoid" if act == "hswish" else "sigmoid"](s @ se["expand"]["kernel"]
-                                                                             + se["expand"]["bias"])
+                s = jax.nn.relu(s @ se["reduce"]["kernel"][:width] + se["reduce"]["bias"]) * c["se"]
+                red = _channels(se["expand"], width, 1)
+                gate = ACT_FNS["hsigmoid" if act == "hswish" else "sigmoid"](s @ red["kernel"] + red["bias"])
                 y = y * (c["se_on"] * gate + (1.0 - c["se_on"]))[:, None, None, :]
-            y, ups[("mb", "project")] = _conv_bn(p["project"], y, "pwconv", 1, train, out_mask)
+            y, ups[("mb", "project")] = _conv_bn(_channels(p["project"], width, 2), y, "pwconv", 1, train, out_mask)
             if sl.stride == 1:
                 y = y + c["residual"] * _fit(x, sl.cout)
             return y, with_moments(ups)
         return run
+
+    def mb(act, expand: bool):
+        if not expand or len(sl.mb_widths) < 2:
+            return mb_at(act, expand, sl.mb_widths[-1] if expand and sl.mb_widths else sl.expanded)
+        fns = [mb_at(act, True, w) for w in sl.mb_widths]
+        return lambda x: lax.switch(c["mb_wv"], fns, x)
 
     def skip_id(x):
         return _fit(x, sl.cout), zero

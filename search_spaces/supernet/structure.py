@@ -31,6 +31,10 @@ class Slot:
     se: int  # largest SE width (0: no SE op)
     shortcut: bool  # a skip op may need its 1x1 shortcut (stride 2 or cin != cout)
     branches: tuple[tuple[str, str], ...]  # (kind, act): off | ds | mb | mb_noexp | skip_id | skip_conv
+    # what a branch runs at less than the largest (an inner `lax.switch`, so a candidate pays for its own size):
+    ds_kernels: tuple[int, ...] = ()  # the ds kernels offered here, ascending
+    mb_kernels: tuple[int, ...] = ()  # the mb kernels offered here, ascending
+    mb_widths: tuple[int, ...] = ()  # expanded widths an expanding mb op is computed at (the largest per expansion)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,10 @@ def layout(space: SearchSpace) -> Layout:
                 ds_kernel=max((o.kernel for o in ds), default=0), mb_kernel=max((o.kernel for o in mb), default=0),
                 expanded=max((_expanded(cin_max, o.expansion) for o in mb), default=0),
                 se=max((_se_width(cin_max, o.se) for o in mb), default=0),
-                shortcut=shortcut, branches=tuple(branches)))
+                shortcut=shortcut, branches=tuple(branches),
+                ds_kernels=tuple(sorted({o.kernel for o in ds})), mb_kernels=tuple(sorted({o.kernel for o in mb})),
+                mb_widths=tuple(sorted({_expanded(cin_max, o.expansion) for o in mb
+                                        if any(_expanded(c, o.expansion) != c for c in ins)}))))
     return Layout(max(stem_w), tuple(max(_stage_widths(space, s)) for s in range(len(space.stages))),
                   tuple(slots), max(space.head_channels))
 

@@ -18,6 +18,12 @@ On `mobile_small` and a dataset (default mnist5k), in one process, no Ray:
   architecture trained from scratch with the same schedule (test accuracy, points).
 
     python benchmarks/supernet.py [--json] [--quick]
+    python benchmarks/supernet.py --throughput-only [--candidates N] [--json]
+
+--throughput-only measures only the scoring cost per candidate (BatchNorm re-estimation on
+`--recalibration-images` training images + the whole validation split) on freshly initialised
+weights: the work per candidate does not depend on the weights' values, so no training is needed.
+Run it alternately from two checkouts to compare versions (A/B rounds in separate processes).
 
 The last line with --json is one JSON object (keys listed in `SUMMARY_KEYS`). Timings on a shared
 machine are noisy: the figures are ratios measured in the same run.
@@ -100,7 +106,12 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=None, help="stand-alone training budget (the search's)")
     p.add_argument("--out", default=None, help="write the summary JSON here too")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ranking,e2e,specialize")
+    p.add_argument("--throughput-only", action="store_true",
+                   help="only candidates scored per CPU-minute, on initialised weights (no training)")
+    p.add_argument("--recalibration-images", type=int, default=2000)
     a = p.parse_args()
+    if a.throughput_only:
+        return throughput_only(a)
     quick = a.quick
     dataset = a.dataset or ("digits" if quick else "mnist5k")
     n_cand = a.candidates or (8 if quick else 40)
@@ -261,6 +272,30 @@ def main() -> int:
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2, default=float))
     print(json.dumps(summary, default=float) if a.json else json.dumps(out, indent=2, default=float))
+    return 0
+
+
+def throughput_only(a) -> int:
+    """Scoring cost alone: compile once (timed), then `--candidates` random candidates (CPU time)."""
+    from search_spaces.supernet import initialize
+
+    data = load_dataset(a.dataset or "mnist5k", seed=0)
+    space = load_space("mobile_small").with_input(resolution=data.resolution)
+    variables = initialize(space, 0)
+    cands = sample(space, a.candidates or 24, np.random.default_rng(0))
+    counter = CompileCounter()
+    t0, c0 = time.perf_counter(), cpu_s()
+    score(space, variables, cands[:1], data, n_images=a.recalibration_images)  # the one compile
+    first_s, first_cpu = time.perf_counter() - t0, cpu_s() - c0
+    counter.active = True
+    t0, c0 = time.perf_counter(), cpu_s()
+    score(space, variables, cands, data, n_images=a.recalibration_images)
+    cpu, wall = cpu_s() - c0, time.perf_counter() - t0
+    out = {"candidates": len(cands), "evals_per_cpu_minute": len(cands) / (cpu / 60),
+           "evals_per_wall_minute": len(cands) / (wall / 60), "first_call_s": first_s, "first_call_cpu_s": first_cpu,
+           "compiles_while_scoring": counter.count, "recalibration_images": a.recalibration_images,
+           "dataset": data.name}
+    print(json.dumps(out, default=float) if a.json else json.dumps(out, indent=2, default=float))
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from nas.distill import run_distill
 from nas.export import export_run
 from nas.preflight import STAGES, preflight
 from nas.report import write_report
-from nas.specialize import SpecializeConfig, parse_targets, run_specialize
+from nas.specialize import parse_targets, run_specialize
 from nas.supernet import evaluate_keys
 from nas.rundir import WINNERS, SearchInterrupted, read_architecture, read_distill, read_winners
 from search_spaces.catalog import SPACES, load_space
@@ -255,24 +254,23 @@ def _search(args):
 
 def _specialize_args(p):
     _run_dir_args(p)
-    p.add_argument("--profile", action="append", default=[], help="hardware profile to specialize for (repeatable)")
+    p.add_argument("--profile", action="append", default=[],
+                   help="hardware profile to specialize for (repeatable; default: the experiment's specialize.targets)")
     p.add_argument("--all-profiles", action="store_true", help="every registered hardware profile")
     p.add_argument("--constraint", action="append", default=[], metavar="COST=MAX",
                    help="hard constraint, e.g. latency_ms@pixel4=3.0 (latency_ms=3.0: each profile's own latency)")
     p.add_argument("--budget", type=int, default=None, help="candidates predicted per profile")
     p.add_argument("--confirm", type=int, default=None, help="best predicted candidates measured on the supernet")
-    p.add_argument("--measure", type=int, default=300, help="random candidates measured to fit the predictor (once)")
+    p.add_argument("--measure", type=int, default=None, help="random candidates measured to fit the predictor (once)")
 
 
 @command("specialize", "pick the best supernet candidate per hardware profile, without training")(_specialize_args)
 def _specialize(args):
-    targets = parse_targets(args.profile, args.constraint, all_profiles=args.all_profiles)
-    cfg = SpecializeConfig()
-    if args.budget is not None:
-        cfg = dataclasses.replace(cfg, budget=args.budget, population=min(cfg.population, args.budget))
-    if args.confirm is not None:
-        cfg = dataclasses.replace(cfg, confirm=args.confirm, top_k=min(cfg.top_k, args.confirm))
-    run_specialize(args.run_dir, targets, cfg, measure=args.measure)
+    targets = None  # the experiment's specialize.targets
+    if args.profile or args.all_profiles or args.constraint:
+        targets = parse_targets(args.profile, args.constraint, all_profiles=args.all_profiles)
+    run_specialize(args.run_dir, targets, effort={"budget": args.budget, "confirm": args.confirm,
+                                                  "measure": args.measure})
 
 
 def _distill_args(p):
@@ -362,9 +360,12 @@ def _supernet(args):
     if args.action == "train":
         from nas.tune.supernet import train_on_ray  # imported when used: importing Ray takes seconds
 
-        out = train_on_ray(load_config(args.config, args.overrides), resume=args.resume, force=args.force,
-                           address=args.address)
+        cfg = load_config(args.config, args.overrides)
+        out = train_on_ray(cfg, resume=args.resume, force=args.force, address=args.address)
         print(f"supernet: {out} (weights.msgpack, manifest.json, history.json, tensorboard/)")
+        if cfg.specialize.targets:  # declared in the experiment: specialize right away
+            print("specialization:", flush=True)
+            run_specialize(cfg.run_dir)
         return
     if args.recalibration_images is not None and args.recalibration_images < 1:
         raise NasError(f"--recalibration-images: {args.recalibration_images}; allowed an integer >= 1")

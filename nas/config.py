@@ -27,12 +27,14 @@ import yaml
 from evaluators.augment import AugmentConfig
 from evaluators.lowrank import LowRankTarget
 from evaluators.data.spec import DataSpec
+from evaluators.hardware import PROFILES
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.prune import CRITERIA as PRUNE_CRITERIA
 from evaluators.prune import Target
 from evaluators.quantize import CALIBRATION_METHODS
 from evaluators.supernet import SupernetConfig
 from evaluators.table import resolve_table
+from nas.objective import LATENCY_PREFIX, check_cost_name
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 from search_spaces.schema import Errors, build, number, spec, to_plain
@@ -317,6 +319,69 @@ class CompressConfig:
         return "-".join(parts)
 
 
+def _targets_check(targets: Mapping[str, Any]) -> str | None:
+    """What is wrong with `specialize.targets` ({PROFILE: {COST: MAX}}), or None."""
+    for prof, limits in targets.items():
+        if prof not in PROFILES.names():
+            return f"unknown hardware profile {prof!r}; allowed: {', '.join(PROFILES.names())}"
+        if not isinstance(limits, Mapping):
+            return f"{prof}: expected a mapping of COST: MAX, e.g. {{latency_ms: 3.0}}, got {limits!r}"
+        for cost, v in limits.items():
+            if cost != "latency_ms":
+                try:
+                    check_cost_name(str(cost), "")
+                except NasError as e:
+                    return f"{prof}.{cost}: {str(e).removeprefix(': ')}"
+                if cost.startswith(LATENCY_PREFIX) and cost != f"{LATENCY_PREFIX}{prof}":
+                    return f"{prof}.{cost}: another profile's latency; allowed latency_ms (or {LATENCY_PREFIX}{prof})"
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                return f"{prof}.{cost}: must be a positive number, got {v!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class SpecializeConfig:
+    """The `specialize:` section: which devices a trained supernet is specialized for, and the effort
+    per device (nas.specialize). `nas supernet train` specializes for `targets` right after training;
+    `nas specialize RUN_DIR` uses them when no --profile is given.
+
+    targets: {PROFILE: {COST: MAX}}: a hardware profile and the hard constraints its winner meets;
+      `latency_ms` is the profile's own predicted latency, any other cost name (params, macs, ...) as in
+      `objective.constraints`. Empty: no specialization unless asked on the command line.
+    budget: candidates proposed per profile (accuracy predicted); population, sample, mutations: the
+      aging evolution's; batch: candidates predicted per call.
+    confirm: the best predicted candidates measured on the supernet; top_k: winners kept of those.
+    measure: random candidates measured once per run to fit the accuracy predictor.
+    """
+
+    targets: Mapping[str, Mapping[str, float]] = spec(factory=dict, check=_targets_check)
+    budget: int = spec(1000, ge=1)
+    batch: int = spec(100, ge=1)
+    population: int = spec(50, ge=1)
+    sample: int = spec(10, ge=1)
+    mutations: int = spec(1, ge=1)
+    confirm: int = spec(12, ge=1)
+    top_k: int = spec(3, ge=1)
+    measure: int = spec(300, ge=10)
+    seed: int = spec(0, ge=0)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "specialize") -> "SpecializeConfig":
+        """Validate a mapping; `source` is 'FILE: KEY' or 'KEY' (errors name `{source}.{key}`)."""
+        return build_section(cls, d, source)
+
+    def check(self, err: Errors) -> None:
+        if self.top_k > self.confirm:
+            raise err("top_k", f"{self.top_k} exceeds confirm ({self.confirm}); allowed <= confirm")
+        if self.population > self.budget:
+            raise err("population", f"{self.population} exceeds budget ({self.budget}); allowed <= budget")
+
+    def constraints(self) -> dict[str, dict[str, float]]:
+        """{PROFILE: {COST: MAX}} with `latency_ms` spelled as the profile's own `latency_ms@PROFILE`."""
+        return {p: {(f"{LATENCY_PREFIX}{p}" if c == "latency_ms" else c): float(v) for c, v in limits.items()}
+                for p, limits in self.targets.items()}
+
+
 def _experiment_name(name: str) -> str | None:
     return None if name and "/" not in name else f"invalid experiment name {name!r}; allowed a non-empty name without '/'"
 
@@ -346,6 +411,7 @@ class ExperimentConfig:
     export: ExportConfig = spec(factory=ExportConfig)
     compress: CompressConfig | None = None  # `nas compress` and the compress step of `nas run` (off when absent)
     supernet: SupernetConfig | None = None  # `nas supernet train` (defaults when absent)
+    specialize: SpecializeConfig = spec(factory=SpecializeConfig)  # `nas specialize` (and after `nas supernet train`)
     resources: Resources = spec(factory=Resources)
     source: str = dataclasses.field(default="<dict>", compare=False)
 
@@ -439,5 +505,10 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Experime
         err = Errors(source, "objective.constraints")
         raw["objective"] = {**raw["objective"], "constraints": {
             k: number(v, err, k) for k, v in raw["objective"]["constraints"].items()}}
+    if isinstance(raw.get("specialize"), Mapping) and isinstance(raw["specialize"].get("targets"), Mapping):
+        targets = {p: ({c: number(v, Errors(source, f"specialize.targets.{p}"), c) for c, v in limits.items()}
+                       if isinstance(limits, Mapping) else limits)
+                   for p, limits in raw["specialize"]["targets"].items()}
+        raw["specialize"] = {**raw["specialize"], "targets": targets}
     cfg = build(ExperimentConfig, raw, source)
     return _resolve_paths(dataclasses.replace(cfg, source=source))

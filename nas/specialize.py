@@ -28,6 +28,8 @@ from evaluators.cost import analytic_cost
 from evaluators.hardware import PROFILES
 from evaluators.predictor import Predictor
 from evaluators.variables import save_variables
+from nas.config import SpecializeConfig
+from search_spaces.schema import to_plain
 from nas.inherited import Scorer, SupernetScorer, fitted_predictor
 from nas.objective import LATENCY_PREFIX, Constraint, Objective, check_cost_name
 from nas.rundir import ARCHITECTURE, CONFIG, VARIABLES, WINNERS_DIR, Winner, write_winners
@@ -55,31 +57,7 @@ class Target:
         return " and ".join(f"{c.cost} <= {c.maximum:g}" for c in self.constraints) or "no constraint"
 
 
-@dataclass(frozen=True)
-class SpecializeConfig:
-    """Search effort per target: `budget` predicted candidates, `confirm` measured, `top_k` kept."""
-
-    budget: int = 1000
-    batch: int = 100
-    population: int = 50
-    sample: int = 10
-    mutations: int = 1
-    confirm: int = 12
-    top_k: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for k in ("budget", "batch", "population", "sample", "mutations", "confirm", "top_k"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise NasError(f"specialize: {k} = {v!r}; allowed an integer >= 1")
-        if self.top_k > self.confirm:
-            raise NasError(f"specialize: top_k = {self.top_k} exceeds confirm = {self.confirm}; allowed <= confirm")
-        if self.population > self.budget:
-            raise NasError(f"specialize: population = {self.population} exceeds budget = {self.budget}")
-
-
-# ==================================================================== targets from the command line
+# ==================================================================== targets from the command line or the config
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w@.-]*)\s*(?:<=|=)\s*([0-9.eE+-]+)\s*$")
 
 
@@ -121,6 +99,25 @@ def parse_targets(profiles: Sequence[str], constraints: Sequence[str], *, all_pr
             for n in names:
                 per[n].append(Constraint(cost, value))
     return [Target(n, tuple(per[n])) for n in names]
+
+
+def config_targets(cfg: SpecializeConfig) -> list[Target]:
+    """The targets of an experiment's `specialize.targets` (validated when the config was loaded)."""
+    return [Target(p, tuple(Constraint(c, v) for c, v in limits.items())) for p, limits in cfg.constraints().items()]
+
+
+def with_effort(cfg: SpecializeConfig, *, budget: int | None = None, confirm: int | None = None,
+                measure: int | None = None) -> SpecializeConfig:
+    """`cfg` with the command line's effort (None: unchanged), validated; population and top_k shrink to
+    fit a smaller budget / confirm."""
+    raw = to_plain(cfg)
+    if budget is not None:
+        raw.update(budget=budget, population=min(cfg.population, budget) if budget >= 1 else cfg.population)
+    if confirm is not None:
+        raw.update(confirm=confirm, top_k=min(cfg.top_k, confirm) if confirm >= 1 else cfg.top_k)
+    if measure is not None:
+        raw["measure"] = measure
+    return SpecializeConfig.from_dict(raw, "nas specialize: specialize")
 
 
 # ==================================================================== the search
@@ -258,28 +255,36 @@ def write_specialized(out_dir: Path, result: Specialized, scorer: Scorer, base_c
 
 
 # ==================================================================== the command
-def run_specialize(run_dir: str | Path, targets: Sequence[Target], cfg: SpecializeConfig | None = None, *,
-                   measure: int = 300, printer=print) -> list[Specialized]:
+def run_specialize(run_dir: str | Path, targets: Sequence[Target] | None = None, cfg: SpecializeConfig | None = None,
+                   *, measure: int | None = None, effort: dict[str, int | None] | None = None,
+                   printer=print) -> list[Specialized]:
     """`nas specialize`: for each target, the best candidates of the run's trained supernet.
 
     Args:
         run_dir: a run directory holding a trained supernet (`RUN_DIR/supernet/`, `nas supernet train`).
-        targets: from `parse_targets`.
-        cfg: search effort per target.
-        measure: random candidates measured (once per run, cached) to fit the accuracy predictor.
+        targets: from `parse_targets`; None: the run's experiment config's `specialize.targets`.
+        cfg: search effort per target; None: the run's experiment config's `specialize` section.
+        measure: random candidates measured (once per run, cached) to fit the accuracy predictor
+            (None: `cfg.measure`).
+        effort: budget / confirm / measure from the command line on top of `cfg` (`with_effort`).
 
     Returns:
         One `Specialized` per target; each also written to RUN_DIR/specialized/PROFILE/.
 
     Raises:
-        NasError: no supernet in the run, or a target no candidate meets (checked for every target
-        before any is searched).
+        NasError: no supernet in the run, no target given nor declared, or a target no candidate
+        meets (checked for every target before any is searched).
     """
-    cfg = cfg or SpecializeConfig()
     scorer = SupernetScorer.from_run(run_dir)
+    cfg = with_effort(cfg or scorer.experiment.specialize, **(effort or {}))
+    if targets is None:
+        targets = config_targets(scorer.experiment.specialize)
+    if not targets:
+        raise NasError(f"specialize: no target; give --profile PROFILE (or --all-profiles) or declare "
+                       f"specialize.targets in the experiment ({scorer.run_dir / 'supernet' / 'config.yaml'})")
     for t in targets:
         check_reachable(scorer.space, t, cfg.seed)
-    predictor, info = fitted_predictor(scorer, n_measure=measure, seed=cfg.seed, printer=printer)
+    predictor, info = fitted_predictor(scorer, n_measure=measure or cfg.measure, seed=cfg.seed, printer=printer)
     if not info.get("reused"):
         printer(f"accuracy predictor: {info['measured']} measured candidates ({info['measure_s']:.1f} s), held-out "
                 f"Kendall tau {info['holdout_tau']:.3f}, RMSE {info['holdout_rmse']:.4f}", flush=True)

@@ -11,11 +11,14 @@ import pytest
 from evaluators.hardware import PROFILES
 from evaluators.variables import check_variables, load_variables
 from nas.cli import main
+from nas.config import load_config
 from nas.objective import Constraint, cost_value
 from nas.rundir import experiment_from_run_dir, load_winners
 from nas.specialize import SpecializeConfig, Target, parse_targets, run_specialize
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "supernet_quickstart.yaml"
 
 
 def test_constraints_pair_with_their_profiles():
@@ -87,3 +90,48 @@ def test_a_constraint_no_candidate_meets_is_one_line_exit_2(supernet_run, capsys
                  "latency_ms@pixel4=0.00001"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no candidate of space 'mobile_small' meets latency_ms@pixel4 <= 1e-05" in err and "\n" not in err
+
+
+def test_the_config_declares_targets_validated_at_load(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\nspace: mobile_small\nspecialize:\n  targets:\n    pixel4: {latency_ms: 3}\n"
+                    "    rpi4: {latency_ms@rpi4: 9, params: 5e4}\n")
+    cfg = load_config(path)
+    assert cfg.specialize.constraints() == {"pixel4": {"latency_ms@pixel4": 3.0},
+                                            "rpi4": {"latency_ms@rpi4": 9.0, "params": 50000.0}}
+    for bad, message in ((["specialize.targets.pixel5.latency_ms=3"], "unknown hardware profile 'pixel5'"),
+                         (["specialize.targets.pixel4.latency_ms@rpi4=3"], "another profile's latency"),
+                         (["specialize.targets.pixel4.latency_ms=0"], "must be a positive number"),
+                         (["specialize.confirm=2"], "top_k: 3 exceeds confirm")):
+        with pytest.raises(NasError, match=message) as e:
+            load_config(path, bad)
+        assert str(e.value).startswith(f"{path}: specialize.") and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_specialize_without_a_profile_nor_declared_targets_is_one_line_exit_2(supernet_run, capsys):
+    assert main(["specialize", str(supernet_run)]) == 2  # the fixture's experiment declares no targets
+    err = capsys.readouterr().err.strip()
+    assert "no target" in err and "specialize.targets" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_the_supernet_quickstart_trains_and_specializes_for_its_two_profiles(tmp_path, capsys):
+    """`nas supernet train experiments/supernet_quickstart.yaml` at a reduced budget: one Ray trial trains
+    the supernet, then each declared profile gets a winners.json whose winners meet its constraints."""
+    targets = load_config(QUICKSTART).specialize.constraints()
+    assert len(targets) == 2
+    small = ["output_dir=" + str(tmp_path), "supernet.epochs=1", "supernet.recalibration_images=200",
+             "specialize.budget=120", "specialize.batch=40", "specialize.population=20", "specialize.sample=5",
+             "specialize.confirm=4", "specialize.top_k=2", "specialize.measure=30"]
+    assert main(["supernet", "train", str(QUICKSTART), *[a for kv in small for a in ("--set", kv)]]) == 0
+    run = tmp_path / "supernet_quickstart"
+    for profile, limits in targets.items():
+        winners = json.loads((run / "specialized" / profile / "winners.json").read_text())
+        assert [w["rank"] for w in winners] == [1, 2]
+        for w in winners:
+            arch = Architecture.from_dict(w["architecture"])
+            for cost, cap in limits.items():
+                assert cost_value(cost, arch) <= cap, (profile, w["key"], cost)
+    out = capsys.readouterr().out
+    assert all(f"{p}: " in out for p in targets)  # one line per profile naming its winner

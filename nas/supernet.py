@@ -58,7 +58,9 @@ def check_out_dir(job: SupernetJob, *, resume: bool, force: bool) -> Path:
     out = job.out_dir
     saved = out / CONFIG
     if saved.exists() and not force:
-        if yaml.safe_load(saved.read_text()) != job.cfg.to_dict():
+        # compared as typed configs (defaults filled in), so a section added since it was saved is no difference
+        previous = config_from_dict({**yaml.safe_load(saved.read_text()), "output_dir": job.cfg.output_dir}, str(saved))
+        if previous != job.cfg:
             raise NasError(f"{out}: holds a supernet of a different experiment config; pass --force to replace it")
         if not resume:
             raise NasError(f"{out}: already holds this supernet; pass --resume to continue it or --force to start over")

@@ -28,8 +28,8 @@ demo: $(STAMP)
 # Two workers (pytest-xdist, a test file per worker at a time) for everything but the tests marked
 # `serial` (they kill processes on a schedule or start a two-node Ray cluster), which then run alone.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
-	$(PY) -m pytest -q -m serial tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=15 tests
+	$(PY) -m pytest -q -m serial --durations=6 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

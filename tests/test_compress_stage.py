@@ -10,18 +10,16 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 import nas
 from evaluators.cost import analytic_cost
 from nas.cli import main
 from nas.compress import run_compress
-from nas.config import config_from_dict
 from search_spaces.errors import NasError
+from winner_runs import KEY, trained_winner_run
 
 pytestmark = pytest.mark.slow  # trains a winner and fine-tunes its pruned copy (~2 min here)
 
-KEY = "100-100--100--1"
 QUIET = dict(printer=lambda *a, **k: None)
 
 
@@ -34,30 +32,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data):
-    from evaluators.optim import TrainConfig
-    from evaluators.train import train
-    from evaluators.variables import save_variables
-    from search_spaces.catalog import load_space
-
-    tmp = tmp_path_factory.mktemp("compressrun")
-    train_cfg = {"epochs": 3, "batch_size": 64, "learning_rate": 0.005}
-    cfg = config_from_dict({"name": "exp", "space": "mobile_small", "space_input": {"resolution": 8},
-                            "dataset": "digits", "seed": 0, "output_dir": str(tmp), "top_k": 1,
-                            "train": train_cfg, "objective": {"cost": None},
-                            "distill": {"teacher": {"best": True}}}, source="test")
-    run = cfg.run_dir
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    arch = load_space("mobile_small").with_input(resolution=8).decode(KEY)
-    res = train(arch, data, TrainConfig.from_dict(train_cfg))
-    ck = run / "winners" / "01"
-    save_variables(ck / "variables.msgpack", res.variables)
-    (ck / "architecture.json").write_text(arch.to_json())
-    (run / "winners.json").write_text(json.dumps([{
-        "rank": 1, "key": arch.key, "space": arch.space, "trial_id": "t0", "score": res.val_accuracy,
-        "val_accuracy": res.val_accuracy, "params": 0, "macs": 0, "architecture": arch.to_dict(),
-        "checkpoint": "winners/01"}]))
-    return run
+    return trained_winner_run(tmp_path_factory.mktemp("compressrun"), data, distill={"teacher": {"best": True}})
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,14 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
 
 import nas
 import nas.export.formats as ex_formats
-from nas.config import config_from_dict
 from nas.config import ExportConfig
 from nas.export import export_run, load
 from search_spaces.errors import NasError
+from winner_runs import KEY, trained_winner_run
 
-KEY = "100-100--100--1"
 # 270 test images: one image is 0.37 points. The int8 drop depends on the CPU's int8 kernel: this model lost
 # 0.37 points on an AVX-512 VNNI/AMX CPU and 1.85 on the AVX2 u8s8 kernel (16-bit saturation; run under
 # qemu-x86_64 -cpu Haswell); the bound leaves room for both, the export's own check is what is tested.
@@ -38,29 +36,7 @@ def data():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data):
     """A finished 'search' with one winner: digits at 8x8, mobile_small KEY, 3 epochs."""
-    from evaluators.optim import TrainConfig
-    from evaluators.train import train
-    from evaluators.variables import save_variables
-    from search_spaces.catalog import load_space
-
-    tmp = tmp_path_factory.mktemp("exportrun")
-    train_cfg = {"epochs": 3, "batch_size": 64, "learning_rate": 0.005}
-    cfg = config_from_dict({"name": "exp", "space": "mobile_small", "space_input": {"resolution": 8},
-                            "dataset": "digits", "seed": 0, "output_dir": str(tmp), "top_k": 1,
-                            "train": train_cfg, "objective": {"cost": None}}, source="test")
-    run = cfg.run_dir
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    arch = load_space("mobile_small").with_input(resolution=8).decode(KEY)
-    res = train(arch, data, TrainConfig.from_dict(train_cfg))
-    ck = run / "winners" / "01"
-    save_variables(ck / "variables.msgpack", res.variables)
-    (ck / "architecture.json").write_text(arch.to_json())
-    (run / "winners.json").write_text(json.dumps([{
-        "rank": 1, "key": arch.key, "space": arch.space, "trial_id": "t0", "score": res.val_accuracy,
-        "val_accuracy": res.val_accuracy, "params": 0, "macs": 0, "architecture": arch.to_dict(),
-        "checkpoint": "winners/01"}]))
-    return run
+    return trained_winner_run(tmp_path_factory.mktemp("exportrun"), data)
 
 
 @pytest.fixture(scope="module")

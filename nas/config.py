@@ -34,7 +34,7 @@ from evaluators.prune import Target
 from evaluators.quantize import CALIBRATION_METHODS
 from evaluators.supernet import SupernetConfig
 from evaluators.table import resolve_table
-from nas.objective import LATENCY_PREFIX, check_cost_name
+from nas.objective import LATENCY_PREFIX, check_cost_name, latency_profile, own_latency
 from search_spaces.catalog import read_yaml
 from search_spaces.errors import NasError
 from search_spaces.schema import Errors, build, number, spec, to_plain
@@ -327,13 +327,15 @@ def _targets_check(targets: Mapping[str, Any]) -> str | None:
         if not isinstance(limits, Mapping):
             return f"{prof}: expected a mapping of COST: MAX, e.g. {{latency_ms: 3.0}}, got {limits!r}"
         for cost, v in limits.items():
-            if cost != "latency_ms":
-                try:
-                    check_cost_name(str(cost), "")
-                except NasError as e:
-                    return f"{prof}.{cost}: {str(e).removeprefix(': ')}"
-                if cost.startswith(LATENCY_PREFIX) and cost != f"{LATENCY_PREFIX}{prof}":
-                    return f"{prof}.{cost}: another profile's latency; allowed latency_ms (or {LATENCY_PREFIX}{prof})"
+            name = own_latency(str(cost), prof) or str(cost)
+            try:
+                check_cost_name(name, "")
+                other = latency_profile(name)
+            except NasError as e:
+                return f"{prof}.{cost}: {str(e).removeprefix(': ')}"
+            if other is not None and other != prof:
+                return (f"{prof}.{cost}: another profile's latency; allowed latency_ms[:int8] "
+                        f"(or {LATENCY_PREFIX}{prof}[:int8])")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 return f"{prof}.{cost}: must be a positive number, got {v!r}"
     return None
@@ -346,7 +348,8 @@ class SpecializeConfig:
     `nas specialize RUN_DIR` uses them when no --profile is given.
 
     targets: {PROFILE: {COST: MAX}}: a hardware profile and the hard constraints its winner meets;
-      `latency_ms` is the profile's own predicted latency, any other cost name (params, macs, ...) as in
+      `latency_ms` is the profile's own predicted latency (`latency_ms:int8`: of its int8 model, from
+      the profile's measured int8 table), any other cost name (params, macs, ...) as in
       `objective.constraints`. Empty: no specialization unless asked on the command line.
     budget: candidates proposed per profile (accuracy predicted); population, sample, mutations: the
       aging evolution's; batch: candidates predicted per call.
@@ -377,8 +380,9 @@ class SpecializeConfig:
             raise err("population", f"{self.population} exceeds budget ({self.budget}); allowed <= budget")
 
     def constraints(self) -> dict[str, dict[str, float]]:
-        """{PROFILE: {COST: MAX}} with `latency_ms` spelled as the profile's own `latency_ms@PROFILE`."""
-        return {p: {(f"{LATENCY_PREFIX}{p}" if c == "latency_ms" else c): float(v) for c, v in limits.items()}
+        """{PROFILE: {COST: MAX}} with `latency_ms[:PRECISION]` spelled as the profile's own
+        `latency_ms@PROFILE[:PRECISION]`."""
+        return {p: {(own_latency(c, p) or c): float(v) for c, v in limits.items()}
                 for p, limits in self.targets.items()}
 
 

@@ -33,6 +33,21 @@ COSTS.register("weight_bytes_fp32", lambda a: float(analytic_cost(a).weight_byte
 COSTS.register("weight_bytes_int8", lambda a: float(analytic_cost(a).weight_bytes["int8"]))
 
 
+OWN_LATENCY = "latency_ms"  # a device's own latency, in specialization targets: latency_ms[:PRECISION]
+
+
+def own_latency(cost: str, profile: str) -> str | None:
+    """`latency_ms` or `latency_ms:PRECISION` spelled as `profile`'s own cost
+    (`latency_ms@PROFILE[:PRECISION]`); None for any other cost name."""
+    base, sep, precision = cost.partition(":")
+    return f"{LATENCY_PREFIX}{profile}{sep}{precision}" if base == OWN_LATENCY else None
+
+
+def latency_profile(name: str) -> str | None:
+    """The profile of a `latency_ms@PROFILE[:PRECISION]` cost (checked), None for other costs."""
+    return parse_latency_name(name)[0] if name.startswith(LATENCY_PREFIX) else None
+
+
 def check_cost_name(name: str, where: str) -> None:
     """Raise a one-line error unless `name` is a known cost (latency_ms@<known profile>[:fp32|int8]:
     at int8 the profile's measured int8 table must exist and load)."""

@@ -31,7 +31,7 @@ from evaluators.variables import save_variables
 from nas.config import SpecializeConfig
 from search_spaces.schema import to_plain
 from nas.inherited import Scorer, SupernetScorer, fitted_predictor
-from nas.objective import LATENCY_PREFIX, Constraint, Objective, check_cost_name
+from nas.objective import LATENCY_PREFIX, Constraint, Objective, check_cost_name, latency_profile, own_latency
 from nas.rundir import ARCHITECTURE, CONFIG, VARIABLES, WINNERS_DIR, Winner, write_winners
 from nas.strategies import make_strategy
 from nas.teacher import largest
@@ -58,14 +58,15 @@ class Target:
 
 
 # ==================================================================== targets from the command line or the config
-_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w@.-]*)\s*(?:<=|=)\s*([0-9.eE+-]+)\s*$")
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w@.:-]*)\s*(?:<=|=)\s*([0-9.eE+-]+)\s*$")
 
 
 def parse_targets(profiles: Sequence[str], constraints: Sequence[str], *, all_profiles: bool = False) -> list[Target]:
     """Targets from `--profile P` and `--constraint COST=MAX` (or `COST<=MAX`) arguments.
 
-    A constraint on `latency_ms@P` belongs to profile P (which must be one of the targets); a
-    constraint on `latency_ms` without a profile applies to every target's own latency; any other
+    A constraint on `latency_ms@P[:PRECISION]` belongs to profile P (which must be one of the targets);
+    a constraint on `latency_ms[:PRECISION]` without a profile applies to every target's own latency
+    (`:int8`: its measured int8 table); any other
     cost (params, macs, ...) applies to every target. `all_profiles` targets every registered profile.
     """
     if all_profiles and profiles:
@@ -84,13 +85,14 @@ def parse_targets(profiles: Sequence[str], constraints: Sequence[str], *, all_pr
         cost, value = m.group(1), float(m.group(2))
         if not math.isfinite(value) or value <= 0:
             raise NasError(f"--constraint {text!r}: the maximum must be a positive number")
-        if cost == "latency_ms":
+        if own_latency(cost, "") is not None:  # latency_ms[:PRECISION]: each target's own
             for n in names:
-                per[n].append(Constraint(f"{LATENCY_PREFIX}{n}", value))
+                check_cost_name(own_latency(cost, n), f"--constraint {text!r}")
+                per[n].append(Constraint(own_latency(cost, n), value))
             continue
         check_cost_name(cost, f"--constraint {text!r}")
-        if cost.startswith(LATENCY_PREFIX):
-            prof = cost[len(LATENCY_PREFIX):]
+        prof = latency_profile(cost)
+        if prof is not None:
             if prof not in per:
                 raise NasError(f"--constraint {text!r}: profile '{prof}' is not a target; allowed: {', '.join(names)} "
                                f"(add --profile {prof})")
@@ -302,7 +304,9 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target] | None = None,
         write_specialized(out_root / t.profile, r, scorer, base, teacher=str(teacher_dir))
         w = r.winners[0]
         lat = w["costs"][f"{LATENCY_PREFIX}{t.profile}"]
-        printer(f"{t.profile}: {w['key']}  latency {lat:.3f} ms ({t.describe()})  inherited accuracy "
+        also = "".join(f", {c.cost} {w['costs'][c.cost]:.4g}" for c in t.constraints
+                       if c.cost.startswith(LATENCY_PREFIX) and c.cost != f"{LATENCY_PREFIX}{t.profile}")
+        printer(f"{t.profile}: {w['key']}  latency {lat:.3f} ms{also} ({t.describe()})  inherited accuracy "
                 f"{w['measured']:.4f} (predicted {w['predicted']:.4f})  {r.feasible_seen} predicted, {r.measured} "
                 f"measured, {r.seconds:.1f} s -> {out_root / t.profile / 'winners.json'}", flush=True)
         results.append(r)

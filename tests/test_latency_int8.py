@@ -15,7 +15,8 @@ from evaluators.latency import latency_breakdown
 from evaluators.lut import default_cache_path, load_table
 from nas.cli import main
 from nas.config import ObjectiveConfig
-from nas.objective import Objective, check_cost_name, cost_value
+from nas.objective import Constraint, Objective, check_cost_name, cost_value
+from nas.specialize import SpecializeConfig, Target, parse_targets
 from search_spaces.catalog import load_space
 from search_spaces.errors import NasError
 from search_spaces.space import SearchSpace
@@ -115,6 +116,32 @@ def test_without_an_int8_table_the_cost_is_refused_saying_how_to_measure_it(empt
     assert "nas hw calibrate" in msg and "--precision int8" in msg and "\n" not in msg
     with pytest.raises(NasError, match="objective.constraints.latency_ms@rpi4:int8: .*on the device itself"):
         Objective.from_config(ObjectiveConfig(cost=None, constraints={"latency_ms@rpi4:int8": 1.0}))
+
+
+def test_a_specialization_target_can_be_constrained_on_its_int8_latency(calibrated):
+    """`nas specialize --constraint` and `specialize.targets` take `latency_ms[@PROFILE]:int8` (the model
+    that ships is int8); the short form is each target's own int8 latency."""
+    own = Target("host", (Constraint("latency_ms@host:int8", 0.5),))
+    assert parse_targets(["host"], ["latency_ms@host:int8=0.5"]) == [own]
+    assert parse_targets(["host"], ["latency_ms:int8<=0.5"]) == [own]
+    cfg = SpecializeConfig.from_dict({"targets": {"host": {"latency_ms:int8": 0.5, "latency_ms@host": 2}}})
+    assert cfg.constraints() == {"host": {"latency_ms@host:int8": 0.5, "latency_ms@host": 2.0}}
+    arch = SearchSpace.from_dict(TWO).decode("1")
+    costs = own.objective().costs(arch)
+    assert costs["latency_ms@host:int8"] == calibrated.predict(arch).total_ms
+
+
+def test_an_int8_target_without_its_table_or_of_another_profile_is_one_line(empty_cache):
+    with pytest.raises(NasError, match="--constraint 'latency_ms:int8=0.5': latency_ms@host:int8: no int8 latency "
+                                       "table .*--precision int8") as e:
+        parse_targets(["host"], ["latency_ms:int8=0.5"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(NasError, match="profile 'host' is not a target"):
+        parse_targets(["pixel4"], ["latency_ms@host:fp32=0.5"])
+    with pytest.raises(NasError, match="specialize.targets: host.latency_ms:int8: latency_ms@host:int8: no int8"):
+        SpecializeConfig.from_dict({"targets": {"host": {"latency_ms:int8": 0.5}}})
+    with pytest.raises(NasError, match="pixel4.latency_ms@rpi4:fp32: another profile's latency"):
+        SpecializeConfig.from_dict({"targets": {"pixel4": {"latency_ms@rpi4:fp32": 0.5}}})
 
 
 @pytest.mark.parametrize("name, message", [

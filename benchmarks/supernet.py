@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,7 +49,7 @@ from scipy.stats import kendalltau  # noqa: E402
 
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.predictor import PredictorConfig, fit_predictor  # noqa: E402
-from evaluators.supernet import SupernetConfig, score, train_supernet  # noqa: E402
+from evaluators.supernet import RECAL_IMAGES, SupernetConfig, load_supernet, save_supernet, score, train_supernet  # noqa: E402
 from evaluators.optim import TrainConfig  # noqa: E402
 from evaluators.predict import evaluate  # noqa: E402
 from evaluators.train import train  # noqa: E402
@@ -108,7 +109,16 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ranking,e2e,specialize")
     p.add_argument("--throughput-only", action="store_true",
                    help="only candidates scored per CPU-minute, on initialised weights (no training)")
-    p.add_argument("--recalibration-images", type=int, default=2000)
+    p.add_argument("--recalibration-images", type=int, default=RECAL_IMAGES)
+    p.add_argument("--supernet-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="supernet training settings (keys of the supernet: section), e.g. candidates_per_step=4")
+    p.add_argument("--supernet-dir", default=None,
+                   help="keep the trained supernet here; a later run with the same settings loads it instead")
+    p.add_argument("--standalone-cache", default=None,
+                   help="JSON file: reuse the ranking candidates' stand-alone accuracies from it when it holds the "
+                        "same candidates, budget and dataset, else train them and write it")
+    p.add_argument("--recalibration-sweep", default="250,1000,2000",
+                   help="also score the ranking candidates with these numbers of re-estimation images")
     a = p.parse_args()
     if a.throughput_only:
         return throughput_only(a)
@@ -119,6 +129,7 @@ def main() -> int:
     sn_epochs = a.supernet_epochs or (2 if quick else 15)
     epochs = a.epochs or (2 if quick else 4)
     skip = set(filter(None, a.skip.split(",")))
+    recal_sweep = [int(v) for v in a.recalibration_sweep.split(",") if v]
     log = (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
 
     data = load_dataset(dataset, seed=0)
@@ -129,12 +140,32 @@ def main() -> int:
     counter = CompileCounter()
 
     # ---------------------------------------------------------------- supernet training
-    scfg = SupernetConfig(epochs=sn_epochs, batch_size=64, seed=0)
-    t0, c0 = time.perf_counter(), cpu_s()
-    res = train_supernet(space, data, scfg)
-    out["supernet_train_s"] = time.perf_counter() - t0
-    out["supernet_train_cpu_s"] = cpu_s() - c0
-    variables = res.variables
+    overrides = dict(kv.split("=", 1) for kv in a.supernet_set)
+    overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+    scfg = SupernetConfig.from_dict({"epochs": sn_epochs, "batch_size": 64, "seed": 0,
+                                     "recalibration_images": a.recalibration_images, **overrides}, "--supernet-set")
+    out["supernet_config"] = scfg.to_dict()
+    saved = None
+    if a.supernet_dir and Path(a.supernet_dir, "manifest.json").is_file():
+        saved = load_supernet(a.supernet_dir, load_space)
+        if saved.manifest.get("config") != scfg.to_dict() or saved.manifest.get("dataset") != dataset:
+            saved = None  # another recipe or dataset: train
+    if saved is not None:
+        variables = saved.variables
+        out["supernet_train_s"] = saved.manifest["train_s"]
+        out["supernet_train_cpu_s"] = saved.manifest["train_cpu_s"]
+        out["supernet_from"] = a.supernet_dir
+    else:
+        t0, c0 = time.perf_counter(), cpu_s()
+        res = train_supernet(space, data, scfg)
+        out["supernet_train_s"] = time.perf_counter() - t0
+        out["supernet_train_cpu_s"] = cpu_s() - c0
+        variables = res.variables
+        if a.supernet_dir:
+            save_supernet(a.supernet_dir, space, variables, space_ref="mobile_small",
+                          space_input={"resolution": data.resolution}, config=scfg, history=res.history,
+                          extra={"dataset": dataset, "train_s": out["supernet_train_s"],
+                                 "train_cpu_s": out["supernet_train_cpu_s"]})
     log(f"supernet: {sn_epochs} epochs in {out['supernet_train_s']:.0f} s")
 
     def inherited(archs, split="val"):
@@ -162,6 +193,7 @@ def main() -> int:
     out["compiles_per_1000"] = counter.count
     out["compiles_measured_on"] = probe
     out["evals_per_cpu_minute_probe"] = probe / ((cpu_s() - c0) / 60)
+    out["probe_candidates"] = {"keys": [m.key for m in more], "inherited": np.asarray(more_acc).tolist()}
     log(f"scoring: {out['evals_per_cpu_minute']:.0f} candidates per CPU-minute; {counter.count} compiles for {probe}")
 
     # ---------------------------------------------------------------- predictor
@@ -181,19 +213,48 @@ def main() -> int:
     # ---------------------------------------------------------------- ranking vs stand-alone
     if "ranking" not in skip:
         acc = np.zeros((2, len(cands)))
-        t0, c0 = time.perf_counter(), cpu_s()
-        for s in range(2):
-            for i, arch in enumerate(cands):
-                acc[s, i], _ = standalone(arch, data, dataclasses.replace(tcfg, seed=s))
-        out["standalone_per_cpu_minute"] = 2 * len(cands) / ((cpu_s() - c0) / 60)
-        out["standalone_per_wall_minute"] = 2 * len(cands) / ((time.perf_counter() - t0) / 60)
+        cached = (json.loads(Path(a.standalone_cache).read_text())
+                  if a.standalone_cache and Path(a.standalone_cache).is_file() else None)
+        if cached and cached.get("keys") == [c.key for c in cands] and cached.get("epochs") == epochs \
+                and cached.get("dataset") == dataset:
+            acc = np.asarray(cached["accuracy"])  # the same candidates, budget and data: trained before
+            out["standalone_from"] = a.standalone_cache
+        else:
+            t0, c0 = time.perf_counter(), cpu_s()
+            for s in range(2):
+                for i, arch in enumerate(cands):
+                    acc[s, i], _ = standalone(arch, data, dataclasses.replace(tcfg, seed=s))
+            out["standalone_per_cpu_minute"] = 2 * len(cands) / ((cpu_s() - c0) / 60)
+            out["standalone_per_wall_minute"] = 2 * len(cands) / ((time.perf_counter() - t0) / 60)
+            if a.standalone_cache:
+                Path(a.standalone_cache).write_text(json.dumps({"keys": [c.key for c in cands], "epochs": epochs,
+                                                                "dataset": dataset, "accuracy": acc.tolist()}))
+        out["ranking_candidates"] = {"keys": [c.key for c in cands], "inherited": inh.tolist(),
+                                     "standalone": acc.tolist()}
         out["kendall_tau"] = float(kendalltau(inh, acc.mean(axis=0)).statistic)
         out["seed_tau"] = float(kendalltau(acc[0], acc[1]).statistic)
         out["candidates"] = len(cands)
-        out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
+        if "standalone_per_cpu_minute" in out:
+            out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
         log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "
-            f"on {len(cands)}; stand-alone {out['standalone_per_cpu_minute']:.1f} per CPU-minute "
-            f"({out['throughput_ratio']:.0f}x fewer than the supernet)")
+            f"on {len(cands)}; stand-alone {out.get('standalone_per_cpu_minute', float('nan')):.1f} per CPU-minute")
+
+        # fewer BatchNorm re-estimation images: ranking kept vs scoring cost (each size compiles once)
+        sweep = {}
+        for n_img in recal_sweep:
+            if n_img == scfg.recalibration_images:
+                continue
+            score(space, variables, cands[:1], data, n_images=n_img)
+            c0 = cpu_s()
+            inh_n = np.asarray(score(space, variables, cands, data, n_images=n_img))
+            sweep[n_img] = {"evals_per_cpu_minute": len(cands) / ((cpu_s() - c0) / 60),
+                            "tau_vs_default_recalibration": float(kendalltau(inh_n, inh).statistic),
+                            "kendall_tau": float(kendalltau(inh_n, acc.mean(axis=0)).statistic),
+                            "mean_abs_diff_pt": float(100 * np.mean(np.abs(inh_n - inh)))}
+            log(f"recalibration on {n_img} images: {sweep[n_img]['evals_per_cpu_minute']:.0f} per CPU-minute, "
+                f"tau vs {scfg.recalibration_images} images {sweep[n_img]['tau_vs_default_recalibration']:.3f}, "
+                f"tau vs stand-alone {sweep[n_img]['kendall_tau']:.3f}")
+        out["recalibration_sweep"] = sweep
 
     # ---------------------------------------------------------------- specialization
     class _Scorer:

@@ -24,7 +24,7 @@ import numpy as np
 
 from evaluators.datasets import Dataset
 from evaluators.predictor import Predictor, PredictorConfig, fit_predictor, load_predictor
-from evaluators.supernet import SupernetConfig, recalibrate, score
+from evaluators.supernet import RECAL_IMAGES, SupernetConfig, recalibrate, score
 from nas.supernet import load_data, load_run
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -77,7 +77,7 @@ class SupernetScorer:
     variables: Any
     data: Dataset
     run_dir: Path
-    n_images: int = 2000
+    n_images: int = RECAL_IMAGES
     experiment: Any = None  # the supernet run's ExperimentConfig
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,8 +53,8 @@ class ScoringWorker:
         return self.scorer.score(archs, split)
 
     def stats(self) -> dict[str, Any]:
-        """How this actor was used: its process and the scoring calls it served."""
-        return {"pid": os.getpid(), "calls": self.calls}
+        """How this actor was used: its process, the scoring calls it served and its CPU seconds so far."""
+        return {"pid": os.getpid(), "calls": self.calls, "cpu_s": time.process_time()}
 
 
 def split_parts(n: int, workers: int, chunk: int = SCORE_CHUNK) -> list[slice]:

@@ -312,18 +312,18 @@ class BatchMonitor(SearchMonitor):
 
 
 def run_supernet_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False, printer=print,
-                        open_scorer: Callable[[Path], Scorer] = SupernetScorer.from_run) -> Path:
+                        open_scorer: Callable[[Path], Scorer] | None = None) -> Path:
     """`evaluator: {kind: supernet, run: RUN_DIR}`: the search scores inherited accuracy on that supernet.
 
-    `open_scorer(RUN_DIR)` builds the scorer once (default: in this process; `nas.tune.scoring.open_scorer`
+    `open_scorer(RUN_DIR)` builds the scorer once (None: in this process; `nas.tune.scoring.open_scorer`
     fans the scoring out over `evaluator.workers` Ray actors); a scorer with `close()` is closed at the end.
     """
-    if cfg.evaluator.workers and open_scorer is SupernetScorer.from_run:
+    if cfg.evaluator.workers and open_scorer is None:
         raise NasError(f"{cfg.source}: evaluator.workers: {cfg.evaluator.workers} Ray scoring workers need the Ray "
                        f"driver (nas.tune.run_search, as `nas search` runs it); this in-process search allows 0")
 
     def load(exp: Experiment) -> Scorer:
-        scorer = open_scorer(Path(cfg.evaluator.run))
+        scorer = (open_scorer or SupernetScorer.from_run)(Path(cfg.evaluator.run))
         if scorer.space.name != exp.space.name or scorer.space.decisions() != exp.space.decisions() \
                 or scorer.space.resolutions != exp.space.resolutions:
             _close(scorer)

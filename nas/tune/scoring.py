@@ -82,10 +82,12 @@ class RayScorer:
     def __init__(self, local: SupernetScorer, workers: int, *, what: str = "workers"):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise NasError(f"{what}: {workers!r}; allowed an integer >= 1 for Ray scoring workers")
-        free = ray.available_resources().get("CPU", 0.0)
-        if workers * WORKER_CPUS > free:
+        # the cluster's CPUs, not those free right now: actors ended a moment ago release theirs asynchronously
+        # (a busy cluster makes the actors wait, and READY_TIMEOUT_S turns a wait that never ends into an error)
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if workers * WORKER_CPUS > total:
             raise NasError(f"{what}: {workers} scoring workers need {workers * WORKER_CPUS:g} CPUs, the Ray cluster "
-                           f"has {free:g} free; allowed: at most {int(free // WORKER_CPUS)} workers")
+                           f"has {total:g}; allowed: at most {int(total // WORKER_CPUS)} workers")
         self.local = local
         self.what = what
         variables = jax.device_get(local.variables)  # NumPy leaves: shared from the object store without a copy

@@ -119,6 +119,7 @@ def main() -> int:
                         "same candidates, budget and dataset, else train them and write it")
     p.add_argument("--recalibration-sweep", default="250,1000,2000",
                    help="also score the ranking candidates with these numbers of re-estimation images")
+    p.add_argument("--workers", type=int, default=0, help="--throughput-only: score over N Ray actors (0: in-process)")
     a = p.parse_args()
     if a.throughput_only:
         return throughput_only(a)
@@ -337,7 +338,10 @@ def main() -> int:
 
 
 def throughput_only(a) -> int:
-    """Scoring cost alone: compile once (timed), then `--candidates` random candidates (CPU time)."""
+    """Scoring cost alone: compile once (timed), then `--candidates` random candidates (CPU and wall time).
+
+    With `--workers N` the candidates are scored by `nas.tune.scoring.RayScorer` (N actors on a local Ray
+    instance, started and warmed up before the clock starts); CPU time is this process's plus the actors'."""
     from search_spaces.supernet import initialize
 
     data = load_dataset(a.dataset or "mnist5k", seed=0)
@@ -345,14 +349,32 @@ def throughput_only(a) -> int:
     variables = initialize(space, 0)
     cands = sample(space, a.candidates or 24, np.random.default_rng(0))
     counter = CompileCounter()
-    t0, c0 = time.perf_counter(), cpu_s()
-    score(space, variables, cands[:1], data, n_images=a.recalibration_images)  # the one compile
-    first_s, first_cpu = time.perf_counter() - t0, cpu_s() - c0
+    if a.workers:
+        import tempfile
+
+        from nas.inherited import SupernetScorer
+        from nas.tune.connect import init_ray
+        from nas.tune.scoring import RayScorer
+
+        init_ray(None)
+        local = SupernetScorer(space, variables, data, Path(tempfile.mkdtemp()), a.recalibration_images)
+        scorer = RayScorer(local, a.workers)
+        workers_cpu = lambda: sum(s["cpu_s"] for s in scorer.worker_stats())  # noqa: E731
+        run = scorer.score
+        warm = cands[:1] * (8 * a.workers)  # one chunk per worker: every actor compiles before the clock
+    else:
+        workers_cpu = lambda: 0.0  # noqa: E731
+        run = lambda archs: score(space, variables, archs, data, n_images=a.recalibration_images)  # noqa: E731
+        warm = cands[:1]
+    t0, c0, w0 = time.perf_counter(), cpu_s(), workers_cpu()
+    run(warm)  # the one compile (per worker)
+    first_s, first_cpu = time.perf_counter() - t0, cpu_s() - c0 + workers_cpu() - w0
     counter.active = True
-    t0, c0 = time.perf_counter(), cpu_s()
-    score(space, variables, cands, data, n_images=a.recalibration_images)
-    cpu, wall = cpu_s() - c0, time.perf_counter() - t0
-    out = {"candidates": len(cands), "evals_per_cpu_minute": len(cands) / (cpu / 60),
+    t0, c0, w0 = time.perf_counter(), cpu_s(), workers_cpu()
+    run(cands)
+    wall = time.perf_counter() - t0
+    cpu = cpu_s() - c0 + workers_cpu() - w0
+    out = {"candidates": len(cands), "workers": a.workers, "evals_per_cpu_minute": len(cands) / (cpu / 60),
            "evals_per_wall_minute": len(cands) / (wall / 60), "first_call_s": first_s, "first_call_cpu_s": first_cpu,
            "compiles_while_scoring": counter.count, "recalibration_images": a.recalibration_images,
            "dataset": data.name}

@@ -164,6 +164,14 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
     """
     exp = prepare(cfg)
     scorer = scorer_factory(exp)
+    try:
+        return _search(exp, scorer, resume=resume, force=force, printer=printer)
+    finally:
+        _close(scorer)
+
+
+def _search(exp: Experiment, scorer: Scorer, *, resume: bool, force: bool, printer) -> Path:
+    cfg = exp.cfg
     run_dir = check_run_dir(cfg, resume=resume, force=force)
     feasible = Feasibility(exp)
     asker = make_asker(exp, feasible)
@@ -176,8 +184,8 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
         (run_dir / ROWS_FILE).unlink()
     batch = cfg.evaluator.batch
     printer(f"search '{cfg.name}': space {exp.space.name} ({exp.space.size():,d} architectures), evaluator "
-            f"{cfg.evaluator.kind} ({cfg.evaluator.run}), {cfg.num_trials} candidates in batches of {batch}, "
-            f"algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
+            f"{cfg.evaluator.kind} ({cfg.evaluator.run}{_workers(cfg)}), {cfg.num_trials} candidates in batches of "
+            f"{batch}, algorithm {cfg.search.algorithm} -> {run_dir}", flush=True)
     monitor = BatchMonitor(run_dir, exp.space, cfg.num_trials, tty=False,
                            stream=None if printer is print else LineStream(printer),
                            latency_profile=(cfg.objective.profiles or ("host",))[0])
@@ -207,6 +215,10 @@ def run_batched_search(cfg: ExperimentConfig, scorer_factory: Callable[[Experime
             out.append({**{c: "" for c in TRIAL_COLUMNS}, **rec, "status": "infeasible", "checkpoint": ""})
     write_results(exp, out)
     return run_dir
+
+
+def _workers(cfg: ExperimentConfig) -> str:
+    return f", {cfg.evaluator.workers} Ray scoring workers" if cfg.evaluator.workers else ""
 
 
 def _score_batch(exp: Experiment, scorer: Scorer, configs: list[dict[str, int]], first: int) -> list[dict[str, Any]]:
@@ -299,16 +311,32 @@ class BatchMonitor(SearchMonitor):
             super()._pareto_image()
 
 
-def run_supernet_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False, printer=print) -> Path:
-    """`evaluator: {kind: supernet, run: RUN_DIR}`: the search scores inherited accuracy on that supernet."""
+def run_supernet_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False, printer=print,
+                        open_scorer: Callable[[Path], Scorer] | None = None) -> Path:
+    """`evaluator: {kind: supernet, run: RUN_DIR}`: the search scores inherited accuracy on that supernet.
+
+    `open_scorer(RUN_DIR)` builds the scorer once (None: in this process; `nas.tune.scoring.open_scorer`
+    fans the scoring out over `evaluator.workers` Ray actors); a scorer with `close()` is closed at the end.
+    """
+    if cfg.evaluator.workers and open_scorer is None:
+        raise NasError(f"{cfg.source}: evaluator.workers: {cfg.evaluator.workers} Ray scoring workers need the Ray "
+                       f"driver (nas.tune.run_search, as `nas search` runs it); this in-process search allows 0")
 
     def load(exp: Experiment) -> Scorer:
-        scorer = SupernetScorer.from_run(Path(cfg.evaluator.run))
+        scorer = (open_scorer or SupernetScorer.from_run)(Path(cfg.evaluator.run))
         if scorer.space.name != exp.space.name or scorer.space.decisions() != exp.space.decisions() \
                 or scorer.space.resolutions != exp.space.resolutions:
+            _close(scorer)
             raise NasError(f"{cfg.source}: evaluator.run: the supernet of {scorer.run_dir} is of space "
                            f"'{scorer.space.name}' at {list(scorer.space.resolutions)} px, the experiment searches "
                            f"'{exp.space.name}' at {list(exp.space.resolutions)} px; allowed: the same space and input")
         return scorer
 
     return run_batched_search(cfg, load, resume=resume, force=force, printer=printer)
+
+
+def _close(scorer: Scorer) -> None:
+    """End what a scorer holds beyond this process (e.g. Ray actors); in-process scorers have nothing."""
+    close = getattr(scorer, "close", None)
+    if close is not None:
+        close()

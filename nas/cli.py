@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -237,8 +238,9 @@ def _report_args(p):
 
 
 def _run_search(cfg: ExperimentConfig, args) -> Path:
-    """The search of `cfg`: on Ray Tune, or in this process without Ray for `evaluator.kind: supernet`."""
-    if cfg.evaluator.kind == "supernet":  # many candidates per call, no Tune trial each
+    """The search of `cfg`: on Ray Tune, or driven in this process for `evaluator.kind: supernet` (without
+    Ray, or scoring over `evaluator.workers` Ray actors)."""
+    if cfg.evaluator.kind == "supernet" and not cfg.evaluator.workers:  # many candidates per call, no Ray
         return run_supernet_search(cfg, resume=args.resume, force=args.force)
     from nas.tune import run_search  # imported when used: importing Ray takes seconds, `nas spaces` should not
 
@@ -262,6 +264,29 @@ def _specialize_args(p):
     p.add_argument("--budget", type=int, default=None, help="candidates predicted per profile")
     p.add_argument("--confirm", type=int, default=None, help="best predicted candidates measured on the supernet")
     p.add_argument("--measure", type=int, default=None, help="random candidates measured to fit the predictor (once)")
+    _workers_args(p)
+
+
+def _workers_args(p):
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray actors scoring on the supernet, each holding its weights once (0: in this process)")
+    p.add_argument("--address", default=None, help="with --workers: the Ray cluster to join (auto, host:port, "
+                   "ray://host:10001; default $RAY_ADDRESS, else a local Ray instance)")
+
+
+def _open_scorer(args):
+    """The run's supernet scorer over `--workers` Ray actors; None for 0 (scored in this process, no Ray)."""
+    if not args.workers:
+        return None
+    from nas.tune.scoring import open_scorer  # imported when used: importing Ray takes seconds
+
+    return open_scorer(args.run_dir, args.workers, n_images=getattr(args, "recalibration_images", None),
+                       address=args.address)
+
+
+def _closing(scorer):
+    """Ends a scorer's Ray actors when the command is done (nothing for None)."""
+    return contextlib.closing(scorer) if scorer is not None else contextlib.nullcontext()
 
 
 @command("specialize", "pick the best supernet candidate per hardware profile, without training")(_specialize_args)
@@ -269,8 +294,9 @@ def _specialize(args):
     targets = None  # the experiment's specialize.targets
     if args.profile or args.all_profiles or args.constraint:
         targets = parse_targets(args.profile, args.constraint, all_profiles=args.all_profiles)
-    run_specialize(args.run_dir, targets, effort={"budget": args.budget, "confirm": args.confirm,
-                                                  "measure": args.measure})
+    with _closing(_open_scorer(args)) as scorer:
+        run_specialize(args.run_dir, targets, effort={"budget": args.budget, "confirm": args.confirm,
+                                                      "measure": args.measure}, scorer=scorer)
 
 
 def _distill_args(p):
@@ -353,6 +379,7 @@ def _supernet_args(p):
     e.add_argument("--recalibration-images", type=int, default=None,
                    help="training images re-estimating BatchNorm per candidate (default: the supernet's config)")
     e.add_argument("--json", action="store_true")
+    _workers_args(e)
 
 
 @command("supernet", "train a weight-sharing supernet; score architectures on it")(_supernet_args)
@@ -369,7 +396,8 @@ def _supernet(args):
         return
     if args.recalibration_images is not None and args.recalibration_images < 1:
         raise NasError(f"--recalibration-images: {args.recalibration_images}; allowed an integer >= 1")
-    rows = evaluate_keys(args.run_dir, args.keys, n_images=args.recalibration_images)
+    with _closing(_open_scorer(args)) as scorer:
+        rows = evaluate_keys(args.run_dir, args.keys, n_images=args.recalibration_images, scorer=scorer)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

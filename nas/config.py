@@ -87,13 +87,15 @@ class ObjectiveConfig:
 @dataclass(frozen=True)
 class EvaluatorConfig:
     """How a candidate is evaluated: trained on the dataset, looked up in a benchmark table, or scored
-    on a trained supernet (inherited accuracy, `batch` candidates per call; nas.batched_search)."""
+    on a trained supernet (inherited accuracy, `batch` candidates per call; nas.batched_search), in this
+    process or fanned out over `workers` Ray actors that each hold the supernet once (nas.tune.scoring)."""
 
     kind: str = spec("train", choices=("train", "table", "supernet"), what="evaluator")
     table: str | None = None  # a NAS-Bench-Macro-format JSON (kind: table)
     run: str | None = spec(None, check=lambda v: None if v else "empty; allowed a run directory with a trained "
                            "supernet (from `nas supernet train`)")  # kind: supernet; absolute once loaded
     batch: int = spec(64, ge=1)  # candidates scored per call (kind: supernet)
+    workers: int = spec(0, ge=0)  # kind supernet: Ray actors sharing each call's scoring (0: in this process)
     metric: str = "mean_acc"
     sample_repeat: bool = False
 

@@ -259,7 +259,7 @@ def write_specialized(out_dir: Path, result: Specialized, scorer: Scorer, base_c
 # ==================================================================== the command
 def run_specialize(run_dir: str | Path, targets: Sequence[Target] | None = None, cfg: SpecializeConfig | None = None,
                    *, measure: int | None = None, effort: dict[str, int | None] | None = None,
-                   printer=print) -> list[Specialized]:
+                   scorer: Scorer | None = None, printer=print) -> list[Specialized]:
     """`nas specialize`: for each target, the best candidates of the run's trained supernet.
 
     Args:
@@ -269,6 +269,8 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target] | None = None,
         measure: random candidates measured (once per run, cached) to fit the accuracy predictor
             (None: `cfg.measure`).
         effort: budget / confirm / measure from the command line on top of `cfg` (`with_effort`).
+        scorer: the run's supernet scorer, opened by the caller (e.g. over Ray workers:
+            `nas.tune.scoring.open_scorer`); None: `SupernetScorer.from_run(run_dir)`, in this process.
 
     Returns:
         One `Specialized` per target; each also written to RUN_DIR/specialized/PROFILE/.
@@ -277,7 +279,7 @@ def run_specialize(run_dir: str | Path, targets: Sequence[Target] | None = None,
         NasError: no supernet in the run, no target given nor declared, or a target no candidate
         meets (checked for every target before any is searched).
     """
-    scorer = SupernetScorer.from_run(run_dir)
+    scorer = scorer or SupernetScorer.from_run(run_dir)
     cfg = with_effort(cfg or scorer.experiment.specialize, **(effort or {}))
     if targets is None:
         targets = config_targets(scorer.experiment.specialize)

@@ -100,8 +100,16 @@ def load_run(run_dir: str | Path) -> tuple[SavedSupernet, ExperimentConfig]:
     return saved, config_from_dict(raw, source=str(run_dir / SUPERNET_DIR / CONFIG))
 
 
-def evaluate_keys(run_dir: str | Path, keys: Sequence[str], *, n_images: int | None = None) -> list[dict[str, Any]]:
-    """Inherited validation accuracy of each architecture key on the run's supernet."""
+def evaluate_keys(run_dir: str | Path, keys: Sequence[str], *, n_images: int | None = None,
+                  scorer: Any = None) -> list[dict[str, Any]]:
+    """Inherited validation accuracy of each architecture key on the run's supernet.
+
+    `scorer`: a Scorer of this run opened by the caller (`nas.inherited`; e.g. fanned out over Ray
+    workers by `nas.tune.scoring.open_scorer`, its recalibration images set there); None: scored here.
+    """
+    if scorer is not None:
+        archs = [scorer.space.decode(k) for k in keys]
+        return [{"key": a.key, "val_accuracy": float(x)} for a, x in zip(archs, scorer.score(archs))]
     saved, cfg = load_run(run_dir)
     archs = [saved.space.decode(k) for k in keys]  # a key of another space: one-line SpaceError
     cfg_train = SupernetConfig.from_dict(saved.manifest.get("config") or {})

@@ -5,13 +5,14 @@ configured space, whose trainable (`nas.tune.trial`) trains each candidate and r
 accuracy, costs and score after every epoch, and whose results become `trials.csv` and
 `winners.json` in the run directory (`nas.tune.results`, `nas.rundir.write_results`). Everything is
 checked before Ray starts (`nas.preflight.prepare`). An experiment with `evaluator.kind: supernet`
-is scored in this process, many candidates per call, without Ray (`nas.batched_search`).
+is driven in this process, many candidates per call, without Tune (`nas.batched_search`), its
+scoring in-process or over `evaluator.workers` Ray actors (`nas.tune.scoring`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import socket
 from pathlib import Path
 
 import ray
@@ -23,49 +24,13 @@ from nas.batched_search import run_supernet_search
 from nas.config import ExperimentConfig
 from nas.preflight import prepare
 from nas.rundir import TUNE_DIR, SearchInterrupted, check_run_dir, read_finished, write_results
+from nas.tune.connect import init_ray
 from nas.tune.progress import MonitorCallback
 from nas.tune.results import collect_trials
+from nas.tune.scoring import open_scorer
 from nas.tune.searchers import make_searcher
 from nas.tune.trial import METRIC, MODE, FinishedLog, run_trial
 from search_spaces.errors import NasError
-
-
-CONNECT_TIMEOUT_S = 10.0
-
-
-def _check_reachable(address: str) -> None:
-    """Fail fast (one line) when a cluster address does not answer, instead of Ray's long retries."""
-
-    if address == "auto":
-        if not (os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists()):
-            raise NasError("--address auto: no running Ray cluster found on this machine (start one with `ray start "
-                           "--head`, or give --address HOST:PORT)")
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise NasError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise NasError(f"--address {address}: cannot reach a Ray cluster there within {CONNECT_TIMEOUT_S:.0f} s "
-                       f"({e.strerror or e})") from None
-
-
-def init_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), checked first; else start a private local instance."""
-    if ray.is_initialized():
-        return
-    env = {"PYTHONWARNINGS": "ignore"}
-    address = address or os.environ.get("RAY_ADDRESS")  # set by Ray for a `ray job submit` entrypoint
-    if address:
-        _check_reachable(address)
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        # address="local": a new local instance even where another cluster runs on this machine (without
-        # it Ray joins the cluster named in /tmp/ray/ray_current_cluster, and refuses num_cpus there)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env}, configure_logging=False)
 
 
 def _check_resources(cfg: ExperimentConfig) -> None:
@@ -101,8 +66,10 @@ def _storage(cfg: ExperimentConfig, run_dir: Path) -> str:
 def run_search(cfg: ExperimentConfig, *, resume: bool = False, force: bool = False,
                address: str | None = None, printer=print) -> Path:
     """Run (or resume) the search of `cfg`; returns the run directory with trials.csv and winners.json."""
-    if cfg.evaluator.kind == "supernet":  # no Tune trial per candidate: Ray is not started for it
-        return run_supernet_search(cfg, resume=resume, force=force, printer=printer)
+    if cfg.evaluator.kind == "supernet":  # no Tune trial per candidate; Ray only for `evaluator.workers` actors
+        scorer = functools.partial(open_scorer, workers=cfg.evaluator.workers, address=address,
+                                   what=f"{cfg.source}: evaluator.workers")
+        return run_supernet_search(cfg, resume=resume, force=force, printer=printer, open_scorer=scorer)
     exp = prepare(cfg)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Our own TensorBoard writer (nas/monitor.py) owns the HParams view; Tune's would shadow it.

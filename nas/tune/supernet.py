@@ -19,7 +19,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from evaluators.supernet import MANIFEST, WEIGHTS, load_supernet, save_supernet, train_supernet
 from nas.config import ExperimentConfig
-from nas.tune.driver import init_ray
+from nas.tune.connect import init_ray
 from nas.tune.trial import resume_blob
 from nas.messages import last_line
 from nas.supernet import SupernetJob, check_out_dir, load_data, prepare, write_outputs

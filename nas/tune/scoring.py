@@ -25,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from evaluators.supernet import SCORE_CHUNK
 from nas.inherited import Scorer, SupernetScorer
-from nas.messages import last_line
+from nas.messages import first_line, last_line
 from nas.rundir import enable_compilation_cache
 from nas.tune.connect import init_ray
 from search_spaces.architecture import Architecture
@@ -175,13 +175,8 @@ class RayScorer:
                                    f"{last_line(cause) or '(no message)'}") from None
                 except (RayActorError, GetTimeoutError) as e:
                     raise NasError(f"scoring worker {i} of {n} died: "
-                                   f"{_first_line(e)[:300] or type(e).__name__}") from None
+                                   f"{first_line(e, 300) or type(e).__name__}") from None
         return [results[i] for i in range(len(refs))]
-
-
-def _first_line(error: BaseException) -> str:
-    """The first non-blank line of an error's text (Ray's actor errors put the cause first)."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 
 
 def open_scorer(run_dir: str | Path, workers: int = 0, *, n_images: int | None = None,

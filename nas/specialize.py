@@ -85,10 +85,11 @@ def parse_targets(profiles: Sequence[str], constraints: Sequence[str], *, all_pr
         cost, value = m.group(1), float(m.group(2))
         if not math.isfinite(value) or value <= 0:
             raise NasError(f"--constraint {text!r}: the maximum must be a positive number")
-        if own_latency(cost, "") is not None:  # latency_ms[:PRECISION]: each target's own
-            for n in names:
-                check_cost_name(own_latency(cost, n), f"--constraint {text!r}")
-                per[n].append(Constraint(own_latency(cost, n), value))
+        own = {n: own_latency(cost, n) for n in names}  # latency_ms[:PRECISION]: each target's own
+        if None not in own.values():
+            for n, name in own.items():
+                check_cost_name(name, f"--constraint {text!r}")
+                per[n].append(Constraint(name, value))
             continue
         check_cost_name(cost, f"--constraint {text!r}")
         prof = latency_profile(cost)

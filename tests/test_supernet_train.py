@@ -88,6 +88,21 @@ def test_progressive_stages_open_one_dimension_after_another():
     assert sample_arch(space, None, "all", "min") == extreme(space, False)
 
 
+def test_block_sampling_trains_each_block_as_often_and_uniform_sampling_follows_the_option_count():
+    space = SPACES.get("mobile_small").with_input(resolution=8)
+    op = next(d for d in space.decisions() if d.name == "s2.l0.op")  # ds (2 options), mb (12), skip (1)
+    n = {b: sum(o.block == b for o in op.options) for b in ("ds", "mb", "skip")}
+    assert n == {"ds": 2, "mb": 12, "skip": 1}
+
+    def shares(mode: str) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        picks = [space.to_choices(sample_arch(space, rng, op_sampling=mode))["s2.l0.op"] for _ in range(3000)]
+        return {b: sum(op.options[i].block == b for i in picks) / len(picks) for b in n}
+
+    assert all(abs(s - 1 / 3) < 0.03 for s in shares("block").values())
+    assert all(abs(s - n[b] / 15) < 0.03 for b, s in shares("uniform").items())
+
+
 # ------------------------------------------------------------------ training
 @pytest.mark.slow
 def test_training_reports_every_epoch_and_the_largest_learns(trained, digits):

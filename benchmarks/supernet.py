@@ -16,9 +16,13 @@ On `mobile_small` and a dataset (default mnist5k), in one process, no Ray:
   time, both under the same latency constraint; the winners' test accuracy;
 * inheritance: the supernet winner fine-tuned from its inherited weights against the same
   architecture trained from scratch with the same schedule (test accuracy, points).
+* bias: Kendall tau of inherited and of stand-alone accuracy with each candidate's number of
+  `ds`, `mb` and `skip` layers, its depth and MACs (`ranking_bias`): which kinds of network the
+  supernet under- or over-rates against training.
 
     python benchmarks/supernet.py [--json] [--quick]
     python benchmarks/supernet.py --throughput-only [--candidates N] [--json]
+    python benchmarks/supernet.py --bias-from OUT.json     # the bias table of an earlier --out file
 
 --throughput-only measures only the scoring cost per candidate (BatchNorm re-estimation on
 `--recalibration-images` training images + the whole validation split) on freshly initialised
@@ -96,10 +100,33 @@ def standalone(arch, data, cfg):
     return r.val_accuracy, r
 
 
+def ranking_bias(space, keys, inherited, standalone) -> dict[str, dict[str, float]]:
+    """Kendall tau of inherited and of stand-alone (mean over seeds) accuracy with each candidate's
+    count of `ds`/`mb`/`skip` layers, depth and MACs: where the two disagree, the supernet rates a
+    kind of network differently from training."""
+    from evaluators.cost import analytic_cost
+
+    archs = [space.decode(k) for k in keys]
+    counts = {f"n_{b}": [sum(ly.block == b for ly in x.layers) for x in archs] for b in ("ds", "mb", "skip")}
+    counts["depth"] = [len(x.layers) for x in archs]
+    counts["macs"] = [analytic_cost(x).macs for x in archs]
+    sa = np.asarray(standalone, float).reshape(-1, len(keys)).mean(axis=0)
+    return {name: {"standalone": float(kendalltau(sa, v).statistic),
+                   "inherited": float(kendalltau(np.asarray(inherited, float), v).statistic)}
+            for name, v in counts.items()}
+
+
+def print_bias(bias, log) -> None:
+    log("bias: Kendall tau with      stand-alone  inherited")
+    for name, t in bias.items():
+        log(f"  {name:<24}{t['standalone']:+11.3f}{t['inherited']:+11.3f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: digits, few candidates, 1 seed")
+    p.add_argument("--bias-from", default=None, help="only print the ranking bias of an earlier --out file")
     p.add_argument("--dataset", default=None)
     p.add_argument("--candidates", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
@@ -123,6 +150,15 @@ def main() -> int:
     a = p.parse_args()
     if a.throughput_only:
         return throughput_only(a)
+    if a.bias_from:
+        saved = json.loads(Path(a.bias_from).read_text())
+        r = saved["ranking_candidates"]
+        space = load_space("mobile_small").with_input(resolution=load_dataset(saved["dataset"], seed=0).resolution)
+        bias = ranking_bias(space, r["keys"], r["inherited"], r["standalone"])
+        print_bias(bias, print)
+        if a.json:
+            print(json.dumps({"ranking_bias": bias}))
+        return 0
     quick = a.quick
     dataset = a.dataset or ("digits" if quick else "mnist5k")
     n_cand = a.candidates or (8 if quick else 40)
@@ -235,10 +271,12 @@ def main() -> int:
         out["kendall_tau"] = float(kendalltau(inh, acc.mean(axis=0)).statistic)
         out["seed_tau"] = float(kendalltau(acc[0], acc[1]).statistic)
         out["candidates"] = len(cands)
+        out["ranking_bias"] = ranking_bias(space, [c.key for c in cands], inh, acc)
         if "standalone_per_cpu_minute" in out:
             out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
         log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "
             f"on {len(cands)}; stand-alone {out.get('standalone_per_cpu_minute', float('nan')):.1f} per CPU-minute")
+        print_bias(out["ranking_bias"], log)
 
         # fewer BatchNorm re-estimation images: ranking kept vs scoring cost (each size compiles once)
         sweep = {}

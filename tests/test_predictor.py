@@ -84,3 +84,43 @@ def test_fit_refuses_too_few_or_mismatched_measurements():
         fit_predictor(space, keys, [0.5, 0.6])
     with pytest.raises(NasError, match="predictor.members"):
         PredictorConfig(members=0)
+
+
+def test_rank_target_maps_back_to_accuracy_monotonically_beyond_the_measured_range():
+    from evaluators.predictor import _from_quantiles, _normal_scores
+
+    y = np.array([0.1, 0.9, 0.95, 0.95, 0.97, 0.98])  # one broken candidate, one tie
+    z = _normal_scores(y)
+    assert z[2] == z[3] and np.all(np.diff(z[np.argsort(y, kind="stable")]) >= 0)
+    zq, first = np.unique(z, return_index=True)
+    yq = y[first]
+    np.testing.assert_allclose(_from_quantiles(zq, zq, yq), yq)  # the training pairs map to themselves
+    grid = np.linspace(zq[0] - 3, zq[-1] + 3, 101)
+    assert np.all(np.diff(_from_quantiles(grid, zq, yq)) > 0)  # no ties past the best or the worst
+
+
+def test_rank_and_standard_predictors_save_and_load_and_an_old_file_reads_as_standard(tmp_path):
+    import json
+
+    from flax import serialization
+
+    space = SPACES.get("mobile_small")
+    keys = _sample(space, 40, 4)
+    acc = np.r_[np.linspace(0.9, 0.98, 38), 0.1, 0.12]
+    cfg = PredictorConfig(hidden=(16,), members=2, steps=20)
+    for target in ("rank", "standard"):
+        pred = fit_predictor(space, keys, acc, PredictorConfig(**{**cfg.__dict__, "target": target}))
+        again = load_predictor(pred.save(tmp_path / f"{target}.msgpack"), space)
+        assert again.cfg.target == target and (again.quantiles is None) == (target == "standard")
+        np.testing.assert_allclose(again.predict(keys), pred.predict(keys), rtol=1e-6)
+    # a file written before `target` existed: its meta has neither the key nor quantiles
+    doc = serialization.msgpack_restore((tmp_path / "standard.msgpack").read_bytes())
+    meta = json.loads(doc["meta"])
+    del meta["config"]["target"], meta["quantiles"]
+    old = tmp_path / "old.msgpack"
+    old.write_bytes(serialization.msgpack_serialize({"meta": json.dumps(meta), "params": doc["params"]}))
+    legacy = load_predictor(old, space)
+    assert legacy.cfg.target == "standard"
+    np.testing.assert_allclose(legacy.predict(keys), load_predictor(tmp_path / "standard.msgpack").predict(keys))
+    with pytest.raises(NasError, match="predictor.target: 'ranks'; allowed rank, standard"):
+        PredictorConfig(target="ranks")

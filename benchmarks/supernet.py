@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,6 +50,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
+from evaluators.cost import analytic_cost  # noqa: E402
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.predictor import PredictorConfig, fit_predictor  # noqa: E402
 from evaluators.supernet import RECAL_IMAGES, SupernetConfig, load_supernet, save_supernet, score, train_supernet  # noqa: E402
@@ -60,6 +60,7 @@ from evaluators.train import train  # noqa: E402
 from nas.objective import cost_value  # noqa: E402
 from nas.specialize import SpecializeConfig, Target, specialize_target  # noqa: E402
 from nas.objective import Constraint  # noqa: E402
+from nas.config import apply_overrides  # noqa: E402
 from search_spaces.catalog import load_space  # noqa: E402
 from search_spaces.supernet import extract  # noqa: E402
 
@@ -104,8 +105,6 @@ def ranking_bias(space, keys, inherited, standalone) -> dict[str, dict[str, floa
     """Kendall tau of inherited and of stand-alone (mean over seeds) accuracy with each candidate's
     count of `ds`/`mb`/`skip` layers, depth and MACs: where the two disagree, the supernet rates a
     kind of network differently from training."""
-    from evaluators.cost import analytic_cost
-
     archs = [space.decode(k) for k in keys]
     counts = {f"n_{b}": [sum(ly.block == b for ly in x.layers) for x in archs] for b in ("ds", "mb", "skip")}
     counts["depth"] = [len(x.layers) for x in archs]
@@ -177,10 +176,8 @@ def main() -> int:
     counter = CompileCounter()
 
     # ---------------------------------------------------------------- supernet training
-    overrides = dict(kv.split("=", 1) for kv in a.supernet_set)
-    overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
-    scfg = SupernetConfig.from_dict({"epochs": sn_epochs, "batch_size": 64, "seed": 0,
-                                     "recalibration_images": a.recalibration_images, **overrides}, "--supernet-set")
+    recipe = {"epochs": sn_epochs, "batch_size": 64, "seed": 0, "recalibration_images": a.recalibration_images}
+    scfg = SupernetConfig.from_dict(apply_overrides(recipe, a.supernet_set, "--supernet-set"), "--supernet-set")
     out["supernet_config"] = scfg.to_dict()
     saved = None
     if a.supernet_dir and Path(a.supernet_dir, "manifest.json").is_file():
@@ -249,10 +246,11 @@ def main() -> int:
 
     # ---------------------------------------------------------------- ranking vs stand-alone
     if "ranking" not in skip:
+        cand_keys = [c.key for c in cands]
         acc = np.zeros((2, len(cands)))
         cached = (json.loads(Path(a.standalone_cache).read_text())
                   if a.standalone_cache and Path(a.standalone_cache).is_file() else None)
-        if cached and cached.get("keys") == [c.key for c in cands] and cached.get("epochs") == epochs \
+        if cached and cached.get("keys") == cand_keys and cached.get("epochs") == epochs \
                 and cached.get("dataset") == dataset:
             acc = np.asarray(cached["accuracy"])  # the same candidates, budget and data: trained before
             out["standalone_from"] = a.standalone_cache
@@ -264,14 +262,14 @@ def main() -> int:
             out["standalone_per_cpu_minute"] = 2 * len(cands) / ((cpu_s() - c0) / 60)
             out["standalone_per_wall_minute"] = 2 * len(cands) / ((time.perf_counter() - t0) / 60)
             if a.standalone_cache:
-                Path(a.standalone_cache).write_text(json.dumps({"keys": [c.key for c in cands], "epochs": epochs,
+                Path(a.standalone_cache).write_text(json.dumps({"keys": cand_keys, "epochs": epochs,
                                                                 "dataset": dataset, "accuracy": acc.tolist()}))
-        out["ranking_candidates"] = {"keys": [c.key for c in cands], "inherited": inh.tolist(),
+        out["ranking_candidates"] = {"keys": cand_keys, "inherited": inh.tolist(),
                                      "standalone": acc.tolist()}
         out["kendall_tau"] = float(kendalltau(inh, acc.mean(axis=0)).statistic)
         out["seed_tau"] = float(kendalltau(acc[0], acc[1]).statistic)
         out["candidates"] = len(cands)
-        out["ranking_bias"] = ranking_bias(space, [c.key for c in cands], inh, acc)
+        out["ranking_bias"] = ranking_bias(space, cand_keys, inh, acc)
         if "standalone_per_cpu_minute" in out:
             out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
         log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -109,7 +111,7 @@ def test_rank_and_standard_predictors_save_and_load_and_an_old_file_reads_as_sta
     acc = np.r_[np.linspace(0.9, 0.98, 38), 0.1, 0.12]
     cfg = PredictorConfig(hidden=(16,), members=2, steps=20)
     for target in ("rank", "standard"):
-        pred = fit_predictor(space, keys, acc, PredictorConfig(**{**cfg.__dict__, "target": target}))
+        pred = fit_predictor(space, keys, acc, dataclasses.replace(cfg, target=target))
         again = load_predictor(pred.save(tmp_path / f"{target}.msgpack"), space)
         assert again.cfg.target == target and (again.quantiles is None) == (target == "standard")
         np.testing.assert_allclose(again.predict(keys), pred.predict(keys), rtol=1e-6)

@@ -17,8 +17,8 @@ from nas.rundir import experiment_from_run_dir, load_winners
 from nas.specialize import SpecializeConfig, Target, parse_targets, run_specialize
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
+from supernet_quickstart import QUICKSTART, train_quickstart
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "supernet_quickstart.yaml"
 
 
 def test_constraints_pair_with_their_profiles():
@@ -118,14 +118,18 @@ def test_specialize_without_a_profile_nor_declared_targets_is_one_line_exit_2(su
 @pytest.mark.slow
 def test_the_supernet_quickstart_trains_and_specializes_for_its_two_profiles(tmp_path, capsys):
     """`nas supernet train experiments/supernet_quickstart.yaml` at a reduced budget: one Ray trial trains
-    the supernet, then each declared profile gets a winners.json whose winners meet its constraints."""
+    the supernet into RUN_DIR/supernet/, then each declared profile gets a winners.json whose winners meet
+    its constraints; a second `train` of the same run refuses. (Last in this file: the `supernet_run`
+    fixture has compiled the same training program by then.)"""
     targets = load_config(QUICKSTART).specialize.constraints()
     assert len(targets) == 2
-    small = ["output_dir=" + str(tmp_path), "supernet.epochs=1", "supernet.recalibration_images=200",
-             "specialize.budget=120", "specialize.batch=40", "specialize.population=20", "specialize.sample=5",
+    small = ["specialize.budget=120", "specialize.batch=40", "specialize.population=20", "specialize.sample=5",
              "specialize.confirm=4", "specialize.top_k=2", "specialize.measure=30"]
-    assert main(["supernet", "train", str(QUICKSTART), *[a for kv in small for a in ("--set", kv)]]) == 0
+    assert train_quickstart(tmp_path, *small) == 0
     run = tmp_path / "supernet_quickstart"
+    for name in ("weights.msgpack", "manifest.json", "history.json", "config.yaml"):
+        assert (run / "supernet" / name).is_file(), name
+    assert [h["epoch"] for h in json.loads((run / "supernet" / "history.json").read_text())] == [1]
     for profile, limits in targets.items():
         winners = json.loads((run / "specialized" / profile / "winners.json").read_text())
         assert [w["rank"] for w in winners] == [1, 2]
@@ -135,3 +139,5 @@ def test_the_supernet_quickstart_trains_and_specializes_for_its_two_profiles(tmp
                 assert cost_value(cost, arch) <= cap, (profile, w["key"], cost)
     out = capsys.readouterr().out
     assert all(f"{p}: " in out for p in targets)  # one line per profile naming its winner
+    assert train_quickstart(tmp_path, *small) == 2  # already trained: --resume or --force
+    assert "already holds this supernet" in capsys.readouterr().err

@@ -222,16 +222,3 @@ def test_nas_supernet_train_rejects_an_unknown_supernet_key(tmp_path, capsys):
     assert main(["supernet", "train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "supernet.kd: unknown key" in err and "\n" not in err
-
-
-@pytest.mark.slow
-def test_nas_supernet_train_runs_as_a_ray_trial_and_writes_the_run_dir(tmp_path, capsys):
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(_experiment(tmp_path)))
-    assert main(["supernet", "train", str(path)]) == 0
-    out = tmp_path / "runs" / "sn" / "supernet"
-    for name in ("weights.msgpack", "manifest.json", "history.json", "config.yaml"):
-        assert (out / name).is_file(), name
-    assert json.loads((out / "history.json").read_text())[0]["epoch"] == 1
-    assert main(["supernet", "train", str(path)]) == 2  # already trained: --resume or --force
-    assert "already holds this supernet" in capsys.readouterr().err

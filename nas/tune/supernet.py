@@ -20,6 +20,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from evaluators.supernet import MANIFEST, WEIGHTS, load_supernet, save_supernet, train_supernet
 from nas.config import ExperimentConfig
 from nas.tune.connect import init_ray
+from nas.rundir import enable_compilation_cache
 from nas.tune.trial import resume_blob
 from nas.messages import last_line
 from nas.supernet import SupernetJob, check_out_dir, load_data, prepare, write_outputs
@@ -32,6 +33,7 @@ HISTORY_KEY = "history"
 
 def supernet_trial(config: dict[str, Any], job: SupernetJob) -> None:
     """The Tune trainable: train, report every epoch with a resumable checkpoint, then the weights."""
+    enable_compilation_cache()  # a retried trial, a --force re-run or a second seed loads its training program
     data = load_data(job.cfg, job.space)
     pending: dict[str, Any] = {}
 

@@ -53,7 +53,8 @@ from scipy.stats import kendalltau  # noqa: E402
 from evaluators.cost import analytic_cost  # noqa: E402
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.predictor import PredictorConfig, fit_predictor  # noqa: E402
-from evaluators.supernet import RECAL_IMAGES, SupernetConfig, load_supernet, save_supernet, score, train_supernet  # noqa: E402
+from evaluators.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet  # noqa: E402
+from evaluators.supernet_score import RECAL_IMAGES, score  # noqa: E402
 from evaluators.optim import TrainConfig  # noqa: E402
 from evaluators.predict import evaluate  # noqa: E402
 from evaluators.train import train  # noqa: E402
@@ -419,7 +420,7 @@ def throughput_only(a) -> int:
 
 
 def scorer_recal(space, variables, arch, data, n_images):
-    from evaluators.supernet import recalibrate
+    from evaluators.supernet_score import recalibrate
 
     return recalibrate(space, variables, [arch], data, n_images)[0]
 

@@ -1,4 +1,4 @@
-"""Train a weight-sharing supernet and score candidates on it: pure functions, `jax.jit` at the boundary.
+"""Train a weight-sharing supernet: pure functions, `jax.jit` at the boundary.
 
 Training (`train_supernet`) follows the sandwich rule with in-place distillation (BigNAS,
 AttentiveNAS): every step trains the largest candidate, the smallest and N random ones on one
@@ -10,9 +10,8 @@ Optionally the elastic dimensions open one after another (OFA's progressive shri
 then depth, then expansion, then width and op type), and at the end of every epoch each channel
 group is re-ordered by importance so that narrow candidates use the strongest channels.
 
-Scoring (`score`) re-estimates BatchNorm statistics for each candidate on training images (OFA)
-and measures validation accuracy, many candidates per compiled call (`lax.map`), so the number of
-compiled programs does not grow with the number of candidates.
+Scoring a candidate on the trained weights (BatchNorm re-estimation, then accuracy) is
+`evaluators.supernet_score`; `save_supernet`/`load_supernet` write and read a trained supernet.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.serialization
 import jax
@@ -33,23 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evaluators.datasets import Dataset, epoch_indices, pad_batches
+from evaluators.datasets import Dataset, epoch_indices
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.schema import build, spec
 from search_spaces.space import SearchSpace
-from search_spaces.supernet import (
-    Supernet, candidate, channel_importance, check_arch, extreme, initialize, permute_channels, stack_candidates,
-)
+from evaluators.supernet_score import RECAL_IMAGES, candidate_arrays, score, score_with_statistics
+from search_spaces.supernet import Supernet, channel_importance, extreme, initialize, permute_channels, stack_candidates
 
 Variables = dict[str, Any]
 PHASES = ("largest", "kernel", "depth", "expansion", "all")  # progressive shrinking, in order
-SCORE_CHUNK = 8  # candidates per compiled scoring call (the last chunk is padded)
-RECAL_BATCH = 250
-# BatchNorm re-estimation images per candidate. OFA uses 2,000 (ImageNet); on mnist5k, 500 rank 40
-# candidates as 2,000 do (Kendall tau vs 2,000 images 0.89, as for 1,000; tau against stand-alone
-# training 0.275 vs 0.273) at 2.2x the candidates per CPU-minute (docs/supernet.md, benchmarks/supernet.py).
-RECAL_IMAGES = 500
 
 
 # ==================================================================== config
@@ -311,9 +303,8 @@ def train_supernet(space: SearchSpace, data: Dataset, cfg: SupernetConfig, *,
         raise NasError(f"resume_from: the saved state is already past the last epoch ({cfg.epochs})")
     params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
     # the per-epoch scoring program, so training compiles nothing more for this
-    _, (stats_big,) = _run_chunks(space, {"params": params, "batch_stats": variables["batch_stats"]},
-                                  [extreme(space, largest=True)], _recal_batches(data, n_recal, RECAL_BATCH),
-                                  _val_batches(data.x_val, data.y_val, RECAL_BATCH), SCORE_CHUNK)
+    _, (stats_big,) = score_with_statistics(space, {"params": params, "batch_stats": variables["batch_stats"]},
+                                            [extreme(space, largest=True)], data, n_images=n_recal)
     return SupernetResult({"params": params, "batch_stats": stats_big}, history,
                           time.perf_counter() - t_train, compile_s)
 
@@ -322,16 +313,7 @@ def _step_candidates(space: SearchSpace, rng: np.random.Generator, stage: str, n
                      op_sampling: str) -> list[dict]:
     archs = [sample_arch(space, None, stage, "max"), sample_arch(space, None, stage, "min")]
     archs += [sample_arch(space, rng, stage, op_sampling=op_sampling) for _ in range(n_random)]
-    return [_cand(space, a) for a in archs]
-
-
-@functools.lru_cache(maxsize=4096)
-def _cand_cached(space: SearchSpace, arch: Architecture) -> dict:
-    return candidate(space, arch)
-
-
-def _cand(space: SearchSpace, arch: Architecture) -> dict:
-    return _cand_cached(space, arch)
+    return [candidate_arrays(space, a) for a in archs]
 
 
 def _blob(state: dict, history: list[dict], epoch: int, rng: np.random.Generator) -> bytes:
@@ -348,124 +330,6 @@ def _restore(blob: bytes, state: dict, rng: np.random.Generator) -> tuple[dict, 
         return jax.device_put(restored), json.loads(d["history"]), int(d["epoch"]) + 1
     except (KeyError, ValueError, TypeError) as e:
         raise NasError(f"resume_from: not a supernet training state of this space/config ({e})") from None
-
-
-# ==================================================================== BatchNorm re-estimation and scoring
-def _stats_of(net: Supernet, params: Any, stats0: Any, xs: jnp.ndarray, c: dict) -> Any:
-    """BatchNorm statistics of candidate `c` over the batches `xs` (k, b, ...): the mean of the batch
-    means and of the batch means of squares, var = E[x^2] - E[x]^2 (the statistics of all k*b images)."""
-    def body(acc, xb):
-        _, mom = net.apply({"params": params, "batch_stats": stats0}, xb, c, train=True, moments=True)
-        return jax.tree.map(jnp.add, acc, mom), None
-
-    zero = jax.tree.map(jnp.zeros_like, stats0)
-    total, _ = jax.lax.scan(body, zero, xs)
-    k = xs.shape[0]
-    return _finish(total, k)
-
-
-def _finish(total: Any, k: int) -> Any:
-    out = {}
-    for name, node in total.items():
-        if "bn" in node and isinstance(node["bn"], dict) and "mean" in node["bn"]:
-            m, m2 = node["bn"]["mean"] / k, node["bn"]["var"] / k
-            out[name] = {"bn": {"mean": m, "var": jnp.maximum(m2 - m * m, 0.0)}}
-        else:
-            out[name] = _finish(node, k)
-    return out
-
-
-def _score_chunk(space: SearchSpace, params: Any, stats0: Any, recal: jnp.ndarray, xv: jnp.ndarray,
-                 yv: jnp.ndarray, mv: jnp.ndarray, cands: dict) -> tuple[jnp.ndarray, Any]:
-    """(correct counts, statistics) for stacked candidates: re-estimate BatchNorm, then evaluate."""
-    net = Supernet(space)
-
-    def one(c):
-        stats = _stats_of(net, params, stats0, recal, c)
-
-        def body(acc, inp):
-            xb, yb, mb = inp
-            logits = net.apply({"params": params, "batch_stats": stats}, xb, c, train=False)
-            return acc + jnp.sum((jnp.argmax(logits, -1) == yb) * mb), None
-
-        correct, _ = jax.lax.scan(body, jnp.float32(0), (xv, yv, mv))
-        return correct, stats
-
-    return jax.lax.map(one, cands)
-
-
-@functools.lru_cache(maxsize=8)
-def _score_program(space: SearchSpace):
-    return jax.jit(functools.partial(_score_chunk, space))
-
-
-def _recal_batches(data: Dataset, n_images: int, batch: int) -> np.ndarray:
-    n = min(int(n_images), len(data.y_train))
-    b = min(batch, n)
-    k = max(1, n // b)
-    rows = np.random.default_rng(0).permutation(len(data.y_train))[:k * b]  # fixed rows: comparable scores
-    return np.asarray(data.x_train)[np.sort(rows)].reshape(k, b, *data.input_shape)
-
-
-def _val_batches(x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    k = max(1, -(-len(y) // batch))
-    b = -(-len(y) // k)
-    xp, n = pad_batches(np.asarray(x), b)
-    yp, _ = pad_batches(np.asarray(y), b)
-    mask = (np.arange(k * b) < n).astype(np.float32)
-    return xp.reshape(k, b, *xp.shape[1:]), yp.reshape(k, b), mask.reshape(k, b)
-
-
-def _run_chunks(space: SearchSpace, variables: Variables, archs: Sequence[Architecture], recal: np.ndarray,
-                val: tuple[np.ndarray, np.ndarray, np.ndarray], chunk: int) -> tuple[np.ndarray, list[Any]]:
-    for a in archs:
-        check_arch(space, a)
-        if a.resolution != recal.shape[2]:
-            raise NasError(f"supernet: architecture '{a.key}' has resolution {a.resolution}; the data is "
-                           f"{recal.shape[2]}x{recal.shape[2]}")
-    program = _score_program(space)
-    params = jax.device_put(variables["params"])
-    stats0 = jax.device_put(variables["batch_stats"])
-    recal_d, val_d = jax.device_put(recal), jax.device_put(val)
-    correct, stats = [], []
-    pad = _cand(space, archs[0]) if archs else None
-    for i in range(0, len(archs), chunk):
-        part = [_cand(space, a) for a in archs[i:i + chunk]]
-        real = len(part)
-        part += [pad] * (chunk - real)
-        c, s = program(params, stats0, recal_d, *val_d, stack_candidates(part))
-        correct.append(np.asarray(c)[:real])
-        s = jax.device_get(s)
-        stats += [jax.tree.map(lambda a, j=j: np.asarray(a[j]), s) for j in range(real)]
-    return (np.concatenate(correct) if correct else np.zeros(0)), stats
-
-
-def recalibrate(space: SearchSpace, variables: Variables, archs: Sequence[Architecture], data: Dataset,
-                n_images: int = RECAL_IMAGES, *, batch: int = RECAL_BATCH, chunk: int = SCORE_CHUNK) -> list[Variables]:
-    """BatchNorm statistics re-estimated on `n_images` training images (capped at the split) for each
-    candidate (OFA), as full supernet 'batch_stats' trees (entries a candidate does not use are zero)."""
-    _, stats = _run_chunks(space, variables, list(archs), _recal_batches(data, n_images, batch),
-                           _val_batches(data.x_val[:1], data.y_val[:1], 1), chunk)
-    return stats
-
-
-def score(space: SearchSpace, variables: Variables, archs: Sequence[Architecture], data: Dataset, *,
-          n_images: int | None = None, batch: int = RECAL_BATCH, chunk: int = SCORE_CHUNK,
-          split: str = "val") -> np.ndarray:
-    """Inherited accuracy of each candidate on the whole validation split (or `split='test'`), after
-    re-estimating its BatchNorm statistics on `n_images` training images (default RECAL_IMAGES, capped at the
-    split). Candidates run `chunk` at a time through one compiled program: the number of compiled
-    programs does not depend on how many candidates are scored.
-
-    Example:
-      >>> acc = score(space, load_supernet(path).variables, [space.sample(rng) for _ in range(100)], data)
-    """
-    if split not in ("val", "test"):
-        raise NasError(f"score: split {split!r}; allowed val, test")
-    x, y = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
-    correct, _ = _run_chunks(space, variables, list(archs), _recal_batches(data, n_images or RECAL_IMAGES, batch),
-                             _val_batches(x, y, batch), chunk)
-    return correct / len(y)
 
 
 # ==================================================================== persistence

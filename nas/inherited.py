@@ -24,7 +24,8 @@ import numpy as np
 
 from evaluators.datasets import Dataset
 from evaluators.predictor import Predictor, PredictorConfig, fit_predictor, load_predictor
-from evaluators.supernet import RECAL_IMAGES, SupernetConfig, recalibrate, score
+from evaluators.supernet import SupernetConfig
+from evaluators.supernet_score import RECAL_IMAGES, recalibrate, score
 from nas.supernet import load_data, load_run
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError

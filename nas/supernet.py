@@ -15,7 +15,8 @@ import yaml
 from tensorboardX import SummaryWriter
 
 from evaluators.datasets import Dataset, load
-from evaluators.supernet import SavedSupernet, SupernetConfig, load_supernet, save_supernet, score
+from evaluators.supernet import SavedSupernet, SupernetConfig, load_supernet, save_supernet
+from evaluators.supernet_score import score
 from nas.config import ExperimentConfig, config_from_dict
 from nas.preflight import check_fitting_data, preflight
 from nas.rundir import resolve_space

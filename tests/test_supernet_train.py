@@ -14,9 +14,8 @@ import pytest
 import yaml
 
 from evaluators.datasets import load_dataset
-from evaluators.supernet import (
-    SupernetConfig, load_supernet, recalibrate, sample_arch, save_supernet, score, train_supernet,
-)
+from evaluators.supernet import SupernetConfig, load_supernet, sample_arch, save_supernet, train_supernet
+from evaluators.supernet_score import recalibrate, score
 from nas.cli import main
 from nas.config import config_from_dict
 from nas.supernet import SupernetJob, prepare, write_outputs
@@ -149,7 +148,7 @@ def test_score_equals_the_extracted_network_with_recalibrated_statistics(trained
 
 @pytest.mark.slow
 def test_scoring_many_candidates_compiles_no_new_program(trained, digits):
-    from evaluators.supernet import _score_program
+    from evaluators.supernet_score import _score_program
 
     res, _, _ = trained
     rng = np.random.default_rng(2)

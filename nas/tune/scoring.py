@@ -23,7 +23,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from evaluators.supernet import SCORE_CHUNK
+from evaluators.supernet_score import SCORE_CHUNK
 from nas.inherited import Scorer, SupernetScorer
 from nas.messages import first_line, last_line
 from nas.rundir import enable_compilation_cache

@@ -26,17 +26,20 @@ def nas(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
-    """`nas run` on the quickstart, shrunk: 3 trials of 2 epochs, distillation of one epoch, flax export."""
+    """`nas run` on the quickstart, shrunk: 3 trials of 2 epochs, distillation of one epoch, pruning to half
+    the MACs with one epoch of fine-tuning (the compress stage, enabled here), flax export."""
     out = tmp_path_factory.mktemp("cli")
     r = nas("run", "experiments/quickstart.yaml", "--set", f"output_dir={out}", "--set", "name=cli",
             "--set", f"num_trials={NUM_TRIALS}", "--set", "top_k=1", "--set", "train.epochs=2",
-            "--set", "distill.epochs=1", "--set", "distill.seeds=1")
+            "--set", "distill.epochs=1", "--set", "distill.seeds=1", "--set", "compress.enabled=true",
+            "--set", "compress.prune=macs=0.5", "--set", "compress.epochs=1", "--set", "compress.latency_budget_s=0")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "winners (" in r.stdout and "distillation:" in r.stdout and "export:" in r.stdout
+    stages = [r.stdout.index(s) for s in ("distillation:", "compression:", "export:", "winners (")]
+    assert stages == sorted(stages), r.stdout[-3000:]  # search, distill, compress, export, in that order
     return out / "cli"
 
 
-def test_nas_run_writes_trials_winners_distillation_and_an_export(real_run):
+def test_nas_run_writes_trials_winners_distillation_a_compressed_model_and_an_export(real_run):
     rows = list(csv.DictReader((real_run / "trials.csv").open()))
     trained = [r for r in rows if r["status"] != "infeasible"]
     assert len(trained) == NUM_TRIALS and all(r["status"] == "ok" for r in trained)
@@ -44,6 +47,11 @@ def test_nas_run_writes_trials_winners_distillation_and_an_export(real_run):
     assert len(winners) == 1 and winners[0]["key"] in {r["key"] for r in trained}
     assert json.loads((real_run / "distill.json").read_text())["winners"][0]["key"] == winners[0]["key"]
     assert list((real_run / "export").glob(f"01-{winners[0]['key']}/flax/variables.msgpack"))
+    compressed = list((real_run / "compressed").glob(f"01-{winners[0]['key']}*"))
+    assert len(compressed) == 1, compressed  # the compress stage pruned the winner to half its MACs
+    m = json.loads((compressed[0] / "metrics.json").read_text())
+    assert m["macs"]["after"] <= 0.5 * m["macs"]["before"] and 0 <= m["test_accuracy"] <= 1
+    assert (compressed[0] / "model.onnx").is_file()
 
 
 def _events(path: Path):

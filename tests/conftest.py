@@ -32,9 +32,8 @@ def macro_table_path() -> Path:
 @pytest.fixture(scope="session")
 def supernet_run(tmp_path_factory) -> Path:
     """A run directory with a tiny trained supernet (mobile_small on 8x8 digits, 1 epoch): what
-    `nas supernet train` of the supernet quickstart leaves, without its specialization (no targets)."""
-    from supernet_quickstart import train_quickstart
+    `nas supernet train` of the supernet quickstart leaves in RUN_DIR/supernet/, without its
+    specialization (no targets); trained as its Ray trial trains it, without Ray."""
+    from supernet_quickstart import train_quickstart_without_ray
 
-    out = tmp_path_factory.mktemp("runs")
-    assert train_quickstart(out, "specialize.targets={}") == 0
-    return out / "supernet_quickstart"
+    return train_quickstart_without_ray(tmp_path_factory.mktemp("runs"), "specialize.targets={}")

@@ -33,11 +33,11 @@ import numpy as np
 import optax
 
 from evaluators.datasets import Dataset, epoch_indices
+from evaluators.supernet_score import RECAL_IMAGES, candidate_arrays, score, score_with_statistics
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.schema import build, spec
 from search_spaces.space import SearchSpace
-from evaluators.supernet_score import RECAL_IMAGES, candidate_arrays, score, score_with_statistics
 from search_spaces.supernet import Supernet, channel_importance, extreme, initialize, permute_channels, stack_candidates
 
 Variables = dict[str, Any]

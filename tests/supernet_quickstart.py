@@ -14,10 +14,15 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "supernet_qui
 ONE_EPOCH = ("supernet.epochs=1", "supernet.recalibration_images=200")
 
 
+def _overrides(output_dir: Path, sets: tuple[str, ...]) -> list[str]:
+    """The KEY=VALUE overrides of a 1-epoch quickstart into OUTPUT_DIR, then `sets`."""
+    return [f"output_dir={output_dir}", *ONE_EPOCH, *sets]
+
+
 def train_quickstart(output_dir: Path, *sets: str) -> int:
     """`nas supernet train` of the quickstart into OUTPUT_DIR/supernet_quickstart, 1 epoch, with more --set."""
-    args = (f"output_dir={output_dir}", *ONE_EPOCH, *sets)
-    return main(["supernet", "train", str(QUICKSTART), *[a for kv in args for a in ("--set", kv)]])
+    flags = [a for kv in _overrides(output_dir, sets) for a in ("--set", kv)]
+    return main(["supernet", "train", str(QUICKSTART), *flags])
 
 
 # What the supernet trial runs, without Ray (start-up, and a trial's compile slowed by the other worker's
@@ -38,8 +43,7 @@ write_outputs(job, result.variables, result.history)
 
 def train_quickstart_without_ray(output_dir: Path, *sets: str) -> Path:
     """The quickstart's supernet trained as its Ray trial trains it, in a child process; its run directory."""
-    args = (f"output_dir={output_dir}", *ONE_EPOCH, *sets)
-    r = subprocess.run([sys.executable, "-c", _TRAIN, str(QUICKSTART), *args], capture_output=True, text=True,
-                       cwd=QUICKSTART.parents[1], timeout=900)
+    r = subprocess.run([sys.executable, "-c", _TRAIN, str(QUICKSTART), *_overrides(output_dir, sets)],
+                       capture_output=True, text=True, cwd=QUICKSTART.parents[1], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return Path(output_dir) / "supernet_quickstart"

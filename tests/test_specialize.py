@@ -20,7 +20,6 @@ from search_spaces.errors import NasError
 from supernet_quickstart import QUICKSTART, train_quickstart
 
 
-
 def test_constraints_pair_with_their_profiles():
     targets = parse_targets(["pixel4", "rpi4"], ["latency_ms@pixel4=3.0", "latency_ms@rpi4<=9", "params=50000"])
     assert targets == [

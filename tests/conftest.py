@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,10 +31,24 @@ def macro_table_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def supernet_run(tmp_path_factory) -> Path:
+def supernet_run(tmp_path_factory, worker_id) -> Path:
     """A run directory with a tiny trained supernet (mobile_small on 8x8 digits, 1 epoch): what
     `nas supernet train` of the supernet quickstart leaves in RUN_DIR/supernet/, without its
-    specialization (no targets); trained as its Ray trial trains it, without Ray."""
+    specialization (no targets); trained as its Ray trial trains it, without Ray.
+
+    Trained once per session: the first pytest-xdist worker to need it trains it under a file lock in
+    the session's shared base folder, and each worker gets its own copy (tests write into it)."""
+    from filelock import FileLock
     from supernet_quickstart import train_quickstart_without_ray
 
-    return train_quickstart_without_ray(tmp_path_factory.mktemp("runs"), "specialize.targets={}")
+    copy = tmp_path_factory.mktemp("runs")
+    if worker_id == "master":  # no xdist: nothing to share
+        return train_quickstart_without_ray(copy, "specialize.targets={}")
+    shared = tmp_path_factory.getbasetemp().parent / "supernet_run"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "trained").exists():
+            shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+            run = train_quickstart_without_ray(shared, "specialize.targets={}")
+            (shared / "trained").write_text(run.name)
+    name = (shared / "trained").read_text()
+    return Path(shutil.copytree(shared / name, copy / name))

@@ -3,7 +3,8 @@
 For one mobile_small network at 28x28 (random weights: kernel choice and speed do not depend on
 the values), exports fp32 ONNX (`evaluators.onnx_export.to_onnx`), quantizes it statically
 (`evaluators.quantize.quantize_static_int8`, per-channel int8 weights) with uint8 and with int8
-activations, and runs each with `SessionOptions.enable_profiling` at batch 1 and 32, at graph
+activations and with uint8 activations but every squeeze-and-excite path left in float
+(`float_se=True`), and runs each with `SessionOptions.enable_profiling` at batch 1 and 32, at graph
 optimisation levels 'basic' and 'all'. Reports, per model, the operators ONNX Runtime actually
 ran after its graph rewrites (e.g. QLinearConv, or DequantizeLinear -> Conv -> QuantizeLinear
 where it could not fuse) with their summed time per inference, so the operators that make int8
@@ -11,6 +12,9 @@ slower than fp32 show by name.
 
     python benchmarks/int8_profile.py --key 1131001--11d7-1 --runs 200
     python benchmarks/int8_profile.py --json
+
+Convolutions are reported apart by kind: `Conv[dw]`/`QLinearConv[dw]` (depthwise, group > 1) and
+the rest (pointwise, stem), read from the session's optimized graph; each model's file size too.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ def profile(path: str, x: np.ndarray, runs: int, level: str, tmp: str) -> dict:
     so.log_severity_level = 3
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tmp, f"prof-{Path(path).stem}-{level}-{len(x)}")
+    so.optimized_model_filepath = os.path.join(tmp, f"opt-{Path(path).stem}-{level}-{len(x)}.onnx")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    import onnx
+
+    kinds = {n.name: n.op_type + ("[dw]" if any(a.name == "group" and a.i > 1 for a in n.attribute) else "")
+             for n in onnx.load(so.optimized_model_filepath).graph.node}
     feed = {sess.get_inputs()[0].name: x}
     for _ in range(10):
         sess.run(None, feed)
@@ -53,7 +62,7 @@ def profile(path: str, x: np.ndarray, runs: int, level: str, tmp: str) -> dict:
     total = 0.0
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
+            op = kinds.get(e["name"][:-len("_kernel_time")]) or e.get("args", {}).get("op_name", "?")
             ops[op] += e["dur"]
             nodes[op].add(e["name"])
         elif e.get("cat") == "Session" and e.get("name") == "model_run":
@@ -83,9 +92,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="int8-profile-") as tmp:
         paths = {"fp32": os.path.join(tmp, "fp32.onnx")}
         onnx.save(to_onnx(arch, arch_variables(arch)), paths["fp32"])
-        for name, act in (("int8_u8", "uint8"), ("int8_s8", "int8")):
+        for name, act, float_se in (("int8_u8", "uint8", False), ("int8_s8", "int8", False),
+                                    ("int8_u8_sefloat", "uint8", True)):
             paths[name] = os.path.join(tmp, f"{name}.onnx")
-            quantize_static_int8(paths["fp32"], paths[name], calib, activation_type=act)
+            quantize_static_int8(paths["fp32"], paths[name], calib, activation_type=act, float_se=float_se)
+        out["bytes"] = {name: os.path.getsize(p) for name, p in paths.items()}
         for batch in (1, 32):
             x = np.ascontiguousarray(calib[:batch])
             for level in ("basic", "all"):
@@ -94,9 +105,10 @@ def main(argv=None) -> int:
                     out["results"][f"{name}/b{batch}/{level}"] = r
     print(f"ONNX Runtime per-operator time per inference (us), one thread, {args.runs} runs, mobile_small "
           f"{args.key} at 28x28 (shared machine: compare within a column group, not across runs)")
+    print("file bytes: " + ", ".join(f"{n} {b}" for n, b in out["bytes"].items()))
     for batch in (1, 32):
         for level in ("basic", "all"):
-            rows = {n: out["results"][f"{n}/b{batch}/{level}"] for n in ("fp32", "int8_u8", "int8_s8")}
+            rows = {n: out["results"][f"{n}/b{batch}/{level}"] for n in out["bytes"]}
             print(f"\nbatch {batch}, graph optimisation '{level}': total "
                   + ", ".join(f"{n} {r['per_run_us']:.1f}" for n, r in rows.items())
                   + f"  (int8_u8 / fp32 = {rows['int8_u8']['per_run_us'] / rows['fp32']['per_run_us']:.2f})")

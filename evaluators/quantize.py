@@ -219,8 +219,35 @@ def _conv_default(a: "onnx.AttributeProto") -> bool:
     return a.name == "auto_pad" and a.s in (b"", b"NOTSET")
 
 
+def squeeze_excite_nodes(model: "onnx.ModelProto") -> list[str]:
+    """Names of the nodes of every squeeze-and-excite path: from a ReduceMean or GlobalAveragePool
+    forward to the Mul that gates the block's features with its result (the pool, both dense
+    layers, their activations, the broadcast shape arithmetic and the gating Mul)."""
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names: set[str] = set()
+    for start in model.graph.node:
+        if start.op_type not in ("ReduceMean", "GlobalAveragePool"):
+            continue
+        path, stack, seen = [], [start], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            path.append(n)
+            if n.op_type != "Mul":  # the gate ends the path
+                stack.extend(c for o in n.output for c in consumers.get(o, []))
+        if any(n.op_type == "Mul" for n in path) and not any(n.op_type in ("Conv", "Add") for n in path):
+            names |= {n.name for n in path}  # a head's pool leads to the classifier, not to a gate
+    return sorted(names)
+
+
 def quantize_static_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibration: np.ndarray, *,
-                         activation_type: str = "uint8", method: str = "percentile", batch: int = 32) -> dict[str, Any]:
+                         activation_type: str = "uint8", method: str = "percentile", batch: int = 32,
+                         float_se: bool = False) -> dict[str, Any]:
     """Statically quantize an fp32 ONNX model to int8 (QDQ, per-channel weights).
 
     Args:
@@ -231,10 +258,12 @@ def quantize_static_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibr
       method: calibration method: 'percentile' (default; clips the 0.001% tails: on mnist5k winners
         it lost 0.5-0.8 points where 'minmax' lost 0.9-1.5), 'minmax' or 'entropy'.
       batch: calibration batch size (the model needs a dynamic or matching batch dimension).
+      float_se: keep every squeeze-and-excite path in float (`squeeze_excite_nodes`): no Q/DQ pairs
+        around its pool, dense layers and gates, fp32 SE weights (a bigger file).
 
     Returns:
       {"format": "QDQ", "per_channel": True, "weight_type", "activation_type", "calibration_method",
-       "calibration_images", "bytes"}.
+       "calibration_images", "float_se", "bytes"}.
 
     Raises:
       NasError: bad arguments, or ONNX Runtime failed to pre-process or quantize (one line).
@@ -267,18 +296,28 @@ def quantize_static_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibr
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         except Exception as e:  # ORT raises many types; keep the first line
             raise NasError(f"int8: quant_pre_process failed: {_first_line(e)}") from None
+        exclude: list[str] = []
+        if float_se:  # nodes are excluded by name: name the unnamed ones (inlined HardSwish) first
+            model = onnx.load(str(pre))
+            taken = {n.name for n in model.graph.node}
+            for k, n in enumerate(model.graph.node):
+                if not n.name:
+                    n.name = _unique(taken, f"{n.op_type}_{k}")
+                    taken.add(n.name)
+            onnx.save(model, str(pre))
+            exclude = squeeze_excite_nodes(model)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print progress
                 quantize_static(str(pre), str(q), _reader(name, calibration, batch), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
-                                calibrate_method=calib,
+                                calibrate_method=calib, nodes_to_exclude=exclude,
                                 extra_options={"WeightSymmetric": True, "QuantizeBias": False})
         except Exception as e:
             raise NasError(f"int8: quantize_static failed: {_first_line(e)}") from None
         model = compact(pack_float16(drop_zero_points(onnx.load(str(q)))))
     onnx.save(model, str(out))
     return {"format": "QDQ", "per_channel": True, "weight_type": "int8", "activation_type": activation_type,
-            "calibration_method": method, "calibration_images": int(len(calibration)),
+            "calibration_method": method, "calibration_images": int(len(calibration)), "float_se": float_se,
             "bytes": out.stat().st_size}
 
 

@@ -192,3 +192,37 @@ def test_compact_changes_no_output_and_keeps_one_copy_of_each_scalar(fp32, tmp_p
     convs = [n for n in g.node if n.op_type == "Conv"]
     assert convs and not any(a.name in ("dilations", "strides") and set(a.ints) == {1} for n in convs for a in n.attribute)
     assert small.stat().st_size < full.stat().st_size
+
+
+def test_float_se_keeps_exactly_the_squeeze_and_excite_paths_in_float(tmp_path):
+    """`float_se`: no Q/DQ inside an SE path (its dense layers take float inputs and fp32 weights), every
+    convolution still QLinearConv, the hard-swish gates outside SE still quantized, and the outputs still
+    those of the fp32 network within int8 error."""
+    arch = load_space("mobile_small").decode("1131001--11d7-1")  # SE in two inverted bottlenecks, hard-swish
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(to_onnx(arch, arch_variables(arch)), str(fp32))
+    x = np.random.default_rng(0).standard_normal((64, 28, 28, 1)).astype(np.float32)
+
+    def optimized(fs: bool):
+        q = tmp_path / f"q{fs}.onnx"
+        info = Q.quantize_static_int8(fp32, q, x, float_se=fs)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"opt{fs}.onnx")
+        ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        return info, onnx.load(so.optimized_model_filepath).graph, q
+
+    (qi, qg, qpath), (fi, fg, fpath) = optimized(False), optimized(True)
+    se = Q.squeeze_excite_nodes(onnx.load(str(fp32)))
+    gemms_in_se = sum(1 for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gemm" and n.name in se)
+    assert gemms_in_se == 4  # two SE blocks, two dense layers each; the classifier is not SE
+    producers = {o: n.op_type for n in fg.node for o in n.output}
+    dense = [n for n in fg.node if n.op_type in ("Gemm", "FusedGemm")]
+    assert sum(producers.get(n.input[0]) != "DequantizeLinear" for n in dense) >= gemms_in_se
+    count = lambda g, op: sum(n.op_type == op for n in g.node)  # noqa: E731
+    assert count(fg, "QLinearConv") == count(qg, "QLinearConv") == 15
+    assert count(qg, "QLinearMul") - count(fg, "QLinearMul") == 2  # only the two SE gates left int8
+    assert count(fg, "DequantizeLinear") < count(qg, "DequantizeLinear")
+    assert fi["float_se"] and not qi["float_se"] and fi["bytes"] > qi["bytes"]  # fp32 SE weights
+    want = run(ort_session(str(fp32)), x)
+    for path in (qpath, fpath):
+        assert np.mean(np.argmax(run(ort_session(str(path)), x), 1) == np.argmax(want, 1)) >= 0.9

@@ -116,6 +116,27 @@ def ranking_bias(space, keys, inherited, standalone) -> dict[str, dict[str, floa
             for name, v in counts.items()}
 
 
+def tau_within_groups(x, y, groups) -> float:
+    """Kendall's tau-a of x and y over the pairs in the same group only (pairs tied in x or y count as
+    neither): how well x orders y among candidates alike in `groups`."""
+    x, y, g = (np.asarray(v, float) for v in (x, y, groups))
+    i, j = np.triu_indices(len(x), 1)
+    same = g[i] == g[j]
+    s = np.sign(x[i] - x[j])[same] * np.sign(y[i] - y[j])[same]
+    return float(s.sum() / max(np.count_nonzero(s), 1))
+
+
+def within_same_ds(space, keys, inherited, standalone) -> dict[str, float]:
+    """The ranking among candidates with the same number of `ds` layers (the block the supernet rates
+    lowest): inherited against stand-alone (mean over seeds) and, with 2+ seeds, seed against seed."""
+    n_ds = [sum(ly.block == "ds" for ly in space.decode(k).layers) for k in keys]
+    acc = np.asarray(standalone, float).reshape(-1, len(keys))
+    out = {"inherited_vs_standalone": tau_within_groups(inherited, acc.mean(axis=0), n_ds)}
+    if len(acc) >= 2:
+        out["seed_to_seed"] = tau_within_groups(acc[0], acc[1], n_ds)
+    return out
+
+
 def print_bias(bias, log) -> None:
     log("bias: Kendall tau with      stand-alone  inherited")
     for name, t in bias.items():
@@ -155,9 +176,12 @@ def main() -> int:
         r = saved["ranking_candidates"]
         space = load_space("mobile_small").with_input(resolution=load_dataset(saved["dataset"], seed=0).resolution)
         bias = ranking_bias(space, r["keys"], r["inherited"], r["standalone"])
+        within = within_same_ds(space, r["keys"], r["inherited"], r["standalone"])
         print_bias(bias, print)
+        print("tau among candidates with the same number of ds layers: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in within.items()))
         if a.json:
-            print(json.dumps({"ranking_bias": bias}))
+            print(json.dumps({"ranking_bias": bias, "tau_within_same_ds": within}))
         return 0
     quick = a.quick
     dataset = a.dataset or ("digits" if quick else "mnist5k")
@@ -271,11 +295,14 @@ def main() -> int:
         out["seed_tau"] = float(kendalltau(acc[0], acc[1]).statistic)
         out["candidates"] = len(cands)
         out["ranking_bias"] = ranking_bias(space, cand_keys, inh, acc)
+        out["tau_within_same_ds"] = within_same_ds(space, cand_keys, inh, acc)
         if "standalone_per_cpu_minute" in out:
             out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
         log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "
             f"on {len(cands)}; stand-alone {out.get('standalone_per_cpu_minute', float('nan')):.1f} per CPU-minute")
         print_bias(out["ranking_bias"], log)
+        log("tau among candidates with the same number of ds layers: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in out["tau_within_same_ds"].items()))
 
         # fewer BatchNorm re-estimation images: ranking kept vs scoring cost (each size compiles once)
         sweep = {}

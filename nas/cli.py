@@ -208,6 +208,9 @@ def _export_args(p):
     p.add_argument("--calibration-images", type=int, default=None,
                    help=f"training images calibrating int8 (default: the run's export.calibration_images, else "
                         f"{ExportConfig().calibration_images})")
+    p.add_argument("--int8-float-se", action="store_true", default=None,
+                   help="keep squeeze-and-excite paths in float in model.int8.onnx: faster at batch 1, bigger file "
+                        "(default: the run's export.int8_float_se)")
     p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
 
 
@@ -314,7 +317,8 @@ def _distill(args):
 def _export(args):
     export_run(args.run_dir, out=args.out, winner=args.winner,
                formats=tuple(args.format.split(",")) if args.format else None,
-               force=args.force, int8=args.int8, calibration_images=args.calibration_images)
+               force=args.force, int8=args.int8, calibration_images=args.calibration_images,
+               int8_float_se=args.int8_float_se)
 
 
 @command("compress", "prune a run's winners to a target and fine-tune them with distillation")(_compress_args)

@@ -225,6 +225,8 @@ class ExportConfig:
     formats: any of flax, onnx, stablehlo. int8: also write model.int8.onnx (needs onnx).
     calibration_images: training images that calibrate the int8 activation ranges.
     calibration_method: how ranges are set from them: percentile (default), minmax, entropy.
+    int8_float_se: keep squeeze-and-excite paths in float in model.int8.onnx (fewer Q/DQ nodes: faster
+      at batch 1 in ONNX Runtime; fp32 SE weights: a bigger file; docs/compress.md).
     tolerance: max abs logit difference allowed between a runtime and JAX.
     int8_max_drop: largest test-accuracy loss (fraction, 0.01 = 1 point) int8 may have vs fp32.
     latency_budget_s: time spent per latency measurement (0: do not measure).
@@ -236,6 +238,7 @@ class ExportConfig:
     int8: bool = False
     calibration_images: int = spec(256, ge=1)
     calibration_method: str = spec("percentile", choices=CALIBRATION_METHODS, what="method")
+    int8_float_se: bool = False
     tolerance: float = spec(1e-4, ge=0)
     int8_max_drop: float = spec(0.01, ge=0)
     latency_budget_s: float = spec(0.3, ge=0)

@@ -347,3 +347,16 @@ def test_export_config_validates_the_new_options():
                              ({"formats": ["stablehlo"], "int8": True}, "export.int8: needs 'onnx'")]:
         with pytest.raises(NasError, match=message):
             ExportConfig.from_dict(section)
+
+
+def test_int8_float_se_reaches_the_quantizer_from_the_cli(run_dir, tmp_path):
+    """`nas export --int8 --int8-float-se`: the int8 file is written and checked as usual, and its metrics
+    say the SE paths were left in float (this winner has none, so the graph is the default one)."""
+    from nas.cli import main
+
+    assert main(["export", str(run_dir), "--format", "onnx", "--int8", "--int8-float-se", "--out",
+                 str(tmp_path / "x")]) == 0
+    m = json.loads(next((tmp_path / "x").glob("01-*/metrics.json")).read_text())
+    assert m["formats"]["int8"]["float_se"] is True and m["formats"]["int8"]["check"]["passed"]
+    assert ExportConfig.from_dict({"int8_float_se": True}).int8_float_se
+    assert ExportConfig().int8_float_se is False

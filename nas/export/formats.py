@@ -106,8 +106,9 @@ def write_stablehlo(stage: Path, arch: Architecture, variables: Any) -> dict[str
             "calling_convention_version": exported.calling_convention_version, "jax": jax.__version__}
 
 
-def write_int8(stage: Path, calibration: np.ndarray, method: str) -> dict[str, Any]:
-    info = quantize_static_int8(stage / FILES["onnx"], stage / FILES["int8"], calibration, method=method)
+def write_int8(stage: Path, calibration: np.ndarray, method: str, float_se: bool = False) -> dict[str, Any]:
+    info = quantize_static_int8(stage / FILES["onnx"], stage / FILES["int8"], calibration, method=method,
+                                float_se=float_se)
     info.pop("bytes", None)
     return info
 

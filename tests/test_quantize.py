@@ -11,7 +11,7 @@ from evaluators import quantize as Q
 from evaluators.onnx_export import arch_variables, ort_session, run, to_onnx
 from search_spaces.catalog import load_space
 
-KEY = "100-0114-0100-0"  # mobile_small: depthwise, inverted bottlenecks with SE, a residual
+KEY = "100-0114-0100-0"  # mobile_small: depthwise, an inverted bottleneck with a residual, hard-swish (no SE)
 
 
 @pytest.fixture(scope="module")

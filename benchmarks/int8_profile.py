@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 def profile(path: str, x: np.ndarray, runs: int, level: str, tmp: str) -> dict:
     """{'per_run_us': total, 'ops': {op_type: us per run}, 'nodes': {op_type: count}} from ORT's profiler."""
+    import onnx
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -47,8 +48,6 @@ def profile(path: str, x: np.ndarray, runs: int, level: str, tmp: str) -> dict:
     so.profile_file_prefix = os.path.join(tmp, f"prof-{Path(path).stem}-{level}-{len(x)}")
     so.optimized_model_filepath = os.path.join(tmp, f"opt-{Path(path).stem}-{level}-{len(x)}.onnx")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    import onnx
-
     kinds = {n.name: n.op_type + ("[dw]" if any(a.name == "group" and a.i > 1 for a in n.attribute) else "")
              for n in onnx.load(so.optimized_model_filepath).graph.node}
     feed = {sess.get_inputs()[0].name: x}

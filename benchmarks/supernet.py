@@ -137,6 +137,11 @@ def within_same_ds(space, keys, inherited, standalone) -> dict[str, float]:
     return out
 
 
+def print_within(within, log) -> None:
+    log("tau among candidates with the same number of ds layers: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in within.items()))
+
+
 def print_bias(bias, log) -> None:
     log("bias: Kendall tau with      stand-alone  inherited")
     for name, t in bias.items():
@@ -178,8 +183,7 @@ def main() -> int:
         bias = ranking_bias(space, r["keys"], r["inherited"], r["standalone"])
         within = within_same_ds(space, r["keys"], r["inherited"], r["standalone"])
         print_bias(bias, print)
-        print("tau among candidates with the same number of ds layers: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in within.items()))
+        print_within(within, print)
         if a.json:
             print(json.dumps({"ranking_bias": bias, "tau_within_same_ds": within}))
         return 0
@@ -301,8 +305,7 @@ def main() -> int:
         log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "
             f"on {len(cands)}; stand-alone {out.get('standalone_per_cpu_minute', float('nan')):.1f} per CPU-minute")
         print_bias(out["ranking_bias"], log)
-        log("tau among candidates with the same number of ds layers: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in out["tau_within_same_ds"].items()))
+        print_within(out["tau_within_same_ds"], log)
 
         # fewer BatchNorm re-estimation images: ranking kept vs scoring cost (each size compiles once)
         sweep = {}

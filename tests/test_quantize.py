@@ -212,8 +212,9 @@ def test_float_se_keeps_exactly_the_squeeze_and_excite_paths_in_float(tmp_path):
         return info, onnx.load(so.optimized_model_filepath).graph, q
 
     (qi, qg, qpath), (fi, fg, fpath) = optimized(False), optimized(True)
-    se = Q.squeeze_excite_nodes(onnx.load(str(fp32)))
-    gemms_in_se = sum(1 for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gemm" and n.name in se)
+    model = onnx.load(str(fp32))
+    se = Q.squeeze_excite_nodes(model)
+    gemms_in_se = sum(1 for n in model.graph.node if n.op_type == "Gemm" and n.name in se)
     assert gemms_in_se == 4  # two SE blocks, two dense layers each; the classifier is not SE
     producers = {o: n.op_type for n in fg.node for o in n.output}
     dense = [n for n in fg.node if n.op_type in ("Gemm", "FusedGemm")]

@@ -69,8 +69,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     exp = experiment_from_run_dir(run_dir)
     preflight(exp.cfg, ("export",))
     given = {"formats": formats, "int8": int8, "calibration_images": calibration_images,
-             "calibration_method": calibration_method, "int8_float_se": int8_float_se, "tolerance": tolerance, "int8_max_drop": int8_max_drop,
-             "latency_budget_s": latency_budget_s}
+             "calibration_method": calibration_method, "int8_float_se": int8_float_se, "tolerance": tolerance,
+             "int8_max_drop": int8_max_drop, "latency_budget_s": latency_budget_s}
     opts = ExportConfig.from_dict({**exp.cfg.export.run_kwargs(), **{k: v for k, v in given.items() if v is not None}},
                                   source="export")
     winners = load_winners(run_dir)

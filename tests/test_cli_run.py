@@ -1,6 +1,7 @@
-"""The pipeline commands through the CLI with their exit codes, on one real tiny run: `nas run` (search,
-distill, export), then `nas report`, `nas distill`, `nas export` and its refusals, `nas hw`; and the
-TensorBoard files that run's monitor wrote, read back with TensorBoard's own reader."""
+"""The whole pipeline once, through the CLI with its exit codes, on one real tiny run: `nas run` (search on
+Ray Tune, distill, compress, export), what each stage wrote (the export loaded with `nas.load`), then
+`nas report`, `nas distill`, `nas export` and its refusals, `nas hw`; and the TensorBoard files that
+run's monitor wrote, read back with TensorBoard's own reader."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import nas as nas_api
+from evaluators.datasets import load_dataset
+from nas.config import load_config
+from nas.export import export_run
+from nas.tune import run_search
+from search_spaces.errors import NasError
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +44,7 @@ def real_run(tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stages = [r.stdout.index(s) for s in ("distillation:", "compression:", "export:", "winners (")]
     assert stages == sorted(stages), r.stdout[-3000:]  # search, distill, compress, export, in that order
+    (out / "nas-run.stdout").write_text(r.stdout)
     return out / "cli"
 
 
@@ -43,8 +52,17 @@ def test_nas_run_writes_trials_winners_distillation_a_compressed_model_and_an_ex
     rows = list(csv.DictReader((real_run / "trials.csv").open()))
     trained = [r for r in rows if r["status"] != "infeasible"]
     assert len(trained) == NUM_TRIALS and all(r["status"] == "ok" for r in trained)
+    for col in ("key", "status", "params", "macs", "accuracy", "score", "wall_s", "node_id"):
+        assert all(r[col] != "" for r in trained), col
+    saved = yaml.safe_load((real_run / "config.yaml").read_text())
+    cap = saved["objective"]["constraints"]["params"]
+    assert saved["name"] == "cli" and all(float(r["params"]) <= cap for r in trained)
+    assert all(float(r["params"]) > cap and "params" in r["error"] for r in rows if r["status"] == "infeasible")
+    stdout = (real_run.parent / "nas-run.stdout").read_text().splitlines()
+    assert any(line.startswith(f"[{NUM_TRIALS}/{NUM_TRIALS}]") for line in stdout)  # a progress line per trial
     winners = json.loads((real_run / "winners.json").read_text())
     assert len(winners) == 1 and winners[0]["key"] in {r["key"] for r in trained}
+    assert (real_run / winners[0]["checkpoint"] / "variables.msgpack").exists()
     assert json.loads((real_run / "distill.json").read_text())["winners"][0]["key"] == winners[0]["key"]
     assert list((real_run / "export").glob(f"01-{winners[0]['key']}/flax/variables.msgpack"))
     compressed = list((real_run / "compressed").glob(f"01-{winners[0]['key']}*"))
@@ -52,6 +70,30 @@ def test_nas_run_writes_trials_winners_distillation_a_compressed_model_and_an_ex
     m = json.loads((compressed[0] / "metrics.json").read_text())
     assert m["macs"]["after"] <= 0.5 * m["macs"]["before"] and 0 <= m["test_accuracy"] <= 1
     assert (compressed[0] / "model.onnx").is_file()
+
+
+def test_the_distilled_export_loads_and_reproduces_its_test_accuracy(real_run):
+    doc = json.loads((real_run / "distill.json").read_text())
+    assert [w["rank"] for w in doc["winners"]] == [1]
+    for w in doc["winners"]:
+        assert 0 <= w["kd_acc"] <= 1 and 0 <= w["baseline_acc"] <= 1 and 0 <= w["test_accuracy_before"] <= 1
+        assert w["gain"] == pytest.approx(w["kd_acc"] - w["baseline_acc"])
+    folders = sorted((real_run / "export").glob("01-*"))
+    assert len(folders) == 1
+    data = load_dataset("digits", seed=0)
+    metrics = json.loads((folders[0] / "metrics.json").read_text())
+    assert nas_api.load(folders[0]).accuracy(data.x_test, data.y_test) == metrics["test_accuracy"]
+    assert metrics["distilled"] and "test_accuracy_before_distill" in metrics
+    assert {"params", "macs", "layers"} <= set(json.loads((folders[0] / "cost.json").read_text()))
+    with pytest.raises(NasError, match="output folder exists"):
+        export_run(real_run, printer=lambda *a, **k: None)
+
+
+def test_rerun_into_the_same_dir_is_refused_unless_resumed_or_forced(real_run):
+    with pytest.raises(NasError, match="already holds this experiment; pass --resume"):
+        run_search(load_config(real_run / "config.yaml"))
+    with pytest.raises(NasError, match="holds a different experiment \\(differs in: seed\\)"):
+        run_search(load_config(real_run / "config.yaml", ["seed=1"]))
 
 
 def _events(path: Path):

@@ -230,6 +230,9 @@ def _compress_args(p):
     p.add_argument("--lowrank-keep", default=None, help="latency (default): keep a factorized layer only where "
                    "ONNX Runtime runs it faster at batch 1 and 32; cost: wherever it has fewer parameters")
     p.add_argument("--qat", action="store_true", help="quantization-aware training after pruning/factorization (adds model.int8.onnx)")
+    p.add_argument("--int8-float-se", action="store_true", default=None,
+                   help="with --qat: keep squeeze-and-excite paths in float in model.int8.onnx (faster at batch 1, "
+                        "bigger file; default: the run's compress.int8_float_se)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compressed)")
     p.add_argument("--force", action="store_true", help="replace an earlier result folder of the same name")
 
@@ -328,7 +331,7 @@ def _compress(args):
                                           steps=args.steps, epochs=args.epochs, lowrank=args.lowrank,
                                           lowrank_epochs=args.lowrank_epochs, lowrank_keep=args.lowrank_keep,
                                           divisor=args.divisor,
-                                          qat=args.qat))
+                                          qat=args.qat, int8_float_se=args.int8_float_se))
 
 
 @command("report", "write report.md and plots for a finished run")(_report_args)

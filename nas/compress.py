@@ -287,7 +287,7 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
             calib = data.x_train[rng.choice(len(data.x_train), min(c.calibration_images, len(data.x_train)),
                                             replace=False)]
             metrics["int8"] = quantize_static_int8(stage / "model.onnx", stage / "model.int8.onnx", calib,
-                                                   method="minmax")
+                                                   method="minmax", float_se=c.int8_float_se)
             int8 = onnx.load(str(stage / "model.int8.onnx"))
             sess = ort_session(str(stage / "model.int8.onnx"))
             logits = np.concatenate([run(sess, data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)])

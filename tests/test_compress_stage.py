@@ -37,8 +37,11 @@ def run_dir(tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def compressed(run_dir):
+    # int8_float_se: the option reaches the quantizer (this winner has no SE, so the graph is the default one;
+    # its default, every path quantized, is the low-rank chain's, tests/test_compress_lowrank.py)
     folders = run_compress(run_dir, winner=1, options={"prune": "macs=0.5", "epochs": 1, "steps": 2, "qat": True,
-                                                       "qat_epochs": 1, "latency_budget_s": 0.02}, **QUIET)
+                                                       "qat_epochs": 1, "latency_budget_s": 0.02,
+                                                       "int8_float_se": True}, **QUIET)
     assert len(folders) == 1
     return folders[0]
 
@@ -61,6 +64,7 @@ def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(c
     assert set(m["speedup"]) == {"batch1", "batch32"} and m["latency_int8_source"] == "model.int8.onnx"
     int8 = nas.load(compressed, format="int8")
     assert int8.accuracy(data.x_test, data.y_test) == pytest.approx(m["int8"]["test_accuracy"])
+    assert m["int8"]["float_se"] is True
     assert m["ratios"]["shipped_bytes"] > m["ratios"]["onnx_bytes"] and set(m["speedup_int8"]) == {"batch1", "batch32"}
     assert m["energy_mj"]["rpi4:int8"]["after"] < m["energy_mj"]["rpi4:fp32"]["after"] < m["energy_mj"]["rpi4:fp32"]["before"]
     card = (compressed / "README.md").read_text()
@@ -83,6 +87,7 @@ def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
     (["--prune", "macs=0.5", "--winner", "7"], "--winner: 7; allowed: 1"),
     ([], "compress.prune: no technique chosen"),
     (["--prune", "macs=0.5", "--steps", "0"], "compress.steps: must be >= 1, got 0"),
+    (["--prune", "macs=0.5", "--int8-float-se"], "compress.int8_float_se: true shapes the int8 model that qat writes"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
     out = tmp_path / "out"

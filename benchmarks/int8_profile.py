@@ -12,6 +12,11 @@ slower than fp32 show by name.
 
     python benchmarks/int8_profile.py --key 1131001--11d7-1 --runs 200
     python benchmarks/int8_profile.py --json
+    python benchmarks/int8_profile.py --accuracy 8   # trained on mnist5k first: each model's test accuracy
+
+With `--accuracy EPOCHS` the network is first trained on mnist5k (`evaluators.train.train`, batch 64)
+and calibrated on 256 of its training images; each model's test accuracy in ONNX Runtime is then
+reported beside its speed, so the cost of each int8 variant in accuracy shows too.
 
 Convolutions are reported apart by kind: `Conv[dw]`/`QLinearConv[dw]` (depthwise, group > 1) and
 the rest (pointwise, stem), read from the session's optimized graph; each model's file size too.
@@ -76,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--key", default="1131001--11d7-1", help="a mobile_small key (28x28)")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="EPOCHS",
+                    help="train on mnist5k for EPOCHS first and report each model's test accuracy (0: random weights)")
     args = ap.parse_args(argv)
 
     import onnx
@@ -87,15 +94,33 @@ def main(argv=None) -> int:
     arch = load_space("mobile_small").decode(args.key)
     rng = np.random.default_rng(0)
     calib = rng.normal(size=(128, 28, 28, 1)).astype(np.float32)
-    out: dict = {"key": args.key, "results": {}}
+    variables, data = arch_variables(arch), None
+    if args.accuracy:
+        from evaluators.datasets import load_dataset
+        from evaluators.optim import TrainConfig
+        from evaluators.train import train
+
+        data = load_dataset("mnist5k", seed=0)
+        variables = train(arch, data, TrainConfig(epochs=args.accuracy, batch_size=64)).variables
+        calib = np.asarray(data.x_train[rng.choice(len(data.x_train), 256, replace=False)], np.float32)
+    out: dict = {"key": args.key, "results": {}, "trained_epochs": args.accuracy}
     with tempfile.TemporaryDirectory(prefix="int8-profile-") as tmp:
         paths = {"fp32": os.path.join(tmp, "fp32.onnx")}
-        onnx.save(to_onnx(arch, arch_variables(arch)), paths["fp32"])
+        onnx.save(to_onnx(arch, variables), paths["fp32"])
         for name, act, float_se in (("int8_u8", "uint8", False), ("int8_s8", "int8", False),
                                     ("int8_u8_sefloat", "uint8", True)):
             paths[name] = os.path.join(tmp, f"{name}.onnx")
             quantize_static_int8(paths["fp32"], paths[name], calib, activation_type=act, float_se=float_se)
         out["bytes"] = {name: os.path.getsize(p) for name, p in paths.items()}
+        if data is not None:
+            from evaluators.onnx_export import ort_session, run
+
+            out["test_accuracy"] = {}
+            for name, path in paths.items():
+                sess = ort_session(path)
+                logits = np.concatenate([run(sess, np.asarray(data.x_test[i:i + 256], np.float32))
+                                         for i in range(0, len(data.x_test), 256)])
+                out["test_accuracy"][name] = float(np.mean(logits.argmax(-1) == data.y_test))
         for batch in (1, 32):
             x = np.ascontiguousarray(calib[:batch])
             for level in ("basic", "all"):
@@ -105,6 +130,9 @@ def main(argv=None) -> int:
     print(f"ONNX Runtime per-operator time per inference (us), one thread, {args.runs} runs, mobile_small "
           f"{args.key} at 28x28 (shared machine: compare within a column group, not across runs)")
     print("file bytes: " + ", ".join(f"{n} {b}" for n, b in out["bytes"].items()))
+    if "test_accuracy" in out:
+        print(f"test accuracy, mnist5k ({len(data.y_test)} images, trained {args.accuracy} epochs): "
+              + ", ".join(f"{n} {a:.4f}" for n, a in out["test_accuracy"].items()))
     for batch in (1, 32):
         for level in ("basic", "all"):
             rows = {n: out["results"][f"{n}/b{batch}/{level}"] for n in out["bytes"]}

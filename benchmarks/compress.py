@@ -68,7 +68,7 @@ def ort_accuracy(model, x, y) -> float:
     from evaluators.onnx_export import ort_session, run
 
     sess = ort_session(model)
-    logits = np.concatenate([run(sess, x[i:i + 256]) for i in range(0, len(x), 256)])
+    logits = run(sess, x, batch=256)
     return float((logits.argmax(-1) == y).mean())
 
 

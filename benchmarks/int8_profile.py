@@ -118,8 +118,7 @@ def main(argv=None) -> int:
             out["test_accuracy"] = {}
             for name, path in paths.items():
                 sess = ort_session(path)
-                logits = np.concatenate([run(sess, np.asarray(data.x_test[i:i + 256], np.float32))
-                                         for i in range(0, len(data.x_test), 256)])
+                logits = run(sess, data.x_test, batch=256)
                 out["test_accuracy"][name] = float(np.mean(logits.argmax(-1) == data.y_test))
         for batch in (1, 32):
             x = np.ascontiguousarray(calib[:batch])

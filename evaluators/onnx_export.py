@@ -252,6 +252,9 @@ def ort_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads: 
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-def run(session: Any, x: np.ndarray) -> np.ndarray:
-    """Run a one-input, one-output session."""
+def run(session: Any, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+    """Run a one-input, one-output session; with `batch`, over `x` in slices of at most `batch` rows,
+    outputs concatenated (e.g. a whole test split without one huge input)."""
+    if batch is not None:
+        return np.concatenate([run(session, x[i:i + batch]) for i in range(0, len(x), batch)])
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]

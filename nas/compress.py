@@ -290,7 +290,7 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
                                                    method="minmax", float_se=c.int8_float_se)
             int8 = onnx.load(str(stage / "model.int8.onnx"))
             sess = ort_session(str(stage / "model.int8.onnx"))
-            logits = np.concatenate([run(sess, data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)])
+            logits = run(sess, data.x_test, batch=256)
             metrics["int8"]["test_accuracy"] = float(np.mean(logits.argmax(-1) == data.y_test))
             metrics["int8"]["accuracy_drop_pt"] = 100 * (metrics["test_accuracy_before"] - metrics["int8"]["test_accuracy"])
         before = to_onnx(arch, variables)

@@ -124,7 +124,7 @@ def _ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         raise NasError(f"{path}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0][:200]}") from None
 
     def runner(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([run(sess, x[i:i + RUN_BATCH]) for i in range(0, len(x), RUN_BATCH)])
+        return run(sess, x, batch=RUN_BATCH)
 
     return runner
 

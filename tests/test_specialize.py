@@ -95,8 +95,7 @@ def test_the_supernet_quickstart_trains_and_specializes_for_its_two_profiles(tmp
     the supernet into RUN_DIR/supernet/, then each declared profile gets a winners.json whose winners meet
     its constraints, ranked by measured accuracy, with stand-alone weights and a run directory `nas distill`
     and `nas export` read (the supernet's largest candidate as teacher); a second `train` of the same run
-    refuses. (Last in this file: the `supernet_run`
-    fixture has compiled the same training program by then.)"""
+    refuses. (Last in this file: the `supernet_run` fixture has compiled the same training program by then.)"""
     targets = load_config(QUICKSTART).specialize.constraints()
     assert len(targets) == 2
     small = ["specialize.budget=120", "specialize.batch=40", "specialize.population=20", "specialize.sample=5",

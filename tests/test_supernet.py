@@ -4,8 +4,8 @@ For sampled candidates of every built-in space and a custom space with width-mul
 resolution choices, `Supernet(space)` applied to `candidate(space, arch)` computes what
 `build_model(arch)` computes with `extract(space, arch, variables)`: logits in evaluation mode
 (with random, non-trivial BatchNorm statistics, so a wrong slice shows) and, on mobile_small and the
-custom space (every block form and choice), loss and gradients in training mode. One compiled program serves every candidate; channel permutations leave the
-largest candidate unchanged.
+custom space (every block form and choice), loss and gradients in training mode. One compiled program
+serves every candidate; channel permutations leave the largest candidate unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ def _space(name: str) -> SearchSpace:
         return CUSTOM
     small = {"mobile_small": 8, "macro_cifar": 8, "mnas_imagenet": 32}[name]
     return SPACES.get(name).with_input(resolution=small)
+
+
+def _no_dropout(space: SearchSpace) -> SearchSpace:
+    """`space` without dropout (training-mode programs draw dropout masks of other shapes): equal spaces
+    share `_programs`' compiled programs."""
+    return SearchSpace(**{**space.__dict__, "dropout": 0.0})
 
 
 def _variables(space: SearchSpace, seed: int = 0) -> dict:
@@ -152,7 +158,7 @@ def test_supernet_train_loss_and_gradients_equal_standalone_network(name):
     space = _space(name)
     if name == "custom":
         space = space.with_input(resolution=8)  # one resolution: each one compiles its own programs
-    space = SearchSpace(**{**space.__dict__, "dropout": 0.0})  # dropout draws masks of other shapes
+    space = _no_dropout(space)
     archs = _archs(space, 1, seed=1)
     # custom (every block form, kernel, expansion, SE, width and resolution choice) checks the largest, the
     # smallest and a sampled candidate; mobile_small its largest, where every weight has a gradient
@@ -181,7 +187,7 @@ def test_custom_space_resolutions_each_compile_once():
 
 
 def test_one_compiled_program_serves_many_candidates():
-    space = SearchSpace(**{**_space("mobile_small").__dict__, "dropout": 0.0})
+    space = _no_dropout(_space("mobile_small"))
     evaluate, grad = _programs(space)  # the equivalence tests' programs (compiled there when run before)
     v = _variables(space)
     x, y = _inputs(space, extreme(space, True))

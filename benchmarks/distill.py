@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=20, help="student epochs (every arm)")
     p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--teacher-seeds", type=int, default=1,
+                   help="K > 1: the teacher is the network trained K times (seeds 0..K-1), logits averaged")
+    p.add_argument("--teacher-augment", default="none",
+                   help="the reference teacher's training augmentation, e.g. 'crop=2,mixup=1' (default none)")
     p.add_argument("--teacher", default=TEACHER, help="an arch key of mobile_small, or 'largest'")
     p.add_argument("--learning-rate", type=float, default=0.005)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -104,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     space = SPACES.get("mobile_small")
     print(data.summary(), "| load", os.getloadavg()[0], flush=True)
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=64, learning_rate=args.learning_rate)
-    teacher = resolve_teacher({"key": args.teacher}, space, data, teacher_cfg, out / "teacher")
+    if args.teacher_augment != "none":  # a patient teacher: warm-up + cosine like the students, augmented
+        teacher_cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=64, learning_rate=args.learning_rate,
+                                  schedule="warmup_cosine", warmup_epochs=1)
+    teacher_augment = None if args.teacher_augment == "none" else parse_augment(args.teacher_augment)
+    spec = {"key": args.teacher, **({"seeds": args.teacher_seeds} if args.teacher_seeds > 1 else {})}
+    teacher = resolve_teacher(spec, space, data, teacher_cfg, out / "teacher", augment=teacher_augment)
     logits = cached_outputs(teacher, data, out / "teacher")[0] if "cached" in arms else None
     t_acc = teacher.test_accuracy
     print(f"teacher {teacher.key}: {teacher.params:,d} params, test {t_acc:.4f}, val {teacher.val_accuracy:.4f} "

@@ -119,7 +119,7 @@ TEACHER_KINDS = {"key": "reference", "best": "best", "checkpoint": "checkpoint",
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """`distill.teacher`: exactly one of key (+ space), best, checkpoint, ensemble (see nas.teacher)."""
+    """`distill.teacher`: exactly one of key (+ space, seeds), best, checkpoint, ensemble (see nas.teacher)."""
 
     key: str | None = spec(None, check=lambda v: None if v else "empty; allowed 'largest' or an architecture key")
     space: str | None = spec(None, check=lambda v: None if v else "empty; allowed a registered space name or a YAML file")
@@ -127,6 +127,7 @@ class TeacherConfig:
     checkpoint: str | None = spec(None, check=lambda v: None if v else "empty; allowed a folder with "
                                   "architecture.json and variables.msgpack")
     ensemble: int | None = spec(None, ge=2)  # the top-K search candidates
+    seeds: int | None = spec(None, ge=1)  # key only: K trainings of it (seeds 0..K-1), logits averaged
 
     @property
     def kind(self) -> str:
@@ -139,6 +140,8 @@ class TeacherConfig:
             raise err("", f"give exactly one of key, best, checkpoint, ensemble; got {given or 'none'}")
         if self.space is not None and self.key is None:
             raise err("space", "only allowed with key (a reference architecture of another space)")
+        if self.seeds is not None and self.key is None:
+            raise err("seeds", "only allowed with key (an ensemble of seeds of a reference architecture)")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in to_plain(self).items() if v is not None}

@@ -10,6 +10,7 @@ by the `distill.teacher` mapping of an experiment:
 | `{best: true}` | `best` | the search candidate with the highest validation accuracy |
 | `{checkpoint: PATH}` | `checkpoint` | a folder with architecture.json and variables.msgpack |
 | `{ensemble: K}` | `ensemble` | the K search candidates with the highest validation accuracy, logits averaged |
+| `{key: ..., seeds: K}` | `ensemble` | the reference architecture trained K times (seeds 0..K-1), logits averaged |
 
 Candidates are ranked by validation accuracy, never test accuracy; the test accuracy of the
 teacher (of the averaged logits, for an ensemble) is only reported.
@@ -17,6 +18,7 @@ teacher (of the averaged logits, for an ensemble) is only reported.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from evaluators.augment import AugmentConfig
 from evaluators.cost import analytic_cost
 from evaluators.predict import evaluate, predict_features, predict_logits
 from evaluators.train import train
@@ -170,7 +173,7 @@ def search_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
 # ============================================================ resolving a teacher
 def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path,
                     printer=print, *, candidates: list[dict[str, Any]] | None = None,
-                    source: str = "distill.teacher") -> Teacher:
+                    source: str = "distill.teacher", augment: AugmentConfig | None = None) -> Teacher:
     """Build (or reuse from `cache_dir`) the teacher described by `spec` (see the module docstring).
 
     Args:
@@ -180,6 +183,8 @@ def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace,
       train_cfg: how a reference teacher is trained (a `TrainConfig`).
       cache_dir: where a trained reference teacher is kept (one subfolder per architecture key).
       candidates: the search's trained candidates (`search_candidates(run_dir)`), for best/ensemble.
+      augment: how a reference teacher's training batches are augmented (default: the dataset's own);
+        a patient teacher trained on the students' augmentation is a stronger one (docs/distillation.md).
 
     Raises:
       NasError: a bad spec, a checkpoint that does not fit the dataset or its own architecture,
@@ -205,13 +210,29 @@ def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace,
             acc = evaluate(arch, variables, data.x_test, data.y_test)[0]
             return Teacher("best", arch.key, members, acc, f"search candidate {cands[0]['folder']}",
                            cands[0]["val_accuracy"])
-        logits = ensemble_logits([_logits(a, v, data.x_test) for a, v in members])
-        acc = float((logits.argmax(axis=1) == np.asarray(data.y_test)).mean())
-        val_logits = ensemble_logits([_logits(a, v, data.x_val) for a, v in members])
-        val = float((val_logits.argmax(axis=1) == np.asarray(data.y_val)).mean())
-        key = "+".join(a.key for a, _ in members)
-        return Teacher("ensemble", key, members, acc, f"ensemble of the top {k} search candidates", val)
-    return _reference(spec, space, data, train_cfg, cache_dir, printer, source)
+        return _ensemble(members, data, "+".join(a.key for a, _ in members),
+                         f"ensemble of the top {k} search candidates")
+    k = int(spec.get("seeds") or 1)
+    members = [_reference(spec, space, data, dataclasses.replace(train_cfg, seed=train_cfg.seed + i),
+                          Path(cache_dir) / (f"seed{i}" if i else ""), printer, source, augment) for i in range(k)]
+    if k == 1:
+        return members[0]
+    # an ensemble of one network's independent trainings: a stronger teacher for K forwards a step
+    # (docs/distillation.md, "A stronger teacher")
+    printer(f"teacher {members[0].key}: {k} seeds, test accuracy "
+            + ", ".join(f"{m.test_accuracy:.4f}" for m in members), flush=True)
+    return _ensemble(tuple(m.members[0] for m in members), data, members[0].key,
+                     f"{k} seeds of {members[0].key} ({members[0].source})")
+
+
+def _ensemble(members: tuple[tuple[Architecture, Any], ...], data, key: str, source: str) -> Teacher:
+    """An ensemble teacher of `members`, its test and validation accuracy those of the averaged logits."""
+    def accuracy(x: np.ndarray, y: np.ndarray) -> float:
+        logits = ensemble_logits([_logits(a, v, x) for a, v in members])
+        return float((logits.argmax(axis=1) == np.asarray(y)).mean())
+
+    return Teacher("ensemble", key, members, accuracy(data.x_test, data.y_test), source,
+                   accuracy(data.x_val, data.y_val))
 
 
 def _logits(arch: Architecture, variables: Any, x: np.ndarray) -> np.ndarray:
@@ -231,7 +252,7 @@ def _checked_member(path: str | Path, data, what: str) -> tuple[Architecture, An
 
 
 def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cache_dir: Path, printer,
-               source: str) -> Teacher:
+               source: str, augment: AugmentConfig | None) -> Teacher:
     if "space" in spec:
         try:
             space = load_space(spec["space"]).with_input(resolution=data.resolution, in_channels=data.channels,
@@ -246,6 +267,8 @@ def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cac
     folder = Path(cache_dir) / arch.key
     meta_file = folder / "teacher.json"
     want = {"key": arch.key, "space": space.name, "train": train_cfg.to_dict(), "dataset": dataset_fingerprint(data)}
+    if augment is not None:
+        want["augment"] = augment.to_dict()
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         if {k: meta.get(k) for k in want} == want and (folder / "variables.msgpack").exists():
@@ -254,7 +277,7 @@ def _reference(spec: Mapping[str, Any], space: SearchSpace, data, train_cfg, cac
                            f"cached {folder}", meta.get("val_accuracy"))
     printer(f"training teacher {arch.key} ({'largest of the space' if key == 'largest' else 'from config'}, "
             f"space {space.name}) for {train_cfg.epochs} epochs", flush=True)
-    result = train(arch, data, train_cfg)
+    result = train(arch, data, train_cfg, augment=augment)
     acc = evaluate(arch, result.variables, data.x_test, data.y_test)[0]
     save_variables(folder / "variables.msgpack", result.variables)
     (folder / "architecture.json").write_text(arch.to_json(indent=2))

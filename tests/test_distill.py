@@ -137,6 +137,8 @@ def test_distill_stage_and_trainer_share_the_kd_defaults():
     ({"teacher": {"best": "yes"}}, r"distill\.teacher\.best"),
     ({"teacher": {"checkpoint": "x", "space": "mobile_small"}}, r"distill\.teacher\.space: only allowed with key"),
     ({"teacher": {"kee": "largest"}}, r"distill\.teacher\.kee: unknown key"),
+    ({"teacher": {"best": True, "seeds": 2}}, r"distill\.teacher\.seeds: only allowed with key"),
+    ({"teacher": {"key": "largest", "seeds": 0}}, r"distill\.teacher\.seeds: must be >= 1, got 0"),
     ({"teacher_outputs": "stored"}, r"distill\.teacher_outputs: 'stored'; allowed: online, cached"),
     ({"beta": 0.5}, r"distill\.beta: 0\.5; the hint loss needs teacher_outputs: cached"),
     ({"augment": {"mixup": -1}}, r"distill\.augment\.mixup: must be >= 0, got -1"),
@@ -174,6 +176,24 @@ def test_ensemble_teacher_averages_member_logits(digits, tmp_path):
     assert best.kind == "best" and best.key == STUDENT
     with pytest.raises(NasError, match=r"distill\.teacher\.ensemble: needs 5 trained search candidate"):
         resolve_teacher({"ensemble": 5}, SPACE, digits, TrainConfig(), tmp_path / "t", candidates=cands)
+
+
+def test_reference_teacher_with_seeds_averages_its_independent_trainings(digits, tmp_path):
+    cfg = TrainConfig(epochs=1, learning_rate=0.005)
+    one = resolve_teacher({"key": TEACHER}, SPACE, digits, cfg, tmp_path / "t")
+    ens = resolve_teacher({"key": TEACHER, "seeds": 2}, SPACE, digits, cfg, tmp_path / "t")
+    assert (ens.kind, ens.key) == ("ensemble", TEACHER) and [a.key for a, _ in ens.members] == [TEACHER] * 2
+    assert ens.params == 2 * one.params
+    first, second = (jax.tree.leaves(v) for _, v in ens.members)
+    assert all(np.array_equal(a, b) for a, b in zip(first, jax.tree.leaves(one.variables)))  # seed 0: the cached one
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # seed 1: its own training
+    want = ensemble_logits([predict_logits(a, v, digits.x_test) for a, v in ens.members]).argmax(1)
+    assert ens.test_accuracy == pytest.approx(float((want == digits.y_test).mean()))
+    lines: list[str] = []
+    again = resolve_teacher({"key": TEACHER, "seeds": 2}, SPACE, digits, cfg, tmp_path / "t",
+                            printer=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert not any("training teacher" in line for line in lines), lines  # both trainings reused from the cache
+    assert all(np.array_equal(a, b) for a, b in zip(second, jax.tree.leaves(again.members[1][1])))
 
 
 def test_mismatched_teacher_checkpoint_fails_before_training(digits, tmp_path):

@@ -16,7 +16,7 @@ the per-seed paired differences), `gain_std`, `seeds_won`, `gap_closed` (the fra
 baseline that KD recovers) and `teacher_gap` (teacher - KD, points). The defaults were chosen on the
 validation split with benchmarks/distill_sweep.py, before this script looked at the test split.
 
-    python benchmarks/distill.py [--seeds 5] [--epochs 20] [--json] [--out DIR]
+    python benchmarks/distill.py [--seeds 5] [--epochs 12] [--teacher-seeds 3] [--json] [--out DIR]
 
 Writes DIR/distill_benchmark.json and prints a Markdown table; with --json the last line is one JSON
 object {student: {gain, gain_std, seeds_won, gap_closed, teacher_gap, ...}, ...}.
@@ -39,6 +39,7 @@ from evaluators.augment import AugmentConfig  # noqa: E402
 from evaluators.cost import analytic_cost  # noqa: E402
 from evaluators.datasets import load_dataset  # noqa: E402
 from evaluators.optim import KDConfig, TrainConfig  # noqa: E402
+from nas.config import DistillConfig  # noqa: E402
 from nas.distill import mean_std, train_student  # noqa: E402
 from nas.teacher import cached_outputs, resolve_teacher  # noqa: E402
 from search_spaces.catalog import SPACES  # noqa: E402
@@ -79,7 +80,8 @@ def arm_run(arm: str, arch, data, cfg: TrainConfig, teacher, logits, args, augme
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=20, help="student epochs (every arm)")
+    p.add_argument("--epochs", type=int, default=DistillConfig().epochs, help="student epochs (every arm; "
+                   "default: the distill stage's)")
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--teacher-seeds", type=int, default=1,
                    help="K > 1: the teacher is the network trained K times (seeds 0..K-1), logits averaged")
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default=TEACHER, help="an arch key of mobile_small, or 'largest'")
     p.add_argument("--learning-rate", type=float, default=0.005)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--alpha", type=float, default=1.0, help="KL weight; 1 = pure function matching")
+    p.add_argument("--temperature", type=float, default=KDConfig().temperature, help="default: the distill stage's")
+    p.add_argument("--alpha", type=float, default=KDConfig().alpha,
+                   help="KL weight; 1 = pure function matching (default: the distill stage's)")
     p.add_argument("--augment", default="crop=2,mixup=1", help="e.g. 'crop=2,mixup=1', 'none'")
     p.add_argument("--arms", default="baseline,kd", help="comma list of " + ", ".join(ARMS))
     p.add_argument("--students", default=",".join(STUDENTS), help="comma list of " + ", ".join(STUDENTS))

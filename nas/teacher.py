@@ -183,8 +183,9 @@ def resolve_teacher(spec: TeacherConfig | Mapping[str, Any], space: SearchSpace,
       train_cfg: how a reference teacher is trained (a `TrainConfig`).
       cache_dir: where a trained reference teacher is kept (one subfolder per architecture key).
       candidates: the search's trained candidates (`search_candidates(run_dir)`), for best/ensemble.
-      augment: how a reference teacher's training batches are augmented (default: the dataset's own);
-        a patient teacher trained on the students' augmentation is a stronger one (docs/distillation.md).
+      augment: how a reference teacher's training batches are augmented (default: the dataset's own).
+        Part of the cache key. Measured: trained with mixup, a teacher scored higher and taught worse
+        (docs/distillation.md, "A stronger teacher"), so the distill stage does not use it.
 
     Raises:
       NasError: a bad spec, a checkpoint that does not fit the dataset or its own architecture,

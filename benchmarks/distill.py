@@ -25,6 +25,7 @@ object {student: {gain, gain_std, seeds_won, gap_closed, teacher_gap, ...}, ...}
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -111,10 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     space = SPACES.get("mobile_small")
     print(data.summary(), "| load", os.getloadavg()[0], flush=True)
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=64, learning_rate=args.learning_rate)
-    if args.teacher_augment != "none":  # a patient teacher: warm-up + cosine like the students, augmented
-        teacher_cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=64, learning_rate=args.learning_rate,
-                                  schedule="warmup_cosine", warmup_epochs=1)
     teacher_augment = None if args.teacher_augment == "none" else parse_augment(args.teacher_augment)
+    if teacher_augment is not None:  # a patient teacher: warm-up + cosine like the students, augmented
+        teacher_cfg = dataclasses.replace(teacher_cfg, schedule="warmup_cosine", warmup_epochs=1)
     spec = {"key": args.teacher, **({"seeds": args.teacher_seeds} if args.teacher_seeds > 1 else {})}
     teacher = resolve_teacher(spec, space, data, teacher_cfg, out / "teacher", augment=teacher_augment)
     logits = cached_outputs(teacher, data, out / "teacher")[0] if "cached" in arms else None

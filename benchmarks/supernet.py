@@ -137,9 +137,27 @@ def within_same_ds(space, keys, inherited, standalone) -> dict[str, float]:
     return out
 
 
+def reference_ceiling(seed_tau: float, inherited_tau: float, n_seeds: int = 2) -> dict[str, float]:
+    """How far a noisy stand-alone reference lets the ranking go. Under a Gaussian model (Kendall's tau
+    = 2/pi * arcsin(Pearson r)) two training seeds that agree at `seed_tau` each correlate r with the
+    candidates' expected accuracy; the mean of `n_seeds` correlates sqrt(R) with it, R = k*r/(1+(k-1)*r).
+    `tau_ceiling`: the tau a perfect ranker of expected accuracy gets against that mean; `tau_vs_expected`:
+    the inherited ranking's tau against expected accuracy, its measured tau corrected for that noise."""
+    r = np.sin(np.pi * max(seed_tau, 1e-9) / 2)
+    reliability = n_seeds * r / (1 + (n_seeds - 1) * r)
+    rho = np.sin(np.pi * inherited_tau / 2) / np.sqrt(reliability)
+    return {"tau_ceiling": float(2 / np.pi * np.arcsin(np.sqrt(reliability))),
+            "tau_vs_expected": float(2 / np.pi * np.arcsin(np.clip(rho, -1.0, 1.0)))}
+
+
 def print_within(within, log) -> None:
     log("tau among candidates with the same number of ds layers: "
         + ", ".join(f"{k} {v:.3f}" for k, v in within.items()))
+
+
+def print_ceiling(ceiling, log) -> None:
+    log(f"reference noise: a perfect ranker of expected accuracy would reach tau {ceiling['tau_ceiling']:.3f} "
+        f"against this reference; the inherited ranking against expected accuracy: {ceiling['tau_vs_expected']:.3f}")
 
 
 def print_bias(bias, log) -> None:
@@ -182,10 +200,14 @@ def main() -> int:
         space = load_space("mobile_small").with_input(resolution=load_dataset(saved["dataset"], seed=0).resolution)
         bias = ranking_bias(space, r["keys"], r["inherited"], r["standalone"])
         within = within_same_ds(space, r["keys"], r["inherited"], r["standalone"])
+        acc = np.asarray(r["standalone"], float).reshape(-1, len(r["keys"]))
+        ceiling = reference_ceiling(float(kendalltau(acc[0], acc[1]).statistic),
+                                    float(kendalltau(r["inherited"], acc.mean(axis=0)).statistic), len(acc))
         print_bias(bias, print)
         print_within(within, print)
+        print_ceiling(ceiling, print)
         if a.json:
-            print(json.dumps({"ranking_bias": bias, "tau_within_same_ds": within}))
+            print(json.dumps({"ranking_bias": bias, "tau_within_same_ds": within, "reference": ceiling}))
         return 0
     quick = a.quick
     dataset = a.dataset or ("digits" if quick else "mnist5k")
@@ -300,12 +322,14 @@ def main() -> int:
         out["candidates"] = len(cands)
         out["ranking_bias"] = ranking_bias(space, cand_keys, inh, acc)
         out["tau_within_same_ds"] = within_same_ds(space, cand_keys, inh, acc)
+        out["reference"] = reference_ceiling(out["seed_tau"], out["kendall_tau"], len(acc))
         if "standalone_per_cpu_minute" in out:
             out["throughput_ratio"] = out["evals_per_cpu_minute"] / out["standalone_per_cpu_minute"]
         log(f"ranking: tau(inherited, stand-alone) {out['kendall_tau']:.3f}, seed tau {out['seed_tau']:.3f} "
             f"on {len(cands)}; stand-alone {out.get('standalone_per_cpu_minute', float('nan')):.1f} per CPU-minute")
         print_bias(out["ranking_bias"], log)
         print_within(out["tau_within_same_ds"], log)
+        print_ceiling(out["reference"], log)
 
         # fewer BatchNorm re-estimation images: ranking kept vs scoring cost (each size compiles once)
         sweep = {}

@@ -82,6 +82,6 @@ def test_qat_trains_and_onnx_runtime_int8_agrees_with_the_fake_quantized_network
     # ONNX Runtime also quantizes a tensor QAT does not (a hard-swish conv's output, before the
     # activation it runs in float) and calibrates the ranges again, so a few of the 270 borderline
     # images flip: 0.948 on an AMD EPYC on 2026-12-07 (>= 0.95 on the Intel machine before); a 10%
-    # bound is far above that noise and far below what a wrong export gives
+    # bound is far above that noise
     assert agree >= 0.90, agree
     assert float(np.mean(int8.argmax(-1) == data.y_test)) >= fp32 - 0.05

@@ -200,9 +200,7 @@ def main() -> int:
         space = load_space("mobile_small").with_input(resolution=load_dataset(saved["dataset"], seed=0).resolution)
         bias = ranking_bias(space, r["keys"], r["inherited"], r["standalone"])
         within = within_same_ds(space, r["keys"], r["inherited"], r["standalone"])
-        acc = np.asarray(r["standalone"], float).reshape(-1, len(r["keys"]))
-        ceiling = reference_ceiling(float(kendalltau(acc[0], acc[1]).statistic),
-                                    float(kendalltau(r["inherited"], acc.mean(axis=0)).statistic), len(acc))
+        ceiling = reference_ceiling(saved["seed_tau"], saved["kendall_tau"], len(r["standalone"]))
         print_bias(bias, print)
         print_within(within, print)
         print_ceiling(ceiling, print)

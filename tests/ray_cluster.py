@@ -34,9 +34,26 @@ RAY = str(VENV_BIN / "ray")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, taken: set[int] = frozenset()) -> list[int]:
+    """`n` distinct free ports, none in `taken`. Every socket stays bound until all are chosen: ports asked
+    for one after another can come back equal (the kernel hands a just-closed port out again), and Ray
+    refuses two components on one port."""
+    socks: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            if (port := s.getsockname()[1]) not in taken:
+                ports.append(port)
+        return ports
+    finally:
+        for s in socks:
+            s.close()
 
 
 class ClusterError(RuntimeError):
@@ -77,6 +94,7 @@ class LocalCluster:
         for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             self.env.pop(k, None)
         self.port = self.dashboard_port = 0
+        self._given: set[int] = set()  # every port handed to a node of this cluster
         self.procs: dict[str, subprocess.Popen] = {}
         self.head_node_id = self.worker_node_id = ""
         self.worker_name = "worker"
@@ -102,10 +120,16 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _ports(self, n: int) -> list[int]:
+        """`n` free ports none of this cluster's nodes was given before (a node may bind its ports late)."""
+        ports = free_ports(n, self._given)
+        self._given.update(ports)
+        return ports
+
     def _node_ports(self) -> list[str]:
-        return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+        return [a for flag, port in zip(flags, self._ports(len(flags))) for a in (flag, str(port))]
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -121,11 +145,11 @@ class LocalCluster:
         log.close()
 
     def start(self) -> None:
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port, client_port = self._ports(3)
         self._spawn("head", ["--head", "--port", str(self.port), "--num-cpus", str(self.num_cpus),
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(free_port()), *self._node_ports()])
+                             "--ray-client-server-port", str(client_port), *self._node_ports()])
         self.head_node_id = self._wait_nodes(1)[0]
         if self.with_worker:
             self.start_worker()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -25,7 +26,7 @@ import numpy as np
 from evaluators.datasets import Dataset
 from evaluators.predictor import Predictor, PredictorConfig, fit_predictor, load_predictor
 from evaluators.supernet import SupernetConfig
-from evaluators.supernet_score import RECAL_IMAGES, recalibrate, score
+from evaluators.supernet_score import RECAL_IMAGES, score_with_statistics
 from nas.supernet import load_data, load_run
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
@@ -34,6 +35,7 @@ from search_spaces.supernet import extract
 
 PREDICTOR_FILE = "predictor.msgpack"
 MEASURED_FILE = "measured.json"
+KEPT_STATISTICS = 64  # re-estimated BatchNorm statistics a supernet scorer keeps (the last candidates scored)
 
 
 class Scorer(Protocol):
@@ -80,6 +82,9 @@ class SupernetScorer:
     run_dir: Path
     n_images: int = RECAL_IMAGES
     experiment: Any = None  # the supernet run's ExperimentConfig
+    # key -> re-estimated 'batch_stats' of the last KEPT_STATISTICS candidates scored: a search's winners were
+    # scored just before they are extracted
+    _statistics: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @property
     def cache_dir(self) -> Path:
@@ -99,12 +104,21 @@ class SupernetScorer:
                                f"supernet of space '{self.space.name}'")
         if not archs:
             return np.zeros(0)
-        return np.asarray(score(self.space, self.variables, list(archs), self.data, n_images=self.n_images,
-                                split=split), np.float64)
+        acc, stats = score_with_statistics(self.space, self.variables, list(archs), self.data, n_images=self.n_images,
+                                           split=split)
+        for a, st in zip(archs, stats):
+            self._statistics[a.key] = st
+            self._statistics.move_to_end(a.key)
+        while len(self._statistics) > KEPT_STATISTICS:
+            self._statistics.popitem(last=False)
+        return np.asarray(acc, np.float64)
 
     def extract(self, arch: Architecture) -> Any:
-        """The candidate's stand-alone variables, BatchNorm statistics re-estimated for it."""
-        stats = recalibrate(self.space, self.variables, [arch], self.data, self.n_images)[0]
+        """The candidate's stand-alone variables, BatchNorm statistics re-estimated for it: those of its
+        last scoring, else scored now (the scoring program: no other program is compiled for this)."""
+        if arch.key not in self._statistics:
+            self.score([arch])
+        stats = self._statistics[arch.key]
         return extract(self.space, arch, {"params": self.variables["params"], "batch_stats": stats})
 
 

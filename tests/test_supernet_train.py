@@ -160,6 +160,30 @@ def test_scoring_many_candidates_compiles_no_new_program(trained, digits):
 
 
 @pytest.mark.slow
+def test_a_scorer_extracts_with_its_scoring_program_and_the_statistics_it_scored_with(trained, digits, tmp_path):
+    """`SupernetScorer.extract` reuses the statistics re-estimated when the candidate was scored (else scores
+    it): the same variables as slicing with `recalibrate`'s statistics, and no program compiled for it."""
+    from evaluators.supernet_score import _score_program
+    from nas.inherited import SupernetScorer
+
+    res, _, _ = trained
+    rng = np.random.default_rng(4)
+    scored, unscored = TINY.sample(rng), TINY.sample(rng)
+    assert scored.key != unscored.key
+    want = {a.key: extract(TINY, a, {"params": res.variables["params"], "batch_stats": st})
+            for a, st in zip((scored, unscored), recalibrate(TINY, res.variables, [scored, unscored], digits, 256))}
+    scorer = SupernetScorer(TINY, res.variables, digits, tmp_path, 256)
+    scorer.score([scored])
+    before = _score_program(TINY)._cache_size()
+    for arch in (scored, unscored):
+        got = scorer.extract(arch)
+        assert jax.tree.structure(got) == jax.tree.structure(want[arch.key])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want[arch.key])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert _score_program(TINY)._cache_size() == before
+
+
+@pytest.mark.slow
 def test_score_refuses_a_key_of_another_space(trained, digits):
     res, _, _ = trained
     other = SPACES.get("mobile_small").with_input(resolution=8).sample(np.random.default_rng(0))

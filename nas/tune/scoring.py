@@ -52,6 +52,10 @@ class ScoringWorker:
         self.calls += 1
         return self.scorer.score(archs, split)
 
+    def extract(self, arch: Architecture) -> Any:
+        self.calls += 1
+        return self.scorer.extract(arch)
+
     def stats(self) -> dict[str, Any]:
         """How this actor was used: its process, the scoring calls it served and its CPU seconds so far."""
         return {"pid": os.getpid(), "calls": self.calls, "cpu_s": time.process_time()}
@@ -72,7 +76,8 @@ class RayScorer:
     Build with `RayScorer(SupernetScorer.from_run(RUN_DIR), workers)` (Ray already initialised, e.g.
     by `open_scorer`). The supernet's variables and dataset are put into the object store once; every
     actor gets the same object references and keeps its scoring state for its lifetime. `extract` runs
-    in this process (one candidate). `close()` (or a `with` block) ends the actors.
+    on a worker (its compiled scoring program; the statistics of a candidate it scored are reused).
+    `close()` (or a `with` block) ends the actors.
 
     Example:
       >>> with RayScorer(SupernetScorer.from_run("runs/tiny"), workers=4) as scorer:
@@ -89,6 +94,7 @@ class RayScorer:
             raise NasError(f"{what}: {workers} scoring workers need {workers * WORKER_CPUS:g} CPUs, the Ray cluster "
                            f"has {total:g}; allowed: at most {int(total // WORKER_CPUS)} workers")
         self.local = local
+        self._scored_by: dict[str, int] = {}  # key -> the worker that scored it last (it keeps its statistics)
         self.what = what
         variables = jax.device_get(local.variables)  # NumPy leaves: shared from the object store without a copy
         self.shared = {"variables": ray.put(variables), "data": ray.put(local.data)}
@@ -130,10 +136,14 @@ class RayScorer:
         parts = split_parts(len(archs), len(self.workers))
         refs = [w.score.remote(archs[p], split) for w, p in zip(self.workers, parts)]
         out = self._gather(refs)
+        for i, p in enumerate(parts):
+            self._scored_by.update((a.key, i) for a in archs[p])
         return np.concatenate([np.asarray(o, np.float64) for o in out])
 
     def extract(self, arch: Architecture) -> Any:
-        return self.local.extract(arch)
+        """Stand-alone variables of `arch` from the worker that scored it last (the first if none did)."""
+        i = self._scored_by.get(arch.key, 0)
+        return self._gather([self.workers[i].extract.remote(arch)], on=[i])[0]
 
     def worker_stats(self) -> list[dict[str, Any]]:
         return self._gather([w.stats.remote() for w in self.workers])
@@ -151,9 +161,11 @@ class RayScorer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _gather(self, refs: list, timeout: float | None = None) -> list[Any]:
-        """Results of one task per worker (refs[i] ran on worker i), in order; the first failure raises."""
-        index = {ref: i for i, ref in enumerate(refs)}
+    def _gather(self, refs: list, timeout: float | None = None, on: list[int] | None = None) -> list[Any]:
+        """Results of one task per worker (refs[j] ran on worker on[j], default j), in order; the first failure
+        raises, naming its worker."""
+        index = {ref: j for j, ref in enumerate(refs)}
+        on = list(range(len(refs))) if on is None else on
         n = len(self.workers)
         results: dict[int, Any] = {}
         pending = list(refs)
@@ -164,9 +176,10 @@ class RayScorer:
                                f"{timeout:.0f} s (the Ray cluster has {ray.available_resources().get('CPU', 0):g} "
                                f"CPUs free)")
             for ref in done:
-                i = index[ref]
+                j = index[ref]
+                i = on[j]
                 try:
-                    results[i] = ray.get(ref)
+                    results[j] = ray.get(ref)
                 except RayTaskError as e:
                     cause = e.cause
                     if isinstance(cause, NasError):  # the user's error (a key of another space, ...): as is
@@ -176,7 +189,7 @@ class RayScorer:
                 except (RayActorError, GetTimeoutError) as e:
                     raise NasError(f"scoring worker {i} of {n} died: "
                                    f"{first_line(e, 300) or type(e).__name__}") from None
-        return [results[i] for i in range(len(refs))]
+        return [results[j] for j in range(len(refs))]
 
 
 def open_scorer(run_dir: str | Path, workers: int = 0, *, n_images: int | None = None,

@@ -25,7 +25,8 @@ from nas.preflight import STAGES, preflight
 from nas.report import write_report
 from nas.specialize import parse_targets, run_specialize
 from nas.supernet import evaluate_keys
-from nas.rundir import WINNERS, SearchInterrupted, read_architecture, read_distill, read_winners
+from nas.rundir import (WINNERS, SearchInterrupted, enable_compilation_cache, read_architecture, read_distill,
+                        read_winners)
 from search_spaces.catalog import SPACES, load_space
 from search_spaces.errors import NasError
 
@@ -425,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()  # a command run again (or after a search) loads the programs it compiled
     try:
         return int(args.handler(args) or 0)
     except NasError as e:

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' XLA:CPU programs are built with LLVM's -O1 instead of -O2 (this process, its pytest-xdist
+# workers, the CLI subprocesses and Ray nodes they start all inherit it): compiling is most of this suite's
+# time, and -O1 compiles for about 16% less CPU on this 2-core machine (docs/performance.md, "Test time").
+# The tests assert behaviour and numerics within tolerances, which hold at any optimization level; the
+# product sets no flag.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
 # The persistent JAX compile cache of trials (nas.rundir.enable_compilation_cache reads NAS_JAX_CACHE) starts empty in every test
 # session and is never the user's ~/.cache: a test that times or interrupts training must not find its
 # programs compiled by an earlier run. Set before any test starts a driver, a Ray node or a trial. The

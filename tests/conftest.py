@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' XLA:CPU programs are built with LLVM's -O1 instead of -O2 (this process, its pytest-xdist
 # workers, the CLI subprocesses and Ray nodes they start all inherit it): compiling is most of this suite's
-# time, and -O1 compiles for about 16% less CPU on this 2-core machine (docs/performance.md, "Test time").
+# time, and -O1 compiles for about 16% less CPU on this 2-core machine (docs/performance.md, the `make test` table).
 # The tests assert behaviour and numerics within tolerances, which hold at any optimization level; the
 # product sets no flag.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):

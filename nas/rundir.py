@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -152,20 +151,13 @@ def check_run_dir(cfg: ExperimentConfig, *, resume: bool, force: bool) -> Path:
 
 
 def enable_compilation_cache() -> None:
-    """Share compiled XLA programs between trials, stages and commands (NAS_JAX_CACHE, default under ~/.cache).
+    """Share compiled XLA programs between trials, stages and commands (NAS_JAX_CACHE, default under ~/.cache)."""
+    import jax  # heavy: only the processes that compile pay for it
 
-    Before JAX is imported this only sets JAX's own environment variables (nothing heavy is imported,
-    and the processes this one starts inherit them); afterwards it updates JAX's config."""
     cache = os.environ.get("NAS_JAX_CACHE", str(Path.home() / ".cache" / "compact-nas" / "jax"))
-    settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    if "jax" not in sys.modules:
-        os.environ.update({k.upper(): str(v) for k, v in settings.items()})
-        return
-    import jax
-
-    for k, v in settings.items():
-        jax.config.update(k, v)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # ============================================================ trials.csv

@@ -103,7 +103,7 @@ def _wait(p: subprocess.Popen, what: str, cond, timeout: float = 600) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # kills on a schedule: alone on the machine
+@pytest.mark.serial  # kills on a schedule: away from the compile-heavy tests
 @pytest.mark.timeout(1500)
 def test_a_search_killed_three_times_ends_with_each_trial_once_and_none_trained_twice(search):
     """SIGKILL (1) in the first trial's training, after an epoch checkpoint, which is then damaged; (2) after

@@ -135,7 +135,7 @@ def _alive(pids: set[int], wait_s: float) -> set[int]:
         time.sleep(0.5)
 
 
-@pytest.mark.serial  # Ctrl-C timing: alone on the machine
+@pytest.mark.serial  # Ctrl-C: away from the compile-heavy tests
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, macro_table_path):
     args = [sys.executable, "-m", "nas.cli", "search", str(CONFIG), "--set", f"output_dir={tmp_path}",
             "--set", f"evaluator.table={macro_table_path}", "--set", "num_trials=25", "--set", "name=resume"]

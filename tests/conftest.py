@@ -59,3 +59,12 @@ def supernet_run(tmp_path_factory, worker_id) -> Path:
             (shared / "trained").write_text(run.name)
     name = (shared / "trained").read_text()
     return Path(shutil.copytree(shared / name, copy / name))
+
+
+def pytest_configure(config):
+    """Every test process (each pytest-xdist worker too) compiles through the session's persistent cache, as the
+    CLI subprocesses, trials and scoring actors the tests start already do: a program one process compiled,
+    the others load (374 loads in the two workers of one parallel phase, docs/performance.md)."""
+    from nas.rundir import enable_compilation_cache
+
+    enable_compilation_cache()

@@ -26,7 +26,7 @@ def train_quickstart(output_dir: Path, *sets: str) -> int:
 
 
 # What the supernet trial runs, without Ray (start-up, and a trial's compile slowed by the other worker's
-# tests): a child process, so that the persistent compile cache is enabled there and not in the test worker
+# tests): a child process, as the trial is one
 _TRAIN = """
 import sys
 from evaluators.supernet import train_supernet

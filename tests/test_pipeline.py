@@ -29,14 +29,28 @@ def small_config(tmp_path, **over):
     return doc
 
 
+# A space of one small stage: each trial's compile takes a fraction of a mobile_small candidate's
+TINY_SPACE = """
+name: tiny
+input: {resolution: 8, channels: 1}
+num_classes: 10
+stem: {kernel: 3, channels: 8, stride: 1, act: relu}
+stages:
+  - {stride: 2, channels: [8, 12, 16], depth: [1], ops: [{block: ds, kernel: [3, 5]}]}
+head: {channels: [16], act: relu, dropout: 0.0}
+"""
+
+
 def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path):
-    doc = small_config(tmp_path, num_trials=2, top_k=1, max_concurrent=1)
+    (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
+    doc = small_config(tmp_path, num_trials=2, top_k=1, max_concurrent=1, space=str(tmp_path / "tiny.yaml"))
     doc["train"] = {"epochs": 1, "learning_rate": 1.0e9, "optimizer": "sgd"}
     doc["objective"] = {"cost": None}
     run_dir = run_search(config_from_dict(doc, source="test"), printer=lambda *a, **k: None)
     rows = list(csv.DictReader((run_dir / "trials.csv").open()))
     assert len(rows) == 2 and all(r["status"] == "failed" for r in rows)
     assert all("diverged" in r["error"].lower() or "nan" in r["error"].lower() for r in rows)
+    assert len({r["key"] for r in rows}) == 2  # two trials, two networks: the search went on after the first
 
 
 @pytest.mark.parametrize("override,message", [

@@ -11,10 +11,11 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 
-# pip installs without byte-compiling, then compileall does it on every core (here 32 + 36 s against 90-106 s
-# for pip's one-core compile). The .pyc files matter: where PYTHONDONTWRITEBYTECODE is set (it is on the
-# machine of docs/performance.md's figures) no process writes them, and every CLI subprocess, trial and Ray worker would
-# compile what it imports from source. A file that does not compile just runs from source: `|| true`.
+# pip installs without byte-compiling, then compileall does it on every core (here 32 + 36 s against
+# 90-106 s for pip's one-core compile). The .pyc files matter: where PYTHONDONTWRITEBYTECODE is set (it
+# is on the machine of docs/performance.md's figures) no process writes them, and every CLI subprocess,
+# trial and Ray worker would compile what it imports from source. A file that does not compile just
+# runs from source: `|| true`.
 BYTE_COMPILE = $(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 	nas evaluators search_spaces || true
 

@@ -15,11 +15,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # product sets no flag.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
-# The persistent JAX compile cache of trials (nas.rundir.enable_compilation_cache reads NAS_JAX_CACHE) starts empty in every test
-# session and is never the user's ~/.cache: a test that times or interrupts training must not find its
-# programs compiled by an earlier run. Set before any test starts a driver, a Ray node or a trial. The
-# pytest-xdist workers of one session share the controller's (they inherit its environment): a program one
-# worker's trial compiled, the other's loads.
+# The persistent JAX compile cache of the session's processes (the test processes, see pytest_configure, and
+# the drivers, trials and actors they start; nas.rundir.enable_compilation_cache reads NAS_JAX_CACHE) starts
+# empty in every test session and is never the user's ~/.cache: a test that times or interrupts training must
+# not find its programs compiled by an earlier run. Set before any test starts a driver, a Ray node or a
+# trial. The pytest-xdist workers of one session share the controller's (they inherit its environment): a
+# program one worker compiled, the other loads.
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("NAS_TEST_SESSION_JAX_CACHE"):
     os.environ["NAS_JAX_CACHE"] = os.environ["NAS_TEST_SESSION_JAX_CACHE"]
 else:

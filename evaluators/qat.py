@@ -7,10 +7,13 @@ per-tensor uint8 activations. QAT trains exactly that network:
 * BatchNorm is folded with its running statistics frozen (`fold`): kernel' = kernel * g / sqrt(var + eps),
   bias' = beta - mean * g / sqrt(var + eps); the folded kernel and bias are what is trained.
 * Every weight (conv kernels, dense kernels) is fake-quantized per output channel, symmetric,
-  scale = max|w| / 127 (`fake_quant_weight`); every activation that ONNX Runtime quantizes (the
-  input, each conv output after its activation, the SE output, each residual sum, the pooled
-  features) is fake-quantized per tensor to uint8 over a range observed on calibration images
-  (`fake_quant_act`, ranges from `observe_ranges`). Rounding passes gradients straight through
+  scale = max|w| / 127 (`fake_quant_weight`; / 64 with `weight_range='reduced'`, the 7-bit weights
+  ONNX Runtime computes exactly on x86-64 CPUs without VNNI: `evaluators.quantize`); every
+  activation that ONNX Runtime quantizes (the input, each conv output after its activation, and
+  before it where ONNX Runtime runs the activation in float (hard-swish), the SE block's pool,
+  dense outputs, gate and product, each residual sum, the pooled features) is fake-quantized per
+  tensor to uint8 over a range observed on calibration images (`fake_quant_act`, ranges from
+  `observe_ranges`). Rounding passes gradients straight through
   (straight-through estimator, Bengio et al. 2013).
 * A low-rank factorized layer (`evaluators.lowrank`) runs as ONNX Runtime runs it: its bare first
   half is a conv (or matmul) of its own with int8 weights and a quantized output; the BatchNorm
@@ -18,8 +21,9 @@ per-tensor uint8 activations. QAT trains exactly that network:
 * `export_variables` writes the trained network back as Flax variables of the same architecture
   with identity BatchNorm (scale 1, mean 0, var 1 - eps) and kernels already on their int8 grid,
   so ONNX Runtime's folding is exact, its max-abs per-channel weight scales are the ones trained
-  with, and the int8 weights are the trained values. Activation ranges are calibrated again by
-  ONNX Runtime (min/max over the same images), not carried over from training.
+  with, and the int8 weights are the trained values. `range_hints` carries the activation ranges
+  trained with into `quantize_static_int8`, so ONNX Runtime quantizes each tensor over the range QAT
+  trained it for, instead of calibrating it again on the trained weights.
 """
 
 from __future__ import annotations
@@ -35,21 +39,24 @@ import numpy as np
 import optax
 
 from evaluators.losses import cross_entropy, distillation
+from evaluators.quantize import WEIGHT_MAX, RangeHints, value_signature
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.model import ACT_FNS, BN_EPS
 from search_spaces.ops import KERNELS
 
-W_MAX = 127.0
+W_MAX = WEIGHT_MAX["full"]
+FUSED_ACTS = ("relu", "relu6")  # ONNX Runtime folds these into the quantized op's output range
 A_LEVELS = 255.0
 Ranges = dict[str, tuple[float, float]]
 
 
 # ============================================================ fake quantization
-def fake_quant_weight(w: jnp.ndarray) -> jnp.ndarray:
-    """Per-output-channel (last axis) symmetric int8 fake quantization, straight-through gradient."""
-    s = jnp.maximum(jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True) / W_MAX, 1e-12)
-    q = jnp.clip(jnp.round(w / s), -W_MAX, W_MAX) * s
+def fake_quant_weight(w: jnp.ndarray, w_max: float = W_MAX) -> jnp.ndarray:
+    """Per-output-channel (last axis) symmetric int8 fake quantization to [-w_max, w_max] steps,
+    straight-through gradient."""
+    s = jnp.maximum(jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True) / w_max, 1e-12)
+    q = jnp.clip(jnp.round(w / s), -w_max, w_max) * s
     return w + jax.lax.stop_gradient(q - w)
 
 
@@ -61,6 +68,12 @@ def fake_quant_act(x: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndar
     zp = jnp.round(-lo / s)
     q = (jnp.clip(jnp.round(x / s) + zp, 0, A_LEVELS) - zp) * s
     return x + jax.lax.stop_gradient(q - x)
+
+
+def _w_max(weight_range: str) -> float:
+    if weight_range not in WEIGHT_MAX:
+        raise NasError(f"qat: weight range {weight_range!r}; allowed: {', '.join(WEIGHT_MAX)}")
+    return WEIGHT_MAX[weight_range]
 
 
 # ============================================================ folded network
@@ -87,24 +100,31 @@ def fold(arch: Architecture, variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def forward(arch: Architecture, folded: Mapping[str, Any], x: jnp.ndarray, ranges: Mapping[str, Any] | None,
-            observe: dict[str, list] | None = None) -> jnp.ndarray:
-    """Logits of the folded network. With `ranges`, weights and activations are fake-quantized;
-    with `observe` (a dict), each quantization point's (min, max) on this batch is appended to it."""
+            observe: dict[str, list] | None = None, capture: dict[str, jnp.ndarray] | None = None,
+            w_max: float = W_MAX) -> jnp.ndarray:
+    """Logits of the folded network. With `ranges`, weights (to [-w_max, w_max] steps) and
+    activations are fake-quantized;
+    with `observe` (a dict), each quantization point's (min, max) on this batch is appended to it;
+    with `capture` (a dict), each point's float tensor is stored in it."""
     quant = ranges is not None
 
     def q_act(name: str, t: jnp.ndarray) -> jnp.ndarray:
         if observe is not None:
             observe.setdefault(name, []).append((jnp.min(t), jnp.max(t)))
+        if capture is not None:
+            capture[name] = t
         return fake_quant_act(t, *ranges[name]) if quant else t
 
     def w(t: jnp.ndarray) -> jnp.ndarray:
-        return fake_quant_weight(t) if quant else t
+        return fake_quant_weight(t, w_max) if quant else t
 
     def conv(name: str, mod, t, kind, stride, act):
         if "down" in mod:  # low-rank factorized: a bare 1x1 conv whose output ONNX Runtime quantizes too
             t = q_act(f"{name}.down", KERNELS["fast"]["pwconv"](t, w(mod["down"]["kernel"]), stride))
             stride = 1
         y = KERNELS["fast"][kind](t, w(mod["kernel"]), stride) + mod["bias"]
+        if act and act not in FUSED_ACTS:  # ONNX Runtime quantizes the conv's output, then runs act in float
+            y = q_act(f"{name}.pre", y)
         return q_act(name, ACT_FNS[act](y) if act else y)
 
     def dense(mod, t, name=""):
@@ -131,8 +151,9 @@ def forward(arch: Architecture, folded: Mapping[str, Any], x: jnp.ndarray, range
         y = conv(f"{n}.dw", m["dw"], y, "dwconv", ly.stride, ly.act)
         if ly.se:
             s = q_act(f"{n}.se.pool", jnp.mean(y, axis=(1, 2)))
-            s = jax.nn.relu(dense(m["se"]["reduce"], s))
-            gate = ACT_FNS["hsigmoid" if ly.act == "hswish" else "sigmoid"](dense(m["se"]["expand"], s))
+            s = q_act(f"{n}.se.reduce", jax.nn.relu(dense(m["se"]["reduce"], s)))
+            g = q_act(f"{n}.se.expand", dense(m["se"]["expand"], s))
+            gate = q_act(f"{n}.se.gate", ACT_FNS["hsigmoid" if ly.act == "hswish" else "sigmoid"](g))
             y = q_act(f"{n}.se.mul", y * gate[:, None, None, :])
         y = conv(f"{n}.project", m["project"], y, "pwconv", 1, "")
         h = q_act(f"{n}.add", h + y) if ly.residual else y
@@ -162,12 +183,14 @@ def observe_ranges(arch: Architecture, folded: Mapping[str, Any], x: np.ndarray,
 def qat_train(arch: Architecture, variables: Mapping[str, Any], data, *, epochs: int = 2,
               learning_rate: float = 2e-4, batch_size: int = 128, teacher_logits: np.ndarray | None = None,
               temperature: float = 2.0, alpha: float = 0.5, calibration_images: int = 512,
-              seed: int = 0) -> tuple[dict[str, Any], Ranges, list[dict[str, float]]]:
-    """Fine-tune the folded, fake-quantized network (Adam, cosine schedule; KD when `teacher_logits`).
+              seed: int = 0, weight_range: str = "full") -> tuple[dict[str, Any], Ranges, list[dict[str, float]]]:
+    """Fine-tune the folded, fake-quantized network (Adam, cosine schedule; KD when `teacher_logits`);
+    `weight_range` 'full' or 'reduced' (`evaluators.quantize.WEIGHT_RANGES`): the int8 weights' range.
 
     Returns (trained folded params, the activation ranges trained with, per-epoch history)."""
     if epochs < 1 or learning_rate <= 0:
         raise NasError(f"qat: epochs {epochs!r} and learning_rate {learning_rate!r}; allowed >= 1 and > 0")
+    w_max = _w_max(weight_range)
     rng = np.random.default_rng(seed)
     n = len(data.y_train)
     calib = data.x_train[rng.choice(n, min(calibration_images, n), replace=False)]
@@ -180,7 +203,7 @@ def qat_train(arch: Architecture, variables: Mapping[str, Any], data, *, epochs:
     @jax.jit
     def step(params, opt, xb, yb, tb):
         def loss(p):
-            logits = forward(arch, p, xb, ranges)
+            logits = forward(arch, p, xb, ranges, w_max=w_max)
             return distillation(logits, tb, yb, temperature, alpha) if teacher_logits is not None else (
                 cross_entropy(logits, yb))
 
@@ -206,18 +229,38 @@ def qat_train(arch: Architecture, variables: Mapping[str, Any], data, *, epochs:
 
 
 def qat_predict(arch: Architecture, folded: Mapping[str, Any], ranges: Ranges, x: np.ndarray,
-                batch_size: int = 256) -> np.ndarray:
+                batch_size: int = 256, weight_range: str = "full") -> np.ndarray:
     """Logits of the fake-quantized network (what the int8 model should compute)."""
     f = jax.tree.map(jnp.asarray, folded)
     r = {k: (jnp.float32(a), jnp.float32(b)) for k, (a, b) in ranges.items()}
-    fn = jax.jit(functools.partial(forward, arch))
+    fn = jax.jit(functools.partial(forward, arch, w_max=_w_max(weight_range)))
     return np.concatenate([np.asarray(fn(f, jnp.asarray(x[i:i + batch_size]), r)) for i in range(0, len(x), batch_size)])
 
 
 # ============================================================ export
-def export_variables(arch: Architecture, folded: Mapping[str, Any]) -> dict[str, Any]:
-    """Flax variables of `arch` computing the folded network with its weights on their int8 grid:
-    identity BatchNorm (scale 1, bias = folded bias, mean 0, var = 1 - eps)."""
+def range_hints(arch: Architecture, folded: Mapping[str, Any], ranges: Ranges, rows: np.ndarray,
+                weight_range: str = "full") -> RangeHints:
+    """The ranges QAT trained with, as `RangeHints` for `quantize_static_int8`: each quantization
+    point's values on `rows` in the network the export writes (weights on their int8 grid,
+    activations in float), so that ONNX Runtime quantizes each activation over the range trained
+    with instead of a range calibrated again on the trained weights."""
+    def on_grid(f: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: on_grid(v) if isinstance(v, Mapping) else
+                (fake_quant_weight(jnp.asarray(v), w_max) if k == "kernel" else jnp.asarray(v)) for k, v in f.items()}
+
+    w_max = _w_max(weight_range)
+
+    captured: dict[str, jnp.ndarray] = {}
+    forward(arch, on_grid(folded), jnp.asarray(rows), None, capture=captured)
+    names = list(captured)
+    return RangeHints(np.asarray(rows, np.float32), [value_signature(captured[k]) for k in names],
+                      [tuple(map(float, ranges[k])) for k in names])
+
+
+def export_variables(arch: Architecture, folded: Mapping[str, Any], weight_range: str = "full") -> dict[str, Any]:
+    """Flax variables of `arch` computing the folded network with its weights on their int8 grid
+    (of `weight_range`): identity BatchNorm (scale 1, bias = folded bias, mean 0, var = 1 - eps)."""
+    w_max = _w_max(weight_range)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
 
@@ -229,9 +272,9 @@ def export_variables(arch: Architecture, folded: Mapping[str, Any]) -> dict[str,
                 if not s[k]:
                     s.pop(k)
                 continue
-            kq = np.asarray(fake_quant_weight(jnp.asarray(v["kernel"])), np.float32)
+            kq = np.asarray(fake_quant_weight(jnp.asarray(v["kernel"]), w_max), np.float32)
             bias = np.asarray(v["bias"], np.float32)
-            down = {"down": {"kernel": np.asarray(fake_quant_weight(jnp.asarray(v["down"]["kernel"])), np.float32)}
+            down = {"down": {"kernel": np.asarray(fake_quant_weight(jnp.asarray(v["down"]["kernel"]), w_max), np.float32)}
                     } if "down" in v else {}
             if kq.ndim == 2:  # Dense (SE, classifier)
                 p[k] = {**down, "kernel": kq, "bias": bias}

@@ -10,6 +10,7 @@ import pytest
 from evaluators import quantize as Q
 from evaluators.onnx_export import arch_variables, ort_session, run, to_onnx
 from search_spaces.catalog import load_space
+from search_spaces.errors import NasError
 
 KEY = "100-0114-0100-0"  # mobile_small: depthwise, an inverted bottleneck with a residual, hard-swish (no SE)
 
@@ -227,3 +228,31 @@ def test_float_se_keeps_exactly_the_squeeze_and_excite_paths_in_float(tmp_path):
     want = run(ort_session(str(fp32)), x)
     for path in (qpath, fpath):
         assert np.mean(np.argmax(run(ort_session(str(path)), x), 1) == np.argmax(want, 1)) >= 0.9
+
+
+@pytest.mark.parametrize("machine, flags, expected", [
+    ("x86_64", ["sse2", "avx2", "fma"], "reduced"),  # AVX2 only: u8 x s8 pairs add into a saturating int16
+    ("x86_64", ["avx2", "avx512f", "avx512bw"], "reduced"),  # AVX-512 without VNNI: the same instruction
+    ("x86_64", ["avx2", "avx512f", "avx512_vnni"], "full"),  # VNNI accumulates into int32
+    ("AMD64", ["avx2", "avx_vnni"], "full"),
+    ("aarch64", [], "full"),
+])
+def test_weight_range_for_cpu_reduces_only_where_int8_kernels_saturate(machine, flags, expected):
+    assert Q.weight_range_for_cpu(flags, machine) == expected
+
+
+def test_reduced_weight_range_ships_7_bit_weights(fp32, tmp_path):
+    """`weight_range='reduced'`: every int8 weight in [-64, 64], the largest of a channel at 64 (full: 127)."""
+    path, x = fp32
+    most = {}
+    for wr in ("full", "reduced"):
+        out = tmp_path / f"{wr}.onnx"
+        assert Q.quantize_static_int8(path, out, x[:32], method="minmax", weight_range=wr)["weight_range"] == wr
+        ints = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+                if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 1]
+        most[wr] = max(int(np.abs(a.astype(np.int32)).max()) for a in ints)
+    assert most == {"full": 127, "reduced": 64}
+    with pytest.raises(NasError, match="weight range 'seven'; allowed: full, reduced"):
+        Q.quantize_static_int8(path, tmp_path / "x.onnx", x[:32], weight_range="seven")
+    with pytest.raises(NasError, match="allowed: auto, full, reduced"):
+        Q.resolve_weight_range("seven")

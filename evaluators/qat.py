@@ -274,8 +274,8 @@ def export_variables(arch: Architecture, folded: Mapping[str, Any], weight_range
                 continue
             kq = np.asarray(fake_quant_weight(jnp.asarray(v["kernel"]), w_max), np.float32)
             bias = np.asarray(v["bias"], np.float32)
-            down = {"down": {"kernel": np.asarray(fake_quant_weight(jnp.asarray(v["down"]["kernel"]), w_max), np.float32)}
-                    } if "down" in v else {}
+            down = {"down": {"kernel": np.asarray(fake_quant_weight(jnp.asarray(v["down"]["kernel"]), w_max),
+                                                  np.float32)}} if "down" in v else {}
             if kq.ndim == 2:  # Dense (SE, classifier)
                 p[k] = {**down, "kernel": kq, "bias": bias}
                 continue

@@ -212,6 +212,9 @@ def _export_args(p):
     p.add_argument("--int8-float-se", action="store_true", default=None,
                    help="keep squeeze-and-excite paths in float in model.int8.onnx: faster at batch 1, bigger file "
                         "(default: the run's export.int8_float_se)")
+    p.add_argument("--int8-weight-range", default=None, choices=("auto", "full", "reduced"),
+                   help="int8 weights in [-127, 127] (full) or [-64, 64] (reduced: exact on x86-64 CPUs without VNNI); "
+                        "auto: what this machine's CPU needs (default: the run's export.int8_weight_range, else full)")
     p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
 
 
@@ -234,6 +237,10 @@ def _compress_args(p):
     p.add_argument("--int8-float-se", action="store_true", default=None,
                    help="with --qat: keep squeeze-and-excite paths in float in model.int8.onnx (faster at batch 1, "
                         "bigger file; default: the run's compress.int8_float_se)")
+    p.add_argument("--int8-weight-range", default=None, choices=("auto", "full", "reduced"),
+                   help="with --qat: int8 weights in [-127, 127] (full) or [-64, 64] (reduced: exact on x86-64 CPUs "
+                        "without VNNI); auto: what this machine's CPU needs (default: the run's "
+                        "compress.int8_weight_range)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compressed)")
     p.add_argument("--force", action="store_true", help="replace an earlier result folder of the same name")
 
@@ -322,7 +329,7 @@ def _export(args):
     export_run(args.run_dir, out=args.out, winner=args.winner,
                formats=tuple(args.format.split(",")) if args.format else None,
                force=args.force, int8=args.int8, calibration_images=args.calibration_images,
-               int8_float_se=args.int8_float_se)
+               int8_float_se=args.int8_float_se, int8_weight_range=args.int8_weight_range)
 
 
 @command("compress", "prune a run's winners to a target and fine-tune them with distillation")(_compress_args)
@@ -332,7 +339,8 @@ def _compress(args):
                                           steps=args.steps, epochs=args.epochs, lowrank=args.lowrank,
                                           lowrank_epochs=args.lowrank_epochs, lowrank_keep=args.lowrank_keep,
                                           divisor=args.divisor,
-                                          qat=args.qat, int8_float_se=args.int8_float_se))
+                                          qat=args.qat, int8_float_se=args.int8_float_se,
+                                          int8_weight_range=args.int8_weight_range))
 
 
 @command("report", "write report.md and plots for a finished run")(_report_args)

@@ -40,8 +40,8 @@ from evaluators.lowrank import check_reachable, choose_ranks, factorize, factori
 from evaluators.onnx_export import ort_session, run, to_onnx
 from evaluators.predict import evaluate
 from evaluators.prune import agp_fractions, floor_architecture, prune, pruned_key, recalibrate_bn, taylor_grads
-from evaluators.qat import export_variables, qat_predict, qat_train
-from evaluators.quantize import quantize_static_int8
+from evaluators.qat import export_variables, qat_predict, qat_train, range_hints
+from evaluators.quantize import RangeHints, quantize_static_int8, resolve_weight_range
 from evaluators.train import train
 from evaluators.variables import load_variables, save_variables
 from nas.compress_report import compression_report, measure_onnx_latency  # noqa: F401 (measure_onnx_latency: used by benchmarks)
@@ -135,15 +135,17 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
         if c.lowrank_target() is not None:
             small, sv, lowrank_info = lowrank_one(small, sv, data, c, exp.train, kd=kd, teacher_logits=logits,
                                                   printer=printer)
-        qat_info = None
+        qat_info = hints = None
         if c.qat:
+            wr = resolve_weight_range(c.int8_weight_range)
             folded, ranges, qhist = qat_train(small, sv, data, epochs=c.qat_epochs, learning_rate=c.qat_learning_rate,
                                               teacher_logits=logits, calibration_images=c.calibration_images,
-                                              seed=exp.train.seed)
-            fake = qat_predict(small, folded, ranges, data.x_test)
+                                              seed=exp.train.seed, weight_range=wr)
+            fake = qat_predict(small, folded, ranges, data.x_test, weight_range=wr)
             qat_info = {"history": qhist, "fake_quant_test_accuracy": float(np.mean(fake.argmax(-1) == data.y_test)),
-                        "epochs": c.qat_epochs, "learning_rate": c.qat_learning_rate}
-            sv = export_variables(small, folded)
+                        "epochs": c.qat_epochs, "learning_rate": c.qat_learning_rate, "weight_range": wr}
+            hints = range_hints(small, folded, ranges, data.x_train[:64], weight_range=wr)
+            sv = export_variables(small, folded, weight_range=wr)
         acc_after = evaluate(small, sv, data.x_test, data.y_test)[0]
         metrics = {"rank": w.rank, "key": small.key, "pruned_from": arch.key, "dataset": data.name,
                    "weights_from": weights.name, "teacher": teacher_info,
@@ -154,7 +156,7 @@ def run_compress(run_dir: str | Path, *, winner: int | None = None, options: Map
             metrics["lowrank"] = lowrank_info
         if qat_info is not None:
             metrics["qat"] = qat_info
-        _write_folder(folder, arch, variables, small, sv, data, metrics, c, force)
+        _write_folder(folder, arch, variables, small, sv, data, metrics, c, force, hints)
         metrics = json.loads((folder / "metrics.json").read_text())
         printer(f"winner {w.rank} {arch.key} -> {small.key}{' (QAT int8)' if c.qat else ''}: "
                 f"MACs x{metrics['ratios']['macs']:.2f} "
@@ -266,7 +268,9 @@ def _safe(key: str) -> str:
 
 
 def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Architecture, sv: Any, data,
-                  metrics: dict[str, Any], c: CompressConfig, force: bool) -> None:
+                  metrics: dict[str, Any], c: CompressConfig, force: bool, hints: RangeHints | None = None) -> None:
+    """Write the result folder (staged, then renamed); with `c.qat`, the int8 model quantizes each
+    activation over the range QAT trained with (`hints`) and its weights to QAT's weight range."""
     stage = folder.parent / f".{folder.name}.partial"
     if stage.exists():
         shutil.rmtree(stage)
@@ -287,7 +291,8 @@ def _write_folder(folder: Path, arch: Architecture, variables: Any, small: Archi
             calib = data.x_train[rng.choice(len(data.x_train), min(c.calibration_images, len(data.x_train)),
                                             replace=False)]
             metrics["int8"] = quantize_static_int8(stage / "model.onnx", stage / "model.int8.onnx", calib,
-                                                   method="minmax", float_se=c.int8_float_se)
+                                                   method="minmax", float_se=c.int8_float_se, range_hints=hints,
+                                                   weight_range=metrics["qat"]["weight_range"])
             int8 = onnx.load(str(stage / "model.int8.onnx"))
             sess = ort_session(str(stage / "model.int8.onnx"))
             logits = run(sess, data.x_test, batch=256)

@@ -31,7 +31,7 @@ from evaluators.hardware import PROFILES
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.prune import CRITERIA as PRUNE_CRITERIA
 from evaluators.prune import Target
-from evaluators.quantize import CALIBRATION_METHODS
+from evaluators.quantize import CALIBRATION_METHODS, WEIGHT_RANGES
 from evaluators.supernet import SupernetConfig
 from evaluators.table import resolve_table
 from nas.objective import LATENCY_PREFIX, check_cost_name, latency_profile, own_latency
@@ -230,6 +230,11 @@ class ExportConfig:
     calibration_method: how ranges are set from them: percentile (default), minmax, entropy.
     int8_float_se: keep squeeze-and-excite paths in float in model.int8.onnx (fewer Q/DQ nodes: faster
       at batch 1 in ONNX Runtime; fp32 SE weights: a bigger file; docs/compress.md).
+    int8_weight_range: int8 weights in [-127, 127] (full, the default) or [-64, 64] (reduced: what ONNX
+      Runtime computes exactly on x86-64 CPUs without VNNI); auto: the one this machine's CPU needs.
+      Post-training, full is the default because 7-bit weights lose what saturation costs: on three
+      mnist5k winners (AVX2, no VNNI) full lost 0.27 / 0.13 / -0.53 points, reduced 0.53 / 0.13 / 0.00
+      (docs/compress.md). Quantization-aware training trains on the 7-bit grid instead (compress:).
     tolerance: max abs logit difference allowed between a runtime and JAX.
     int8_max_drop: largest test-accuracy loss (fraction, 0.01 = 1 point) int8 may have vs fp32.
     latency_budget_s: time spent per latency measurement (0: do not measure).
@@ -242,6 +247,7 @@ class ExportConfig:
     calibration_images: int = spec(256, ge=1)
     calibration_method: str = spec("percentile", choices=CALIBRATION_METHODS, what="method")
     int8_float_se: bool = False
+    int8_weight_range: str = spec("full", choices=("auto", *WEIGHT_RANGES), what="weight range")
     tolerance: float = spec(1e-4, ge=0)
     int8_max_drop: float = spec(0.01, ge=0)
     latency_budget_s: float = spec(0.3, ge=0)
@@ -292,6 +298,10 @@ class CompressConfig:
     # with qat: squeeze-and-excite paths left in float in model.int8.onnx (as export.int8_float_se: fewer
     # Q/DQ nodes, faster at batch 1 on ONNX Runtime, a bigger file)
     int8_float_se: bool = False
+    # with qat: the int8 weights' range, trained and shipped: full [-127, 127], reduced [-64, 64] (exact
+    # on x86-64 CPUs without VNNI, where ONNX Runtime's u8 x s8 kernels saturate), auto: the one this
+    # machine's CPU needs (evaluators.quantize.weight_range_for_cpu)
+    int8_weight_range: str = spec("auto", choices=("auto", *WEIGHT_RANGES), what="weight range")
     latency_budget_s: float = spec(0.3, ge=0)  # per measured figure (0: do not measure)
 
     @classmethod
@@ -305,6 +315,9 @@ class CompressConfig:
                       "and/or lowrank: true|energy=F|params=F|macs=F, and/or qat: true")
         if self.int8_float_se and not self.qat:
             raise err("int8_float_se", "true shapes the int8 model that qat writes; set qat: true as well")
+        if self.int8_weight_range != "auto" and not self.qat:
+            raise err("int8_weight_range", f"{self.int8_weight_range} shapes the int8 model that qat writes; "
+                      "set qat: true as well")
         if self.prune is not None:
             Target.parse(self.prune, f"{err.source}: {err.key('prune')}" if err.source else err.key("prune"))
         if self.lowrank is not False and self.lowrank is not None:

@@ -104,4 +104,5 @@ def test_reduced_weight_range_fake_quantizes_to_64_steps():
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
     assert np.abs(np.round(steps)).max() == 64
     with pytest.raises(NasError, match="weight range 'seven'; allowed: full, reduced"):
-        qat_predict(ARCH, fold(ARCH, random_variables(ARCH)), {}, np.zeros((1, 8, 8, 1), np.float32), weight_range="seven")
+        qat_predict(ARCH, fold(ARCH, random_variables(ARCH)), {}, np.zeros((1, 8, 8, 1), np.float32),
+                    weight_range="seven")

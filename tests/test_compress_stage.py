@@ -65,6 +65,9 @@ def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(c
     int8 = nas.load(compressed, format="int8")
     assert int8.accuracy(data.x_test, data.y_test) == pytest.approx(m["int8"]["test_accuracy"])
     assert m["int8"]["float_se"] is True
+    # the int8 model is QAT's: its weight range, and the activation ranges it trained with
+    assert m["int8"]["weight_range"] == m["qat"]["weight_range"] in ("full", "reduced")
+    assert 0 < m["int8"]["ranges_carried"] <= m["int8"]["ranges_hinted"]
     assert m["ratios"]["shipped_bytes"] > m["ratios"]["onnx_bytes"] and set(m["speedup_int8"]) == {"batch1", "batch32"}
     assert m["energy_mj"]["rpi4:int8"]["after"] < m["energy_mj"]["rpi4:fp32"]["after"] < m["energy_mj"]["rpi4:fp32"]["before"]
     card = (compressed / "README.md").read_text()
@@ -88,6 +91,8 @@ def test_the_pruned_architecture_costs_like_any_other(compressed, capsys):
     ([], "compress.prune: no technique chosen"),
     (["--prune", "macs=0.5", "--steps", "0"], "compress.steps: must be >= 1, got 0"),
     (["--prune", "macs=0.5", "--int8-float-se"], "compress.int8_float_se: true shapes the int8 model that qat writes"),
+    (["--prune", "macs=0.5", "--int8-weight-range", "reduced"],
+     "compress.int8_weight_range: reduced shapes the int8 model that qat writes"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_dir, capsys, argv, message, tmp_path):
     out = tmp_path / "out"

@@ -14,6 +14,7 @@ import pytest
 
 import nas
 import nas.export.formats as ex_formats
+from evaluators.quantize import weight_range_for_cpu
 from nas.config import ExportConfig
 from nas.export import export_run, load
 from search_spaces.errors import NasError
@@ -72,6 +73,7 @@ def test_every_format_is_written_and_passes_its_check(exported):
     q = m["formats"]["int8"]
     assert q["check"]["passed"] and q["check"]["accuracy_drop"] <= INT8_MAX_DROP
     assert q["format"] == "QDQ" and q["per_channel"] and q["calibration_images"] == 512
+    assert q["weight_range"] == "full"  # the default
     assert q["size_ratio_fp32_over_int8"] > 1.5  # a tiny net: graph overhead; >= 3.5x is checked at mnist5k scale
     for runtime in ("jax", "onnx", "int8"):
         assert m["latency_ms"][runtime]["batch1"] > 0 and m["latency_ms"][runtime]["batch32"] > 0
@@ -343,20 +345,28 @@ def test_export_config_validates_the_new_options():
     assert cfg.formats == ("flax", "onnx") and cfg.int8 and cfg.run_kwargs()["calibration_images"] == 64
     for section, message in [({"int8": "yes"}, "export.int8: expected true or false"),
                              ({"tolerance": -1}, "export.tolerance: must be >= 0"),
+                             ({"int8_weight_range": "7bit"}, "export.int8_weight_range: .*allowed: auto, full, reduced"),
                              ({"precision": "int8"}, "export.precision: unknown key"),
                              ({"formats": ["stablehlo"], "int8": True}, "export.int8: needs 'onnx'")]:
         with pytest.raises(NasError, match=message):
             ExportConfig.from_dict(section)
 
 
-def test_int8_float_se_reaches_the_quantizer_from_the_cli(run_dir, tmp_path):
-    """`nas export --int8 --int8-float-se`: the int8 file is written and checked as usual, and its metrics
-    say the SE paths were left in float (this winner has none, so the graph is the default one)."""
+def test_int8_float_se_and_weight_range_reach_the_quantizer_from_the_cli(run_dir, tmp_path):
+    """`nas export --int8 --int8-float-se --int8-weight-range X`: the int8 file is written and checked as
+    usual, and its metrics say the SE paths were left in float (this winner has none, so the graph is the
+    default one) and which weight range it has (auto: this CPU's; otherwise the one asked for)."""
     from nas.cli import main
 
-    assert main(["export", str(run_dir), "--format", "onnx", "--int8", "--int8-float-se", "--out",
-                 str(tmp_path / "x")]) == 0
+    other = "reduced" if weight_range_for_cpu() == "full" else "full"  # "auto" would be this one
+    assert main(["export", str(run_dir), "--format", "onnx", "--int8", "--int8-weight-range", "auto", "--out",
+                 str(tmp_path / "auto")]) == 0
+    m = json.loads(next((tmp_path / "auto").glob("01-*/metrics.json")).read_text())
+    assert m["formats"]["int8"]["weight_range"] == weight_range_for_cpu()
+    assert main(["export", str(run_dir), "--format", "onnx", "--int8", "--int8-float-se", "--int8-weight-range",
+                 other, "--out", str(tmp_path / "x")]) == 0
     m = json.loads(next((tmp_path / "x").glob("01-*/metrics.json")).read_text())
     assert m["formats"]["int8"]["float_se"] is True and m["formats"]["int8"]["check"]["passed"]
+    assert m["formats"]["int8"]["weight_range"] == other
     assert ExportConfig.from_dict({"int8_float_se": True}).int8_float_se
     assert ExportConfig().int8_float_se is False

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from evaluators.onnx_export import to_onnx
-from evaluators.quantize import quantize_static_int8
+from evaluators.quantize import quantize_static_int8, resolve_weight_range
 from evaluators.variables import load_variables, save_variables
 from nas.export.loading import FILES, STABLEHLO_PLATFORMS, leaf_shapes, sha256_file
 from search_spaces.architecture import Architecture
@@ -106,9 +106,11 @@ def write_stablehlo(stage: Path, arch: Architecture, variables: Any) -> dict[str
             "calling_convention_version": exported.calling_convention_version, "jax": jax.__version__}
 
 
-def write_int8(stage: Path, calibration: np.ndarray, method: str, float_se: bool = False) -> dict[str, Any]:
+def write_int8(stage: Path, calibration: np.ndarray, method: str, float_se: bool = False,
+               weight_range: str = "full") -> dict[str, Any]:
+    """model.int8.onnx from model.onnx (static QDQ); `weight_range` 'auto' resolves for this machine."""
     info = quantize_static_int8(stage / FILES["onnx"], stage / FILES["int8"], calibration, method=method,
-                                float_se=float_se)
+                                float_se=float_se, weight_range=resolve_weight_range(weight_range))
     info.pop("bytes", None)
     return info
 

@@ -35,7 +35,8 @@ _MODEL_DIR = re.compile(r"^\.?\d{2,}-[0-9A-Za-z-]+(\.failed|\.partial)?$")  # NN
 def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: int | None = None,
                formats: tuple[str, ...] | None = None, force: bool = False, int8: bool | None = None,
                calibration_images: int | None = None, calibration_method: str | None = None,
-               int8_float_se: bool | None = None, tolerance: float | None = None, int8_max_drop: float | None = None,
+               int8_float_se: bool | None = None, int8_weight_range: str | None = None,
+               tolerance: float | None = None, int8_max_drop: float | None = None,
                latency_budget_s: float | None = None, printer=print) -> list[Path]:
     """Export the winners of `run_dir` (all, or rank `winner`) into `out` (default RUN_DIR/export).
 
@@ -47,7 +48,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
       winner: export only this rank.
       formats: any of 'flax', 'onnx', 'stablehlo'.
       int8: also write model.int8.onnx (static QDQ, calibrated on `calibration_images` training images
-        with `calibration_method`: percentile, minmax or entropy; `int8_float_se`: SE paths left in float).
+        with `calibration_method`: percentile, minmax or entropy; `int8_float_se`: SE paths left in float;
+        `int8_weight_range`: auto, full or reduced, see `ExportConfig`).
       tolerance, int8_max_drop, latency_budget_s: see `ExportConfig`.
       Options left None take their value from the run's `export:` section (config.yaml).
 
@@ -69,7 +71,8 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, winner: in
     exp = experiment_from_run_dir(run_dir)
     preflight(exp.cfg, ("export",))
     given = {"formats": formats, "int8": int8, "calibration_images": calibration_images,
-             "calibration_method": calibration_method, "int8_float_se": int8_float_se, "tolerance": tolerance,
+             "calibration_method": calibration_method, "int8_float_se": int8_float_se,
+             "int8_weight_range": int8_weight_range, "tolerance": tolerance,
              "int8_max_drop": int8_max_drop, "latency_budget_s": latency_budget_s}
     opts = ExportConfig.from_dict({**exp.cfg.export.run_kwargs(), **{k: v for k, v in given.items() if v is not None}},
                                   source="export")
@@ -181,7 +184,8 @@ def _export_one(w: Winner, weights: Path, drow: DistillRow | None, out: Path, na
         if onnx_ok:
             calib = _calibration(data, opts.calibration_images, ctx["seed"])
             fp32_logits = load(stage, "onnx")(x)
-            attempt("int8", lambda: write_int8(stage, calib, opts.calibration_method, opts.int8_float_se),
+            attempt("int8", lambda: write_int8(stage, calib, opts.calibration_method, opts.int8_float_se,
+                                               opts.int8_weight_range),
                     lambda: check_int8(load(stage, "int8"), x, y, fp32_logits, opts.int8_max_drop))
         else:
             fmt["int8"] = {"file": None, "check": {"passed": False, "reason": "skipped: the fp32 ONNX export failed"}}

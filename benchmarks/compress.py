@@ -9,8 +9,10 @@ For each mobile_small key (default: the export benchmark's three, 28x28) in one 
      (`evaluators.prune.uniform_architecture`), trained from scratch with the same budget
      (epochs + finetune epochs, same KD teacher): acc_u;
   4. int8: static post-training QDQ (`evaluators.quantize.quantize_static_int8`, percentile) of the
-     winner (PTQ), and quantization-aware training (`evaluators.qat`, `--qat-epochs` with KD from the
-     winner, exported QDQ with min/max calibration) of the winner and of the pruned network;
+     winner (PTQ; full-range weights, and reduced-range ones for `ptq_reduced_drop_pt`), and
+     quantization-aware training (`evaluators.qat`, `--qat-epochs` with KD from the winner, weights in
+     `--int8-weight-range`, exported QDQ over the activation ranges QAT trained with) of the winner
+     and of the pruned network;
   5. low-rank factorization of the winner (`nas.compress.lowrank_one`, `--lowrank`, default
      energy=0.9) fine-tuned `--lowrank-epochs` with KD from the winner, twice: keeping only the
      layers whose one-layer ONNX Runtime model is faster factorized at batch 1 and 32 (the stage's
@@ -108,12 +110,17 @@ def one_key(key: str, args, data, printer=print) -> dict:
     printer(f"{key}: pruned {small.key} test {acc_p:.4f}; uniform {analytic_cost(uni).macs:,d} MACs test "
             f"{acc_u:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    from evaluators.qat import export_variables, qat_train
+    from evaluators.qat import export_variables, qat_train, range_hints
+    from evaluators.quantize import resolve_weight_range
 
+    wr = resolve_weight_range(args.int8_weight_range)
+    calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
     models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv)}
+    hints = {}
     for name, (a, v) in {"qat": (arch, res.variables), "pruned_qat": (small, sv)}.items():
-        folded, _, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher)
-        models[name] = to_onnx(a, export_variables(a, folded))
+        folded, ranges, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher, weight_range=wr)
+        models[name] = to_onnx(a, export_variables(a, folded, weight_range=wr))
+        hints[name] = range_hints(a, folded, ranges, calib[:64], weight_range=wr)
     printer(f"{key}: QAT done ({time.perf_counter() - t0:.0f} s)", flush=True)
     from evaluators.lowrank import LowRankTarget, factorize
     from evaluators.prune import recalibrate_bn
@@ -140,14 +147,15 @@ def one_key(key: str, args, data, printer=print) -> dict:
         models[name] = to_onnx(la, lv)
     printer(f"{key}: lowrank {args.lowrank} done: {lowrank['lowrank']['key']} (latency-gated), "
             f"{lowrank['lowrank_cost']['key']} (cost only) ({time.perf_counter() - t0:.0f} s)", flush=True)
-    calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
-        for name, method in (("fp32", "percentile"), ("pruned", "percentile"), ("qat", "minmax"),
-                             ("pruned_qat", "minmax")):
-            src, dst = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.int8.onnx"
+        # PTQ in both weight ranges (the export's default is full); QAT in the one it trained with
+        for name, method, w in (("fp32", "percentile", "full"), ("fp32", "percentile", "reduced"),
+                                ("pruned", "percentile", "full"), ("qat", "minmax", wr), ("pruned_qat", "minmax", wr)):
+            out = f"{name}_int8" + ("_reduced" if name in ("fp32", "pruned") and w == "reduced" else "")
+            src, dst = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{out}.onnx"
             onnx.save(models[name], str(src))
-            quantize_static_int8(src, dst, calib, method=method)
-            models[f"{name}_int8"] = onnx.load(str(dst))
+            quantize_static_int8(src, dst, calib, method=method, range_hints=hints.get(name), weight_range=w)
+            models[out] = onnx.load(str(dst))
         for name in ("qat", "pruned_qat"):
             models.pop(name)  # the fp32 form of a QAT network is not shipped
     sizes = {k: len(m.SerializeToString()) for k, m in models.items()}
@@ -169,6 +177,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
         "prune_speedup_b32": lat["fp32"]["batch32"] / lat["pruned"]["batch32"],
         "prune_drop_pt": 100 * (acc0 - acc_p), "prune_vs_uniform_pt": 100 * (acc_p - acc_u),
         "ptq_drop_pt": 100 * (accs["fp32"] - accs["fp32_int8"]), "qat_drop_pt": 100 * (accs["fp32"] - accs["qat_int8"]),
+        "ptq_reduced_drop_pt": 100 * (accs["fp32"] - accs["fp32_int8_reduced"]), "weight_range": wr,
         "int8_speedup_b1": lat["fp32"]["batch1"] / lat["fp32_int8"]["batch1"],
         "int8_speedup_b32": lat["fp32"]["batch32"] / lat["fp32_int8"]["batch32"],
         "int8_size_ratio": sizes["fp32"] / sizes["fp32_int8"],
@@ -182,7 +191,8 @@ def one_key(key: str, args, data, printer=print) -> dict:
         "wall_s": time.perf_counter() - t0,
     }
     printer(f"{key}: " + ", ".join(f"{k} {row[k]:.2f}" for k in (
-        "prune_speedup_b1", "prune_speedup_b32", "prune_drop_pt", "prune_vs_uniform_pt", "ptq_drop_pt", "qat_drop_pt",
+        "prune_speedup_b1", "prune_speedup_b32", "prune_drop_pt", "prune_vs_uniform_pt", "ptq_drop_pt",
+        "ptq_reduced_drop_pt", "qat_drop_pt",
         "int8_speedup_b1", "int8_speedup_b32", "chain_ratio", "chain_drop_pt", *LOWRANK)), flush=True)
     for m in row["lowrank_layers"]:
         printer(f"    lowrank layer {m['layer']}: factorized/whole one-layer speedup b1 {m['speedup']['batch1']:.2f} "
@@ -202,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs (KD from the winner)")
     ap.add_argument("--finetune-lr", type=float, default=2e-3)
     ap.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (KD from the winner)")
+    ap.add_argument("--int8-weight-range", default="auto", choices=("auto", "full", "reduced"),
+                    help="QAT's int8 weight range (auto: what this machine's CPU needs; evaluators.quantize)")
     ap.add_argument("--lowrank", default="energy=0.9", help="low-rank target: energy=F, params=F or macs=F")
     ap.add_argument("--lowrank-epochs", type=int, default=2, help="fine-tuning epochs after factorizing (KD)")
     ap.add_argument("--layer-budget", type=float, default=0.2,
@@ -227,12 +239,15 @@ def main(argv=None) -> int:
         print(f"  {k:<20} median {med[k]:7.2f}  (per key: {', '.join(f'{r[k]:.2f}' for r in rows)})  target "
               f"{'<=' if k.endswith('drop_pt') else '>' if k == 'prune_vs_uniform_pt' else '>='} {t}: "
               f"{'met' if better else 'NOT met'}")
-    print(f"  post-training int8 drop (ptq_drop_pt) median {statistics.median(r['ptq_drop_pt'] for r in rows):.2f}; "
+    print(f"  post-training int8 drop (ptq_drop_pt) median {statistics.median(r['ptq_drop_pt'] for r in rows):.2f}, "
+          f"with reduced-range weights {statistics.median(r['ptq_reduced_drop_pt'] for r in rows):.2f}; QAT weights "
+          f"{rows[0]['weight_range']}; "
           f"chain with PTQ instead of QAT: drop median {statistics.median(r['chain_ptq_drop_pt'] for r in rows):.2f}")
     lr_med = {k: statistics.median(r[k] for r in rows) for k in LOWRANK}
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in lr_med.items()) + f"  (lowrank {args.lowrank}; median over keys)")
     if args.json:
         out = {**med, **lr_med, "ptq_drop_pt": statistics.median(r["ptq_drop_pt"] for r in rows),
+               "ptq_reduced_drop_pt": statistics.median(r["ptq_reduced_drop_pt"] for r in rows),
                "prune_speedup_b1": statistics.median(r["prune_speedup_b1"] for r in rows),
                "int8_size_ratio": statistics.median(r["int8_size_ratio"] for r in rows),
                "rows": rows, "load_average": [load_before, load_after], "options": vars(args)}

@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-aware", action="store_true", help="rank channels per unit of MACs (see evaluators.prune)")
     ap.add_argument("--steps", type=int, default=1, help="AGP steps (1: one-shot)")
     ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs (KD from the winner)")
-    ap.add_argument("--finetune-lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-lr", type=float, default=None,
+                    help="fine-tuning peak rate (default: the winner's training rate, 0.005: the stage's default)")
     ap.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (KD from the winner)")
     ap.add_argument("--int8-weight-range", default="auto", choices=("auto", "full", "reduced"),
                     help="QAT's int8 weight range (auto: what this machine's CPU needs; evaluators.quantize)")

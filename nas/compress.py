@@ -191,7 +191,8 @@ def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, ba
                               divisor=c.divisor, cost_aware=c.cost_aware)
         v = recalibrate_bn(current, v, data.x_train)
         current = dataclasses.replace(current, key=pruned_key(arch.key, cost(current) / full))
-        rec: dict[str, Any] = {"step": s + 1, "kept_fraction": cost(current) / full, "epochs": per_step[s]}
+        rec: dict[str, Any] = {"step": s + 1, "kept_fraction": cost(current) / full, "epochs": per_step[s],
+                               "learning_rate": finetune_rate(c, base_train)}
         if per_step[s]:
             v, rec["val_accuracy"] = finetune(current, v, data, per_step[s], c, base_train, kd=kd,
                                               teacher_logits=teacher_logits)
@@ -201,11 +202,17 @@ def compress_one(arch: Architecture, variables: Any, data, c: CompressConfig, ba
     return current, v, history
 
 
+def finetune_rate(c: CompressConfig, base_train: Any) -> float:
+    """The fine-tuning's peak learning rate: `c.learning_rate`, else the run's training rate (rewinding)."""
+    return c.learning_rate if c.learning_rate is not None else base_train.learning_rate
+
+
 def finetune(arch: Architecture, variables: Any, data, epochs: int, c: CompressConfig, base_train: Any, *,
              kd: Any = None, teacher_logits: np.ndarray | None = None) -> tuple[Any, float]:
-    """`epochs` of fine-tuning (cosine from `c.learning_rate`, KD when `kd`); returns (variables, val accuracy)."""
-    tcfg = dataclasses.replace(base_train, epochs=epochs, learning_rate=c.learning_rate, schedule="cosine",
-                               warmup_epochs=0)
+    """`epochs` of fine-tuning (cosine from `finetune_rate(c, base_train)`, KD when `kd`); returns
+    (variables, val accuracy)."""
+    tcfg = dataclasses.replace(base_train, epochs=epochs, learning_rate=finetune_rate(c, base_train),
+                               schedule="cosine", warmup_epochs=0)
     res = train(arch, data, tcfg, init_variables=variables, teacher_logits=teacher_logits, kd=kd)
     return res.variables, res.val_accuracy
 

@@ -281,7 +281,10 @@ class CompressConfig:
     cost_aware: bool = False  # rank channels by importance per unit of the target's cost (else importance only)
     steps: int = spec(1, ge=1)  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
     epochs: int = spec(3, ge=0)
-    learning_rate: float = spec(1e-3, gt=0)
+    # peak rate of each fine-tuning (cosine to 0); null: the run's train.learning_rate, i.e. learning-rate
+    # rewinding (Renda et al., ICLR 2020), which beat fine-tuning at 0.002 on all three mnist5k winners of
+    # benchmarks/compress.py (pruned - uniform -0.40/-0.67/-0.93 -> 0.00/-0.80/+0.93 points; docs/compress.md)
+    learning_rate: float | None = spec(None, gt=0)
     kd: bool = True  # fine-tune with distillation from the run's teacher (else cross-entropy)
     # low-rank factorization after pruning (evaluators.lowrank): false, true (= energy=0.9), 'energy=F',
     # 'params=F' or 'macs=F'; checked by evaluators.lowrank.LowRankTarget in `check`

@@ -16,7 +16,7 @@ from evaluators.cost import analytic_cost
 from nas.cli import main
 from nas.compress import run_compress
 from search_spaces.errors import NasError
-from winner_runs import KEY, trained_winner_run
+from winner_runs import KEY, TRAIN, trained_winner_run
 
 pytestmark = pytest.mark.slow  # trains a winner and fine-tunes its pruned copy (~2 min here)
 
@@ -60,6 +60,8 @@ def test_the_folder_holds_a_smaller_network_that_nas_load_runs_in_every_format(c
     np.testing.assert_allclose(onnx_model(x), flax_model(x), atol=1e-4)
     assert flax_model.accuracy(data.x_test, data.y_test) == pytest.approx(m["test_accuracy"])
     assert len(m["steps"]) == 2 and m["steps"][-1]["kept_fraction"] <= 0.5
+    # no compress.learning_rate given: each fine-tuning rewinds to the run's training rate
+    assert m["options"]["learning_rate"] is None and {s["learning_rate"] for s in m["steps"]} == {TRAIN["learning_rate"]}
     assert set(m["latency_ms"]) == {"before", "after", "before_int8", "after_int8"}
     assert set(m["speedup"]) == {"batch1", "batch32"} and m["latency_int8_source"] == "model.int8.onnx"
     int8 = nas.load(compressed, format="int8")

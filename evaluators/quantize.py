@@ -364,8 +364,8 @@ def quantize_static_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibr
 
     Returns:
       {"format": "QDQ", "per_channel": True, "weight_type", "weight_range", "activation_type",
-       "calibration_method", "calibration_images", "float_se", "bytes"}, and with `range_hints` "ranges_carried" (hints
-      matched) and "ranges_hinted".
+       "calibration_method", "calibration_images", "float_se", "bytes"}, and with `range_hints`
+      "ranges_carried" (hints matched) and "ranges_hinted".
 
     Raises:
       NasError: bad arguments, or ONNX Runtime failed to pre-process or quantize (one line).
@@ -426,9 +426,8 @@ def quantize_static_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibr
         model = compact(pack_float16(drop_zero_points(onnx.load(str(q)))))
     onnx.save(model, str(out))
     info = {"format": "QDQ", "per_channel": True, "weight_type": "int8", "weight_range": weight_range,
-            "activation_type": activation_type,
-            "calibration_method": method, "calibration_images": int(len(calibration)), "float_se": float_se,
-            "bytes": out.stat().st_size}
+            "activation_type": activation_type, "calibration_method": method,
+            "calibration_images": int(len(calibration)), "float_se": float_se, "bytes": out.stat().st_size}
     if range_hints is not None:
         info.update(ranges_carried=carried, ranges_hinted=len(range_hints.ranges))
     return info

@@ -201,6 +201,8 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
 
 def main(argv=None) -> int:
+    from evaluators.quantize import WEIGHT_RANGE_CHOICES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="mobile_small keys (28x28)")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of the winner")
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-lr", type=float, default=None,
                     help="fine-tuning peak rate (default: the winner's training rate, 0.005: the stage's default)")
     ap.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (KD from the winner)")
-    ap.add_argument("--int8-weight-range", default="auto", choices=("auto", "full", "reduced"),
+    ap.add_argument("--int8-weight-range", default="auto", choices=WEIGHT_RANGE_CHOICES,
                     help="QAT's int8 weight range (auto: what this machine's CPU needs; evaluators.quantize)")
     ap.add_argument("--lowrank", default="energy=0.9", help="low-rank target: energy=F, params=F or macs=F")
     ap.add_argument("--lowrank-epochs", type=int, default=2, help="fine-tuning epochs after factorizing (KD)")

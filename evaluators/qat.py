@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from evaluators.losses import cross_entropy, distillation
-from evaluators.quantize import WEIGHT_MAX, RangeHints, value_signature
+from evaluators.quantize import WEIGHT_MAX, RangeHints, value_signature, weight_max
 from search_spaces.architecture import Architecture
 from search_spaces.errors import NasError
 from search_spaces.model import ACT_FNS, BN_EPS
@@ -68,12 +68,6 @@ def fake_quant_act(x: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndar
     zp = jnp.round(-lo / s)
     q = (jnp.clip(jnp.round(x / s) + zp, 0, A_LEVELS) - zp) * s
     return x + jax.lax.stop_gradient(q - x)
-
-
-def _w_max(weight_range: str) -> float:
-    if weight_range not in WEIGHT_MAX:
-        raise NasError(f"qat: weight range {weight_range!r}; allowed: {', '.join(WEIGHT_MAX)}")
-    return WEIGHT_MAX[weight_range]
 
 
 # ============================================================ folded network
@@ -190,7 +184,7 @@ def qat_train(arch: Architecture, variables: Mapping[str, Any], data, *, epochs:
     Returns (trained folded params, the activation ranges trained with, per-epoch history)."""
     if epochs < 1 or learning_rate <= 0:
         raise NasError(f"qat: epochs {epochs!r} and learning_rate {learning_rate!r}; allowed >= 1 and > 0")
-    w_max = _w_max(weight_range)
+    w_max = weight_max(weight_range)
     rng = np.random.default_rng(seed)
     n = len(data.y_train)
     calib = data.x_train[rng.choice(n, min(calibration_images, n), replace=False)]
@@ -233,7 +227,7 @@ def qat_predict(arch: Architecture, folded: Mapping[str, Any], ranges: Ranges, x
     """Logits of the fake-quantized network (what the int8 model should compute)."""
     f = jax.tree.map(jnp.asarray, folded)
     r = {k: (jnp.float32(a), jnp.float32(b)) for k, (a, b) in ranges.items()}
-    fn = jax.jit(functools.partial(forward, arch, w_max=_w_max(weight_range)))
+    fn = jax.jit(functools.partial(forward, arch, w_max=weight_max(weight_range)))
     return np.concatenate([np.asarray(fn(f, jnp.asarray(x[i:i + batch_size]), r)) for i in range(0, len(x), batch_size)])
 
 
@@ -244,11 +238,11 @@ def range_hints(arch: Architecture, folded: Mapping[str, Any], ranges: Ranges, r
     point's values on `rows` in the network the export writes (weights on their int8 grid,
     activations in float), so that ONNX Runtime quantizes each activation over the range trained
     with instead of a range calibrated again on the trained weights."""
+    w_max = weight_max(weight_range)
+
     def on_grid(f: Mapping[str, Any]) -> dict[str, Any]:
         return {k: on_grid(v) if isinstance(v, Mapping) else
                 (fake_quant_weight(jnp.asarray(v), w_max) if k == "kernel" else jnp.asarray(v)) for k, v in f.items()}
-
-    w_max = _w_max(weight_range)
 
     captured: dict[str, jnp.ndarray] = {}
     forward(arch, on_grid(folded), jnp.asarray(rows), None, capture=captured)
@@ -260,7 +254,7 @@ def range_hints(arch: Architecture, folded: Mapping[str, Any], ranges: Ranges, r
 def export_variables(arch: Architecture, folded: Mapping[str, Any], weight_range: str = "full") -> dict[str, Any]:
     """Flax variables of `arch` computing the folded network with its weights on their int8 grid
     (of `weight_range`): identity BatchNorm (scale 1, bias = folded bias, mean 0, var = 1 - eps)."""
-    w_max = _w_max(weight_range)
+    w_max = weight_max(weight_range)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
 

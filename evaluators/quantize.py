@@ -52,8 +52,9 @@ from search_spaces.errors import NasError
 
 ACTIVATION_TYPES = ("uint8", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-WEIGHT_RANGES = ("full", "reduced")  # int8 weights in [-127, 127] / [-64, 64] (ONNX Runtime's reduce_range)
-WEIGHT_MAX = {"full": 127.0, "reduced": 64.0}
+WEIGHT_MAX = {"full": 127.0, "reduced": 64.0}  # int8 weights in [-127, 127] / [-64, 64] (ONNX Runtime's reduce_range)
+WEIGHT_RANGES = tuple(WEIGHT_MAX)
+WEIGHT_RANGE_CHOICES = ("auto", *WEIGHT_RANGES)  # what configs and the CLI accept ('auto': `weight_range_for_cpu`)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products into int32: no int16 saturation
 
 
@@ -79,11 +80,16 @@ def weight_range_for_cpu(flags: Sequence[str] | None = None, machine: str | None
 
 def resolve_weight_range(choice: str) -> str:
     """'full' or 'reduced' for a config's 'auto' | 'full' | 'reduced' ('auto': `weight_range_for_cpu()`)."""
-    if choice == "auto":
-        return weight_range_for_cpu()
-    if choice not in WEIGHT_RANGES:
-        raise NasError(f"int8: weight range '{choice}'; allowed: auto, {', '.join(WEIGHT_RANGES)}")
-    return choice
+    if choice not in WEIGHT_RANGE_CHOICES:
+        raise NasError(f"int8: weight range '{choice}'; allowed: {', '.join(WEIGHT_RANGE_CHOICES)}")
+    return weight_range_for_cpu() if choice == "auto" else choice
+
+
+def weight_max(weight_range: str) -> float:
+    """The largest int8 weight step of 'full' (127) or 'reduced' (64); a one-line error for anything else."""
+    if weight_range not in WEIGHT_MAX:
+        raise NasError(f"int8: weight range '{weight_range}'; allowed: {', '.join(WEIGHT_RANGES)}")
+    return WEIGHT_MAX[weight_range]
 
 
 @dataclass(frozen=True)
@@ -381,8 +387,7 @@ def quantize_static_int8(fp32: str | os.PathLike, out: str | os.PathLike, calibr
         raise NasError(f"int8: activation type '{activation_type}'; allowed: {', '.join(ACTIVATION_TYPES)}")
     if method not in CALIBRATION_METHODS:
         raise NasError(f"int8: calibration method '{method}'; allowed: {', '.join(CALIBRATION_METHODS)}")
-    if weight_range not in WEIGHT_RANGES:
-        raise NasError(f"int8: weight range '{weight_range}'; allowed: {', '.join(WEIGHT_RANGES)}")
+    weight_max(weight_range)
     calibration = np.asarray(calibration, np.float32)
     if calibration.ndim < 1 or len(calibration) == 0:
         raise NasError("int8: no calibration images")

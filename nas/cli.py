@@ -15,6 +15,7 @@ from evaluators.hardware import PROFILES
 from evaluators.calibrate import calibrate, validate
 from evaluators.latency import latency_breakdown
 from evaluators.lut import default_cache_path
+from evaluators.quantize import WEIGHT_RANGE_CHOICES
 from evaluators.timing import PRECISIONS as LUT_PRECISIONS
 from nas.batched_search import run_supernet_search
 from nas.compress import compress_options, run_compress
@@ -212,7 +213,7 @@ def _export_args(p):
     p.add_argument("--int8-float-se", action="store_true", default=None,
                    help="keep squeeze-and-excite paths in float in model.int8.onnx: faster at batch 1, bigger file "
                         "(default: the run's export.int8_float_se)")
-    p.add_argument("--int8-weight-range", default=None, choices=("auto", "full", "reduced"),
+    p.add_argument("--int8-weight-range", default=None, choices=WEIGHT_RANGE_CHOICES,
                    help="int8 weights in [-127, 127] (full) or [-64, 64] (reduced: exact on x86-64 CPUs without VNNI); "
                         "auto: what this machine's CPU needs (default: the run's export.int8_weight_range, else full)")
     p.add_argument("--force", action="store_true", help="replace earlier model folders in the output folder")
@@ -237,7 +238,7 @@ def _compress_args(p):
     p.add_argument("--int8-float-se", action="store_true", default=None,
                    help="with --qat: keep squeeze-and-excite paths in float in model.int8.onnx (faster at batch 1, "
                         "bigger file; default: the run's compress.int8_float_se)")
-    p.add_argument("--int8-weight-range", default=None, choices=("auto", "full", "reduced"),
+    p.add_argument("--int8-weight-range", default=None, choices=WEIGHT_RANGE_CHOICES,
                    help="with --qat: int8 weights in [-127, 127] (full) or [-64, 64] (reduced: exact on x86-64 CPUs "
                         "without VNNI); auto: what this machine's CPU needs (default: the run's "
                         "compress.int8_weight_range)")

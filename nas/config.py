@@ -31,7 +31,7 @@ from evaluators.hardware import PROFILES
 from evaluators.optim import KDConfig, TrainConfig
 from evaluators.prune import CRITERIA as PRUNE_CRITERIA
 from evaluators.prune import Target
-from evaluators.quantize import CALIBRATION_METHODS, WEIGHT_RANGES
+from evaluators.quantize import CALIBRATION_METHODS, WEIGHT_RANGE_CHOICES
 from evaluators.supernet import SupernetConfig
 from evaluators.table import resolve_table
 from nas.objective import LATENCY_PREFIX, check_cost_name, latency_profile, own_latency
@@ -247,7 +247,7 @@ class ExportConfig:
     calibration_images: int = spec(256, ge=1)
     calibration_method: str = spec("percentile", choices=CALIBRATION_METHODS, what="method")
     int8_float_se: bool = False
-    int8_weight_range: str = spec("full", choices=("auto", *WEIGHT_RANGES), what="weight range")
+    int8_weight_range: str = spec("full", choices=WEIGHT_RANGE_CHOICES, what="weight range")
     tolerance: float = spec(1e-4, ge=0)
     int8_max_drop: float = spec(0.01, ge=0)
     latency_budget_s: float = spec(0.3, ge=0)
@@ -282,8 +282,8 @@ class CompressConfig:
     steps: int = spec(1, ge=1)  # AGP steps (1: one-shot); each step is followed by epochs / steps of fine-tuning
     epochs: int = spec(3, ge=0)
     # peak rate of each fine-tuning (cosine to 0); null: the run's train.learning_rate, i.e. learning-rate
-    # rewinding (Renda et al., ICLR 2020), which beat fine-tuning at 0.002 on all three mnist5k winners of
-    # benchmarks/compress.py (pruned - uniform -0.40/-0.67/-0.93 -> 0.00/-0.80/+0.93 points; docs/compress.md)
+    # rewinding (Renda et al., ICLR 2020): on the three mnist5k winners of benchmarks/compress.py, +0.40 / -0.13 /
+    # +1.87 points against fine-tuning at 0.002 (pruned - uniform -0.40/-0.67/-0.93 -> 0.00/-0.80/+0.93; docs/compress.md)
     learning_rate: float | None = spec(None, gt=0)
     kd: bool = True  # fine-tune with distillation from the run's teacher (else cross-entropy)
     # low-rank factorization after pruning (evaluators.lowrank): false, true (= energy=0.9), 'energy=F',
@@ -304,7 +304,7 @@ class CompressConfig:
     # with qat: the int8 weights' range, trained and shipped: full [-127, 127], reduced [-64, 64] (exact
     # on x86-64 CPUs without VNNI, where ONNX Runtime's u8 x s8 kernels saturate), auto: the one this
     # machine's CPU needs (evaluators.quantize.weight_range_for_cpu)
-    int8_weight_range: str = spec("auto", choices=("auto", *WEIGHT_RANGES), what="weight range")
+    int8_weight_range: str = spec("auto", choices=WEIGHT_RANGE_CHOICES, what="weight range")
     latency_budget_s: float = spec(0.3, ge=0)  # per measured figure (0: do not measure)
 
     @classmethod

@@ -242,7 +242,7 @@ def test_weight_range_for_cpu_reduces_only_where_int8_kernels_saturate(machine, 
 
 
 def test_reduced_weight_range_ships_7_bit_weights(fp32, tmp_path):
-    """`weight_range='reduced'`: every int8 weight in [-64, 64], the largest of a channel at 64 (full: 127)."""
+    """`weight_range='reduced'`: every int8 weight in [-64, 64] and 64 reached (full: [-127, 127], 127 reached)."""
     path, x = fp32
     most = {}
     for wr in ("full", "reduced"):

@@ -64,6 +64,31 @@ def test_predictor_ranks_held_out_candidates_of_a_per_architecture_quantity():
     assert ev["rmse"] < target[400:].std()  # better than predicting the mean
 
 
+def test_pairs_target_ranks_held_out_candidates_and_predicts_on_the_accuracy_scale():
+    # The order of every pair of the 400 (RankNet loss), on the same real quantity; the free scale
+    # of the network's output is mapped onto the training values, so predictions read as the target.
+    space = SPACES.get("mobile_small")
+    keys = _sample(space, 600, 1)
+    target = np.array([np.log(analytic_cost(space.decode(k)).macs) for k in keys])
+    pred = fit_predictor(space, keys[:400], target[:400], dataclasses.replace(SMALL, target="pairs"))
+    ev = pred.evaluate(keys[400:], target[400:])
+    assert ev["kendall_tau"] >= 0.8
+    assert ev["rmse"] < target[400:].std()
+    train = pred.predict(keys[:400])  # the training predictions land on the training values' quantiles
+    assert np.isclose(train.min(), target[:400].min()) and np.isclose(train.max(), target[:400].max())
+
+
+def test_pairs_target_compares_a_random_subset_of_rows_per_step_when_there_are_many(monkeypatch):
+    import evaluators.predictor as predictor
+
+    monkeypatch.setattr(predictor, "PAIR_ROWS", 64)  # 200 measurements: each step compares 64 of them
+    space = SPACES.get("mobile_small")
+    keys = _sample(space, 300, 5)
+    target = np.array([np.log(analytic_cost(space.decode(k)).macs) for k in keys])
+    pred = fit_predictor(space, keys[:200], target[:200], dataclasses.replace(SMALL, target="pairs"))
+    assert pred.evaluate(keys[200:], target[200:])["kendall_tau"] >= 0.7
+
+
 def test_saved_predictor_loads_with_the_same_predictions_and_refuses_another_space(tmp_path):
     space = SPACES.get("mobile_small")
     keys = _sample(space, 40, 2)
@@ -110,7 +135,7 @@ def test_rank_and_standard_predictors_save_and_load_and_an_old_file_reads_as_sta
     keys = _sample(space, 40, 4)
     acc = np.r_[np.linspace(0.9, 0.98, 38), 0.1, 0.12]
     cfg = PredictorConfig(hidden=(16,), members=2, steps=20)
-    for target in ("rank", "standard"):
+    for target in ("rank", "standard", "pairs"):
         pred = fit_predictor(space, keys, acc, dataclasses.replace(cfg, target=target))
         again = load_predictor(pred.save(tmp_path / f"{target}.msgpack"), space)
         assert again.cfg.target == target and (again.quantiles is None) == (target == "standard")
@@ -124,5 +149,5 @@ def test_rank_and_standard_predictors_save_and_load_and_an_old_file_reads_as_sta
     legacy = load_predictor(old, space)
     assert legacy.cfg.target == "standard"
     np.testing.assert_allclose(legacy.predict(keys), load_predictor(tmp_path / "standard.msgpack").predict(keys))
-    with pytest.raises(NasError, match="predictor.target: 'ranks'; allowed rank, standard"):
+    with pytest.raises(NasError, match="predictor.target: 'ranks'; allowed rank, standard, pairs"):
         PredictorConfig(target="ranks")

@@ -163,11 +163,14 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
     assert set(seen_mid_training) <= set(retried)
     on_worker, on_head = _epochs(run_dir, worker, last=True), _epochs(run_dir, cluster.head_node_id, last=False)
     for dirname, trial_id in retried.items():
-        # continued from an epoch checkpoint the worker persisted, no older than the last epoch the driver
-        # recorded from the worker (each reported epoch carries a checkpoint): nothing recorded is trained
-        # again, and a trial seen mid-training there does not start over from epoch 1
+        # continued from an epoch checkpoint the worker persisted, at most one epoch older than the last
+        # epoch the driver recorded from the worker. Each reported epoch carries a checkpoint, yet the last
+        # recorded epoch's checkpoint is not always the one restored (a rehearsal on 2026-12-07: epoch 3
+        # recorded from the worker, resumed on the head after epoch 2; the node died as epoch 3 was being
+        # reported). So at most the last recorded epoch is trained again, and a trial seen mid-training
+        # does not start over
         resumed_after = on_head[dirname] - 1
-        assert resumed_after >= on_worker.get(dirname, 0), (dirname, on_head, on_worker)
+        assert resumed_after >= on_worker.get(dirname, 0) - 1, (dirname, on_head, on_worker)
         assert resumed_after in {0, *persisted.get(dirname, ())}, (dirname, on_head, persisted)
         assert int(by_id[trial_id]["epochs"]) == EPOCHS
     assert all(on_head[d] > 1 for d in seen_mid_training)

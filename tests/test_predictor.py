@@ -82,10 +82,14 @@ def test_pairs_target_compares_a_random_subset_of_rows_per_step_when_there_are_m
     import evaluators.predictor as predictor
 
     monkeypatch.setattr(predictor, "PAIR_ROWS", 64)  # 200 measurements: each step compares 64 of them
+    fits = []
+    fit = predictor._fit
+    monkeypatch.setattr(predictor, "_fit", lambda *a, **k: fits.append(k) or fit(*a, **k))
     space = SPACES.get("mobile_small")
     keys = _sample(space, 300, 5)
     target = np.array([np.log(analytic_cost(space.decode(k)).macs) for k in keys])
     pred = fit_predictor(space, keys[:200], target[:200], dataclasses.replace(SMALL, target="pairs"))
+    assert [(k["loss"], k["pair_rows"]) for k in fits] == [("pairs", 64)]
     assert pred.evaluate(keys[200:], target[200:])["kendall_tau"] >= 0.7
 
 

@@ -225,10 +225,10 @@ def _pair_loss(f: jax.Array, y: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("steps", "lr", "wd", "loss", "pair_rows"))
 def _fit(params: Any, x: jax.Array, y: jax.Array, *, steps: int, lr: float, wd: float,
-         loss: str = "mse", key: jax.Array | None = None, pair_rows: int = PAIR_ROWS) -> tuple[Any, jax.Array]:
+         loss: str, key: jax.Array, pair_rows: int) -> tuple[Any, jax.Array]:
     """`steps` AdamW steps for every ensemble member, of MSE (full batch) or of the pair loss (all
-    pairs, or those among `pair_rows` random rows per step when there are more); returns
-    (params, loss per step)."""
+    pairs, or those among `pair_rows` random rows per step, drawn with `key`, when there are more);
+    returns (params, loss per step)."""
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=wd)
     opt = tx.init(params)
     n = x.shape[0]
@@ -248,7 +248,7 @@ def _fit(params: Any, x: jax.Array, y: jax.Array, *, steps: int, lr: float, wd: 
         updates, o = tx.update(g, o, p)
         return (optax.apply_updates(p, updates), o), value
 
-    keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, steps)
+    keys = jax.random.split(key, steps)
     (params, _), losses = jax.lax.scan(step, (params, opt), keys)
     return params, losses
 
@@ -347,22 +347,20 @@ def fit_predictor(space: SearchSpace, keys: Sequence[str | Architecture], accura
     enc = Encoding.of(space)
     x = enc.encode(keys)
     mean, std = float(y.mean()), float(y.std()) or 1.0
-    quantiles = None
-    if cfg.target in ("rank", "pairs"):
-        z = _normal_scores(y)
-        zq, first = np.unique(z, return_index=True)  # tied accuracies share a score
-        quantiles = (zq, y[first])
-        z = z.astype(np.float32)
-    else:
-        z = ((y - mean) / std).astype(np.float32)
+    # 'rank' regresses the normal scores; 'pairs' uses only their order (tied accuracies share a score)
+    z = _normal_scores(y) if cfg.target != "standard" else (y - mean) / std
     inits = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.members)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), cfg.members)  # 'pairs': the rows compared per step
     params = jax.vmap(lambda k: _init_member(k, (enc.width, *cfg.hidden)))(inits)
-    params, losses = _fit(params, jnp.asarray(x), jnp.asarray(z), steps=cfg.steps, lr=float(cfg.learning_rate),
-                          wd=float(cfg.weight_decay), loss="pairs" if cfg.target == "pairs" else "mse", key=key,
-                          pair_rows=PAIR_ROWS)
+    params, losses = _fit(params, jnp.asarray(x), jnp.asarray(z, np.float32), steps=cfg.steps,
+                          lr=float(cfg.learning_rate), wd=float(cfg.weight_decay),
+                          loss="pairs" if cfg.target == "pairs" else "mse", key=key, pair_rows=PAIR_ROWS)
     params = jax.tree.map(np.asarray, params)
-    if cfg.target == "pairs":  # the scale is free: match the training predictions' order to the accuracies'
+    quantiles = None
+    if cfg.target == "rank":
+        zq, first = np.unique(z, return_index=True)
+        quantiles = (zq, y[first])
+    elif cfg.target == "pairs":  # the scale is free: match the training predictions' order to the accuracies'
         quantiles = _order_quantiles(_raw_predictions(params, x), y)
     return Predictor(enc, cfg, params, mean, std, n_train=len(y), final_loss=float(losses[-1]), quantiles=quantiles)
 

@@ -98,10 +98,11 @@ _OPTIMIZERS: dict[str, Callable[[Any, float], optax.GradientTransformation]] = {
 
 # ==================================================================== sampling candidates
 def phase(cfg: SupernetConfig, epoch: int) -> str:
-    """The progressive-shrinking phase of `epoch` (1-based): PHASES spread evenly over the epochs."""
+    """The progressive-shrinking phase of `epoch` (1-based): PHASES spread evenly over the epochs, the
+    last epoch always 'all' (with fewer epochs than phases the first phases are the ones left out)."""
     if not cfg.progressive:
         return "all"
-    return PHASES[min(len(PHASES) - 1, (epoch - 1) * len(PHASES) // cfg.epochs)]
+    return PHASES[-(-epoch * len(PHASES) // cfg.epochs) - 1]
 
 
 _OPEN = {"largest": set(), "kernel": {"kernel"}, "depth": {"kernel", "depth"},

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from evaluators.datasets import load_dataset
-from evaluators.supernet import SupernetConfig, load_supernet, sample_arch, save_supernet, train_supernet
+from evaluators.supernet import PHASES, SupernetConfig, load_supernet, phase, sample_arch, save_supernet, train_supernet
 from evaluators.supernet_score import recalibrate, score
 from nas.cli import main
 from nas.config import config_from_dict
@@ -85,6 +85,16 @@ def test_progressive_stages_open_one_dimension_after_another():
                == [(l.block, l.expansion, l.se, l.out_channels) for l in big.layers] for a in kernel_only)
     assert len({a.key for a in kernel_only}) > 1
     assert sample_arch(space, None, "all", "min") == extreme(space, False)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 5, 7, 15])
+def test_progressive_phases_follow_each_other_and_the_last_epoch_trains_everything(epochs):
+    cfg = SupernetConfig(epochs=epochs, progressive=True)
+    phases = [phase(cfg, e) for e in range(1, epochs + 1)]
+    assert phases[-1] == "all"
+    assert [PHASES.index(p) for p in phases] == sorted(PHASES.index(p) for p in phases)
+    assert len(set(phases)) == min(epochs, len(PHASES))  # every phase when there are enough epochs
+    assert {phase(SupernetConfig(epochs=epochs), e) for e in range(1, epochs + 1)} == {"all"}
 
 
 def test_block_sampling_trains_each_block_as_often_and_uniform_sampling_follows_the_option_count():

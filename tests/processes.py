@@ -3,6 +3,7 @@ other Ray instances on the machine are not the test's)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -21,3 +22,21 @@ def descendants(pid: int) -> set[int]:
             out.add(c)
             todo.append(c)
     return out
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def alive(pids: set[int], wait_s: float) -> set[int]:
+    """The processes of `pids` still running after up to `wait_s` seconds."""
+    deadline = time.time() + wait_s
+    while True:
+        left = {p for p in pids if running(p)}
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.5)

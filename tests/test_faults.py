@@ -1,6 +1,7 @@
 """Faults a search must survive: its driver killed (SIGKILL) at three points of a training search, a
-damaged epoch checkpoint, a finished-trials log cut short. Real searches (digits, tiny networks), the
-CLI in a subprocess in its own process group; every process a test starts is ended by process id."""
+damaged epoch checkpoint, a finished-trials log cut short, Ctrl-C in a table search. Real searches
+(digits, tiny networks; NAS-Bench-Macro look-ups), the CLI in a subprocess in its own process group;
+every process a test starts is ended by process id."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import descendants
+from processes import alive, descendants
 
 from nas.rundir import FINAL_CHECKPOINT, FINISHED_LOG, read_finished
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+MACRO = REPO / "experiments" / "macro_bench.yaml"
 
 
 # ------------------------------------------------------------------ finished.jsonl cut short
@@ -142,3 +144,49 @@ def test_a_search_killed_three_times_ends_with_each_trial_once_and_none_trained_
     kept = {k: float(by_key[k]["wall_s"]) for k in seen}
     assert len(seen) >= 2 and kept == seen, f"finished before a kill {seen}, at the end {kept}"
     assert "its epoch checkpoint cannot be restored" in logs and "training it from the first epoch" in logs, logs[-3000:]
+
+
+# ------------------------------------------------------------------ Ctrl-C, then --resume
+def _trials(run_dir: Path) -> list[dict]:
+    """The rows of the trials that were trained (not the infeasible ones, which never are)."""
+    rows = [r for r in csv.DictReader((run_dir / "trials.csv").open()) if r["status"] != "infeasible"]
+    suggestions = [int(r["suggestion"]) for r in rows]
+    assert len(set(suggestions)) == len(suggestions)  # each suggestion trained once
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.serial  # Ctrl-C: away from the compile-heavy tests
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, macro_table_path):
+    args = [sys.executable, "-m", "nas.cli", "search", str(MACRO), "--set", f"output_dir={tmp_path}",
+            "--set", f"evaluator.table={macro_table_path}", "--set", "num_trials=25", "--set", "name=resume"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    finished, ray_pids = 0, set()
+    deadline = time.time() + 240
+    for line in proc.stdout:  # progress lines start with [finished/total]; after 6, press Ctrl-C
+        if line.startswith("[") and "/" in line:
+            finished = int(line[1:line.index("/")])
+        if finished >= 6 or time.time() > deadline:
+            ray_pids = descendants(proc.pid)  # the search's own Ray instance: GCS, raylet, workers
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole foreground group
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert ray_pids, "no Ray process was seen under the driver"
+    left = alive(ray_pids, wait_s=30)  # by process id: other Ray instances on the machine are not ours
+    assert not left, f"Ray processes of the interrupted search still running: {left}"
+    assert "--resume" in out
+    run_dir = tmp_path / "resume"
+    first = _trials(run_dir)
+    finished_before = {r["trial_id"]: (r["key"], r["wall_s"]) for r in first if r["status"] == "ok"}
+    assert 6 <= len(finished_before) < 25
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    final = _trials(run_dir)
+    assert len(final) == 25 and all(x["status"] == "ok" for x in final)
+    assert len({x["trial_id"] for x in final}) == 25 and len({x["key"] for x in final}) == 25
+    # a re-run trial keeps its id and key but measures a new wall time (to the microsecond): equal
+    # wall times mean the result was kept, not recomputed
+    after = {x["trial_id"]: (x["key"], x["wall_s"]) for x in final}
+    assert all(after[t] == kw for t, kw in finished_before.items())

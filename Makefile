@@ -11,8 +11,8 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "uv>=0.9,<1"
 
-# pip installs without byte-compiling, then compileall does it on every core (here 32 + 36 s against
-# 90-106 s for pip's one-core compile). The .pyc files matter: where PYTHONDONTWRITEBYTECODE is set (it
+# The install does not byte-compile (uv's default, pip's --no-compile); compileall does it on every
+# core (here 32 + 36 s against 90-106 s for pip's one-core compile). The .pyc files matter: where PYTHONDONTWRITEBYTECODE is set (it
 # is on the machine of docs/performance.md's figures) no process writes them, and every CLI subprocess,
 # trial and Ray worker would compile what it imports from source. A file that does not compile just
 # runs from source: `|| true`.
@@ -40,14 +40,12 @@ install-dev: $(DEV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nas run experiments/quickstart.yaml --force
 
-# Two workers (pytest-xdist, a test file per worker at a time, heaviest files first: tests/conftest.py)
-# for everything but the tests marked `serial` (they kill processes on a schedule or start a two-node Ray
-# cluster), which then run on their own two workers, away from the compile-heavy rest: their kills wait
-# for conditions, not for times.
-XDIST = -n 2 --dist loadfile --no-loadscope-reorder
+# Two workers (pytest-xdist, a test file per worker at a time) for everything but the tests marked
+# `serial` (they kill processes on a schedule or start a two-node Ray cluster), which then run on their
+# own two workers, away from the compile-heavy rest: their kills wait for conditions, not for times.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not serial" --durations=15 tests
-	$(PY) -m pytest -q $(XDIST) -m serial --durations=6 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m serial --durations=6 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,27 +29,6 @@ else:
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Seconds each test file took in the parallel phase of `make test` on a 2-core machine (pytest-xdist,
-# `--junitxml`, 2026-12-07, docs/performance.md). `make test` hands whole files to its two workers in
-# collection order (`--dist loadfile --no-loadscope-reorder`), and this puts the heaviest first: the
-# last files handed out are then short, and neither worker idles at the end while the other runs a long
-# one (xdist's own order, by number of tests, left the 31 s one-test file to the end). A file not
-# listed counts as 0 s; the order within a file is kept.
-FILE_SECONDS = {
-    "test_specialize.py": 215, "test_supernet.py": 181, "test_cli_run.py": 138, "test_compress_lowrank.py": 94,
-    "test_ray_scoring.py": 92, "test_supernet_train.py": 84, "test_latency.py": 66, "test_ops.py": 52,
-    "test_train.py": 48, "test_datasets_search.py": 47, "test_cost.py": 45, "test_search_tuner.py": 44,
-    "test_distill.py": 40, "test_datasets_folder.py": 35, "test_experiments.py": 31, "test_compress_stage.py": 28,
-    "test_teaching.py": 26, "test_export.py": 26, "test_pipeline.py": 23, "test_compress_qat.py": 22,
-    "test_strategies.py": 19, "test_augment.py": 18, "test_predictor.py": 17, "test_batched_search.py": 14,
-    "test_compress_prune.py": 13,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Heaviest test files first (FILE_SECONDS); a stable sort keeps each file's own order."""
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
-
 
 @pytest.fixture(scope="session")
 def macro_table_path() -> Path:

@@ -12,10 +12,10 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade "pip>=24" "uv>=0.9,<1"
 
 # The install does not byte-compile (uv's default, pip's --no-compile); compileall does it on every
-# core (here 32 + 36 s against 90-106 s for pip's one-core compile). The .pyc files matter: where PYTHONDONTWRITEBYTECODE is set (it
-# is on the machine of docs/performance.md's figures) no process writes them, and every CLI subprocess,
-# trial and Ray worker would compile what it imports from source. A file that does not compile just
-# runs from source: `|| true`.
+# core (here 32 + 36 s against 90-106 s for pip's one-core compile). The .pyc files matter: where
+# PYTHONDONTWRITEBYTECODE is set (it is on the machine of docs/performance.md's figures) no process
+# writes them, and every CLI subprocess, trial and Ray worker would compile what it imports from
+# source. A file that does not compile just runs from source: `|| true`.
 BYTE_COMPILE = $(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 	nas evaluators search_spaces || true
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from processes import alive, descendants
 
+from evaluators.table import TableEvaluator, resolve_table
 from nas.rundir import FINAL_CHECKPOINT, FINISHED_LOG, read_finished
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,10 +158,15 @@ def _trials(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.serial  # Ctrl-C: away from the compile-heavy tests
-def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, macro_table_path):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    """experiments/macro_bench.yaml by its absolute path, run from another directory (the table it names
+    ships inside the package), interrupted by Ctrl-C after 6 trials and resumed: every finished trial kept,
+    and each trial's accuracy is the table's for its key."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
     args = [sys.executable, "-m", "nas.cli", "search", str(MACRO), "--set", f"output_dir={tmp_path}",
-            "--set", f"evaluator.table={macro_table_path}", "--set", "num_trials=25", "--set", "name=resume"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            "--set", "num_trials=25", "--set", "name=resume"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     finished, ray_pids = 0, set()
     deadline = time.time() + 240
@@ -181,7 +187,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     first = _trials(run_dir)
     finished_before = {r["trial_id"]: (r["key"], r["wall_s"]) for r in first if r["status"] == "ok"}
     assert 6 <= len(finished_before) < 25
-    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     final = _trials(run_dir)
     assert len(final) == 25 and all(x["status"] == "ok" for x in final)
@@ -190,3 +196,6 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     # wall times mean the result was kept, not recomputed
     after = {x["trial_id"]: (x["key"], x["wall_s"]) for x in final}
     assert all(after[t] == kw for t, kw in finished_before.items())
+    table = TableEvaluator(resolve_table("nas-bench-macro"))
+    for x in final:  # the accuracy each trial reports is the packaged table's (percent -> fraction) for its key
+        assert float(x["accuracy"]) == pytest.approx(table.evaluate(x["key"])["accuracy"] / 100)

@@ -29,8 +29,13 @@ Figures (each a ratio or difference measured in this one run; medians over keys 
   prune_vs_uniform_pt acc_p - acc_u, points                                target > 0
   int8_speedup_b1/b32 winner fp32 ms / winner int8 ms                      target >= 1 (b1), > 1 (b32)
   qat_drop_pt         winner fp32 - QAT int8 test accuracy (ORT), points   target <= 0.3 (ptq_drop_pt: PTQ's)
-  chain_ratio         winner fp32 ONNX bytes / pruned QAT int8 ONNX bytes  target >= 8
-  chain_drop_pt       acc0 - pruned QAT int8 accuracy (ORT), points        target <= 1.5
+  chain_ratio         winner fp32 ONNX bytes / chain's QAT int8 ONNX bytes target >= 8
+  chain_drop_pt       acc0 - chain's QAT int8 accuracy (ORT), points       target <= 1.5
+
+The chain (prune, then QAT) prunes to `--chain-prune` (default: the `--prune` network of step 2);
+another target prunes the winner again for it, fine-tuned the same way. A network the stage cannot
+prune that far (each channel group keeps `min_keep` of its width) is pruned to its floor, and its
+row says so (`chain_prune`). With --json each key's row is printed as it is measured ("row {...}").
   lowrank_ratio       winner fp32 ONNX bytes / factorized fp32 ONNX bytes  (no target; also lowrank_cost_ratio)
   lowrank_speedup_b1/b32  winner fp32 ms / factorized fp32 ms              (no target; also lowrank_cost_speedup_*)
   lowrank_drop_pt     acc0 - factorized test accuracy, points              (no target; also lowrank_cost_drop_pt)
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -79,7 +85,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     from evaluators.cost import analytic_cost
     from evaluators.onnx_export import to_onnx
-    from evaluators.prune import uniform_architecture
+    from evaluators.prune import floor_architecture, uniform_architecture
     from evaluators.quantize import quantize_static_int8
     from evaluators.optim import KDConfig, TrainConfig
     from evaluators.predict import evaluate, predict_logits
@@ -96,12 +102,27 @@ def one_key(key: str, args, data, printer=print) -> dict:
     printer(f"{key}: winner trained, test {acc0:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     teacher = predict_logits(arch, res.variables, data.x_train)
     kd = KDConfig()
-    c = CompressConfig.from_dict({"prune": args.prune, "criterion": args.criterion, "steps": args.steps,
-                                  "cost_aware": args.cost_aware, "divisor": args.divisor,
-                                  "epochs": args.finetune, "learning_rate": args.finetune_lr})
+    prune = {"prune": args.prune, "criterion": args.criterion, "steps": args.steps, "cost_aware": args.cost_aware,
+             "divisor": args.divisor, "epochs": args.finetune, "learning_rate": args.finetune_lr}
+    c = CompressConfig.from_dict(prune)
     small, sv, _ = compress_one(arch, res.variables, data, c, base, kd=kd, teacher_logits=teacher,
                                 printer=lambda *a, **k: None)
     acc_p = evaluate(small, sv, data.x_test, data.y_test)[0]
+    chain, cv, chain_prune = small, sv, args.prune
+    if args.chain_prune not in (None, args.prune):
+        cc = CompressConfig.from_dict({**prune, "prune": args.chain_prune})
+        t, cost = cc.target(), cc.target().cost_fn()
+        floor = cost(floor_architecture(arch, cc.min_keep, cc.divisor)) / cost(arch)
+        chain_prune = args.chain_prune
+        if t.kind != "latency_ms" and t.value < floor:  # as far as the stage prunes this network (min_keep, divisor)
+            chain_prune = f"{t.kind}={math.ceil(floor * 1000) / 1000:g}"
+            cc = CompressConfig.from_dict({**prune, "prune": chain_prune})
+        chain, cv, _ = compress_one(arch, res.variables, data, cc, base, kd=kd, teacher_logits=teacher,
+                                    printer=lambda *a, **k: None)
+        printer(f"{key}: chain pruned to {chain_prune}" + (f" ({args.chain_prune} is below this network's floor)"
+                                                           if chain_prune != args.chain_prune else "") +
+                f": {chain.key}, {analytic_cost(chain).params:,d} of {analytic_cost(arch).params:,d} params "
+                f"(fp32 test {evaluate(chain, cv, data.x_test, data.y_test)[0]:.4f})", flush=True)
     target = c.target()
     uni = uniform_architecture(arch, target.cost_fn(), target.absolute(arch), c.divisor)
     ures = train(uni, data, dataclasses.replace(base, epochs=args.epochs + args.finetune), teacher_logits=teacher,
@@ -115,9 +136,9 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     wr = resolve_weight_range(args.int8_weight_range)
     calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
-    models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv)}
+    models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv), "chain": to_onnx(chain, cv)}
     hints = {}
-    for name, (a, v) in {"qat": (arch, res.variables), "pruned_qat": (small, sv)}.items():
+    for name, (a, v) in {"qat": (arch, res.variables), "chain_qat": (chain, cv)}.items():
         folded, ranges, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher, weight_range=wr)
         models[name] = to_onnx(a, export_variables(a, folded, weight_range=wr))
         hints[name] = range_hints(a, folded, ranges, calib[:64], weight_range=wr)
@@ -150,17 +171,17 @@ def one_key(key: str, args, data, printer=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         # PTQ in both weight ranges (the export's default is full); QAT in the one it trained with
         for name, method, w in (("fp32", "percentile", "full"), ("fp32", "percentile", "reduced"),
-                                ("pruned", "percentile", "full"), ("qat", "minmax", wr), ("pruned_qat", "minmax", wr)):
-            out = f"{name}_int8" + ("_reduced" if name in ("fp32", "pruned") and w == "reduced" else "")
+                                ("chain", "percentile", "full"), ("qat", "minmax", wr), ("chain_qat", "minmax", wr)):
+            out = f"{name}_int8" + ("_reduced" if name == "fp32" and w == "reduced" else "")
             src, dst = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{out}.onnx"
             onnx.save(models[name], str(src))
             quantize_static_int8(src, dst, calib, method=method, range_hints=hints.get(name), weight_range=w)
             models[out] = onnx.load(str(dst))
-        for name in ("qat", "pruned_qat"):
+        for name in ("qat", "chain_qat"):
             models.pop(name)  # the fp32 form of a QAT network is not shipped
     sizes = {k: len(m.SerializeToString()) for k, m in models.items()}
     accs = {k: ort_accuracy(m, data.x_test, data.y_test) for k, m in models.items()}
-    lat = measure_onnx_latency({k: models[k] for k in ("fp32", "pruned", "fp32_int8", "pruned_qat_int8", "lowrank",
+    lat = measure_onnx_latency({k: models[k] for k in ("fp32", "pruned", "fp32_int8", "chain_qat_int8", "lowrank",
                                                        "lowrank_cost")}, data.x_test, args.latency_budget)
     lr_figures = {}
     for name in ("lowrank", "lowrank_cost"):
@@ -172,6 +193,8 @@ def one_key(key: str, args, data, printer=print) -> dict:
     row = {
         "key": key, "pruned_key": small.key, "uniform": [l.out_channels for l in uni.layers],
         "macs": analytic_cost(arch).macs, "macs_pruned": analytic_cost(small).macs, "macs_uniform": analytic_cost(uni).macs,
+        "chain_prune": chain_prune, "chain_key": chain.key,
+        "chain_params_kept": analytic_cost(chain).params / analytic_cost(arch).params,
         "acc0": acc0, "acc_pruned": acc_p, "acc_uniform": acc_u, "acc_ort": accs, "bytes": sizes, "latency_ms": lat,
         "prune_speedup_b1": lat["fp32"]["batch1"] / lat["pruned"]["batch1"],
         "prune_speedup_b32": lat["fp32"]["batch32"] / lat["pruned"]["batch32"],
@@ -182,9 +205,9 @@ def one_key(key: str, args, data, printer=print) -> dict:
         "int8_speedup_b32": lat["fp32"]["batch32"] / lat["fp32_int8"]["batch32"],
         "int8_size_ratio": sizes["fp32"] / sizes["fp32_int8"],
         "qat_size_ratio": sizes["fp32"] / sizes["qat_int8"],
-        "chain_ratio": sizes["fp32"] / sizes["pruned_qat_int8"], "chain_drop_pt": 100 * (acc0 - accs["pruned_qat_int8"]),
-        "chain_ptq_drop_pt": 100 * (acc0 - accs["pruned_int8"]),
-        "chain_speedup_b32": lat["fp32"]["batch32"] / lat["pruned_qat_int8"]["batch32"],
+        "chain_ratio": sizes["fp32"] / sizes["chain_qat_int8"], "chain_drop_pt": 100 * (acc0 - accs["chain_qat_int8"]),
+        "chain_ptq_drop_pt": 100 * (acc0 - accs["chain_int8"]),
+        "chain_speedup_b32": lat["fp32"]["batch32"] / lat["chain_qat_int8"]["batch32"],
         **lr_figures, "lowrank_keys": {k: v["key"] for k, v in lowrank.items()},
         "lowrank_layers": lowrank["lowrank"]["record"].get("measured_layers", []),
         "lowrank_ranks": {k: v["record"]["layers"] for k, v in lowrank.items()}, "lowrank_energy_scan": scan,
@@ -207,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="mobile_small keys (28x28)")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of the winner")
     ap.add_argument("--prune", default="macs=0.5")
+    ap.add_argument("--chain-prune", default=None,
+                    help="the chain's pruning target, e.g. params=0.4 (default: --prune's network)")
     ap.add_argument("--criterion", default="l1", choices=("l1", "bn", "taylor"))
     ap.add_argument("--divisor", type=int, default=16, help="kept widths are multiples of this")
     ap.add_argument("--cost-aware", action="store_true", help="rank channels per unit of MACs (see evaluators.prune)")
@@ -230,11 +255,15 @@ def main(argv=None) -> int:
 
     load_before, t0 = load_average(), time.perf_counter()
     data = load_dataset("mnist5k", seed=0)
-    rows = [one_key(k, args, data) for k in args.keys]
+    rows = []
+    for k in args.keys:  # each row as it is measured: a later key's failure loses none of them
+        rows.append(one_key(k, args, data))
+        if args.json:
+            print("row " + json.dumps(rows[-1]), flush=True)
     load_after = load_average()
     med = {k: statistics.median(r[k] for r in rows) for k in TARGETS}
     print(f"\ncompress benchmark: {len(rows)} mobile_small models on mnist5k (28x28), {len(data.y_test)} test images,"
-          f" prune {args.prune} ({args.criterion}, {args.steps} step(s), {args.finetune} KD epochs); ONNX Runtime one "
+          f" prune {args.prune} (chain {args.chain_prune or args.prune}; {args.criterion}, {args.steps} step(s), {args.finetune} KD epochs); ONNX Runtime one "
           f"thread; load average {load_before[0]:.2f} -> {load_after[0]:.2f} ({os.cpu_count()} cores, shared "
           f"machine), {time.perf_counter() - t0:.0f} s")
     for k, t in TARGETS.items():

@@ -19,9 +19,9 @@ $(VENV)/bin/python:
 BYTE_COMPILE = $(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 	nas evaluators search_spaces || true
 
-# uv resolves and installs the same versions as pip (the two venvs' `pip freeze` compared equal) in 12 s
-# against pip's 42 s (a fresh venv, this machine); where uv cannot (say, an index only pip is configured
-# for), pip installs. --native-tls: the system's certificates, as pip is configured to use here.
+# uv resolves and installs the same versions as pip (the two venvs' `pip freeze` compared equal) in 27 s
+# against pip's 86 s (wall, a fresh venv each, median of 3 alternated runs on this machine, 2026-12-07);
+# where uv cannot (say, an index only pip is configured for), pip installs. --native-tls: the system's certificates, as pip is configured to use here.
 INSTALL = $(VENV)/bin/uv pip install -q --native-tls --python $(PY) $(1) || $(PY) -m pip install -q --no-compile $(1)
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python

@@ -21,7 +21,8 @@ BYTE_COMPILE = $(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; prin
 
 # uv resolves and installs the same versions as pip (the two venvs' `pip freeze` compared equal) in 27 s
 # against pip's 86 s (wall, a fresh venv each, median of 3 alternated runs on this machine, 2026-12-07);
-# where uv cannot (say, an index only pip is configured for), pip installs. --native-tls: the system's certificates, as pip is configured to use here.
+# where uv cannot (say, an index only pip is configured for), pip installs. --native-tls: the system's
+# certificates, as pip is configured to use here.
 INSTALL = $(VENV)/bin/uv pip install -q --native-tls --python $(PY) $(1) || $(PY) -m pip install -q --no-compile $(1)
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python

@@ -31,14 +31,14 @@ Figures (each a ratio or difference measured in this one run; medians over keys 
   qat_drop_pt         winner fp32 - QAT int8 test accuracy (ORT), points   target <= 0.3 (ptq_drop_pt: PTQ's)
   chain_ratio         winner fp32 ONNX bytes / chain's QAT int8 ONNX bytes target >= 8
   chain_drop_pt       acc0 - chain's QAT int8 accuracy (ORT), points       target <= 1.5
+  lowrank_ratio       winner fp32 ONNX bytes / factorized fp32 ONNX bytes  (no target; also lowrank_cost_ratio)
+  lowrank_speedup_b1/b32  winner fp32 ms / factorized fp32 ms              (no target; also lowrank_cost_speedup_*)
+  lowrank_drop_pt     acc0 - factorized test accuracy, points              (no target; also lowrank_cost_drop_pt)
 
 The chain (prune, then QAT) prunes to `--chain-prune` (default: the `--prune` network of step 2);
 another target prunes the winner again for it, fine-tuned the same way. A network the stage cannot
 prune that far (each channel group keeps `min_keep` of its width) is pruned to its floor, and its
 row says so (`chain_prune`). With --json each key's row is printed as it is measured ("row {...}").
-  lowrank_ratio       winner fp32 ONNX bytes / factorized fp32 ONNX bytes  (no target; also lowrank_cost_ratio)
-  lowrank_speedup_b1/b32  winner fp32 ms / factorized fp32 ms              (no target; also lowrank_cost_speedup_*)
-  lowrank_drop_pt     acc0 - factorized test accuracy, points              (no target; also lowrank_cost_drop_pt)
 
 The machine may be shared: the load average before/after is printed; only ratios are reported.
 
@@ -111,7 +111,8 @@ def one_key(key: str, args, data, printer=print) -> dict:
     chain, cv, chain_prune = small, sv, args.prune
     if args.chain_prune not in (None, args.prune):
         cc = CompressConfig.from_dict({**prune, "prune": args.chain_prune})
-        t, cost = cc.target(), cc.target().cost_fn()
+        t = cc.target()
+        cost = t.cost_fn()
         floor = cost(floor_architecture(arch, cc.min_keep, cc.divisor)) / cost(arch)
         chain_prune = args.chain_prune
         if t.kind != "latency_ms" and t.value < floor:  # as far as the stage prunes this network (min_keep, divisor)
@@ -136,7 +137,8 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     wr = resolve_weight_range(args.int8_weight_range)
     calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
-    models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv), "chain": to_onnx(chain, cv)}
+    models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv)}
+    models["chain"] = models["pruned"] if chain is small else to_onnx(chain, cv)
     hints = {}
     for name, (a, v) in {"qat": (arch, res.variables), "chain_qat": (chain, cv)}.items():
         folded, ranges, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher, weight_range=wr)
@@ -263,9 +265,9 @@ def main(argv=None) -> int:
     load_after = load_average()
     med = {k: statistics.median(r[k] for r in rows) for k in TARGETS}
     print(f"\ncompress benchmark: {len(rows)} mobile_small models on mnist5k (28x28), {len(data.y_test)} test images,"
-          f" prune {args.prune} (chain {args.chain_prune or args.prune}; {args.criterion}, {args.steps} step(s), {args.finetune} KD epochs); ONNX Runtime one "
-          f"thread; load average {load_before[0]:.2f} -> {load_after[0]:.2f} ({os.cpu_count()} cores, shared "
-          f"machine), {time.perf_counter() - t0:.0f} s")
+          f" prune {args.prune} (chain {args.chain_prune or args.prune}; {args.criterion}, {args.steps} step(s), "
+          f"{args.finetune} KD epochs); ONNX Runtime one thread; load average {load_before[0]:.2f} -> "
+          f"{load_after[0]:.2f} ({os.cpu_count()} cores, shared machine), {time.perf_counter() - t0:.0f} s")
     for k, t in TARGETS.items():
         better = (med[k] <= t) if k.endswith("drop_pt") else (med[k] > t if k == "prune_vs_uniform_pt" else med[k] >= t)
         print(f"  {k:<20} median {med[k]:7.2f}  (per key: {', '.join(f'{r[k]:.2f}' for r in rows)})  target "

@@ -50,7 +50,6 @@ The machine may be shared: the load average before/after is printed; only ratios
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -85,29 +84,24 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     from evaluators.cost import analytic_cost
     from evaluators.onnx_export import to_onnx
-    from evaluators.prune import floor_architecture, uniform_architecture
+    from evaluators.prune import floor_architecture
     from evaluators.quantize import quantize_static_int8
-    from evaluators.optim import KDConfig, TrainConfig
-    from evaluators.predict import evaluate, predict_logits
-    from evaluators.train import train
+    from evaluators.optim import TrainConfig
+    from evaluators.predict import evaluate
     from nas.compress import compress_one, lowrank_one, measure_onnx_latency
     from nas.config import CompressConfig
     from search_spaces.catalog import load_space
+    from prune_uniform import prune_arms
 
     arch = load_space("mobile_small").decode(key)
     base = TrainConfig.from_dict({"epochs": args.epochs, "batch_size": 128, "learning_rate": 0.005})
     t0 = time.perf_counter()
-    res = train(arch, data, base)
-    acc0 = evaluate(arch, res.variables, data.x_test, data.y_test)[0]
-    printer(f"{key}: winner trained, test {acc0:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    teacher = predict_logits(arch, res.variables, data.x_train)
-    kd = KDConfig()
     prune = {"prune": args.prune, "criterion": args.criterion, "steps": args.steps, "cost_aware": args.cost_aware,
              "divisor": args.divisor, "epochs": args.finetune, "learning_rate": args.finetune_lr}
-    c = CompressConfig.from_dict(prune)
-    small, sv, _ = compress_one(arch, res.variables, data, c, base, kd=kd, teacher_logits=teacher,
-                                printer=lambda *a, **k: None)
-    acc_p = evaluate(small, sv, data.x_test, data.y_test)[0]
+    arms = prune_arms(arch, data, base, prune, printer)  # winner, pruned, uniform width (benchmarks/prune_uniform.py)
+    res_variables, acc0, teacher, kd = arms["variables"], arms["acc0"], arms["teacher"], arms["kd"]
+    small, sv, acc_p = arms["pruned"], arms["pruned_variables"], arms["acc_pruned"]
+    uni, acc_u = arms["uniform"], arms["acc_uniform"]
     chain, cv, chain_prune = small, sv, args.prune
     if args.chain_prune not in (None, args.prune):
         cc = CompressConfig.from_dict({**prune, "prune": args.chain_prune})
@@ -118,17 +112,12 @@ def one_key(key: str, args, data, printer=print) -> dict:
         if t.kind != "latency_ms" and t.value < floor:  # as far as the stage prunes this network (min_keep, divisor)
             chain_prune = f"{t.kind}={math.ceil(floor * 1000) / 1000:g}"
             cc = CompressConfig.from_dict({**prune, "prune": chain_prune})
-        chain, cv, _ = compress_one(arch, res.variables, data, cc, base, kd=kd, teacher_logits=teacher,
+        chain, cv, _ = compress_one(arch, res_variables, data, cc, base, kd=kd, teacher_logits=teacher,
                                     printer=lambda *a, **k: None)
         printer(f"{key}: chain pruned to {chain_prune}" + (f" ({args.chain_prune} is below this network's floor)"
                                                            if chain_prune != args.chain_prune else "") +
                 f": {chain.key}, {analytic_cost(chain).params:,d} of {analytic_cost(arch).params:,d} params "
                 f"(fp32 test {evaluate(chain, cv, data.x_test, data.y_test)[0]:.4f})", flush=True)
-    target = c.target()
-    uni = uniform_architecture(arch, target.cost_fn(), target.absolute(arch), c.divisor)
-    ures = train(uni, data, dataclasses.replace(base, epochs=args.epochs + args.finetune), teacher_logits=teacher,
-                 kd=kd)
-    acc_u = evaluate(uni, ures.variables, data.x_test, data.y_test)[0]
     printer(f"{key}: pruned {small.key} test {acc_p:.4f}; uniform {analytic_cost(uni).macs:,d} MACs test "
             f"{acc_u:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -137,10 +126,10 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     wr = resolve_weight_range(args.int8_weight_range)
     calib = data.x_train[np.random.default_rng(0).choice(len(data.x_train), 256, replace=False)]
-    models = {"fp32": to_onnx(arch, res.variables), "pruned": to_onnx(small, sv)}
+    models = {"fp32": to_onnx(arch, res_variables), "pruned": to_onnx(small, sv)}
     models["chain"] = models["pruned"] if chain is small else to_onnx(chain, cv)
     hints = {}
-    for name, (a, v) in {"qat": (arch, res.variables), "chain_qat": (chain, cv)}.items():
+    for name, (a, v) in {"qat": (arch, res_variables), "chain_qat": (chain, cv)}.items():
         folded, ranges, _ = qat_train(a, v, data, epochs=args.qat_epochs, teacher_logits=teacher, weight_range=wr)
         models[name] = to_onnx(a, export_variables(a, folded, weight_range=wr))
         hints[name] = range_hints(a, folded, ranges, calib[:64], weight_range=wr)
@@ -150,7 +139,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
 
     scan = []  # the default energy threshold's evidence: what each threshold keeps, before fine-tuning
     for e in (0.7, 0.8, 0.9, 0.95, 0.99):
-        fa, fv, frec = factorize(arch, res.variables, LowRankTarget("energy", e), args.divisor)
+        fa, fv, frec = factorize(arch, res_variables, LowRankTarget("energy", e), args.divisor)
         fv = recalibrate_bn(fa, fv, data.x_train) if fa.factorized else fv
         scan.append({"energy": e, "convs": sum(r["rank"] is not None for r in frec), "of": len(frec),
                      "params_kept": analytic_cost(fa).params / analytic_cost(arch).params,
@@ -163,7 +152,7 @@ def one_key(key: str, args, data, printer=print) -> dict:
         lc = CompressConfig.from_dict({"lowrank": args.lowrank, "lowrank_epochs": args.lowrank_epochs, "divisor": args.divisor,
                                        "lowrank_keep": keep, "learning_rate": args.finetune_lr,
                                        "latency_budget_s": args.layer_budget})
-        la, lv, lrec = lowrank_one(arch, res.variables, data, lc, base, kd=kd, teacher_logits=teacher,
+        la, lv, lrec = lowrank_one(arch, res_variables, data, lc, base, kd=kd, teacher_logits=teacher,
                                    printer=lambda *a, **k: None)
         name = "lowrank" if keep == "latency" else "lowrank_cost"
         lowrank[name] = {"key": la.key, "acc": evaluate(la, lv, data.x_test, data.y_test)[0], "record": lrec}

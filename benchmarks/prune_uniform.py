@@ -36,34 +36,49 @@ sys.path.insert(0, str(REPO))
 DEFAULT_KEYS = ("1131001--11d7-1", "1142208--1146-1", "100-0114-0100-0")  # as benchmarks/export.py
 
 
-def one_seed(key: str, seed: int, args, data) -> dict:
-    """Winner, pruned and uniform arms of `key` for one seed: their test accuracies and MACs."""
-    from evaluators.cost import analytic_cost
-    from evaluators.optim import KDConfig, TrainConfig
+def prune_arms(arch, data, base, prune: dict, printer=None) -> dict:
+    """The three arms for `arch`: the *winner* trained per `base`, the winner pruned per `prune` (keys of
+    the `compress:` section; `epochs` = fine-tuning epochs) with KD from the winner's logits, and the
+    uniform-width network at the same budget trained `base.epochs + prune['epochs']` epochs with that
+    teacher. Returns each arm's network, variables and test accuracy, with the teacher (benchmarks/compress.py
+    goes on from them). `printer` gets one line once the winner is trained."""
+    from evaluators.optim import KDConfig
     from evaluators.predict import evaluate, predict_logits
     from evaluators.prune import uniform_architecture
     from evaluators.train import train
     from nas.compress import compress_one
     from nas.config import CompressConfig
+
+    t0 = time.perf_counter()
+    res = train(arch, data, base)
+    acc0 = evaluate(arch, res.variables, data.x_test, data.y_test)[0]
+    if printer:
+        printer(f"{arch.key}: winner trained, test {acc0:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    teacher = predict_logits(arch, res.variables, data.x_train)
+    kd = KDConfig()
+    c = CompressConfig.from_dict(prune)
+    small, sv, _ = compress_one(arch, res.variables, data, c, base, kd=kd, teacher_logits=teacher,
+                                printer=lambda *a, **k: None)
+    target = c.target()
+    uni = uniform_architecture(arch, target.cost_fn(), target.absolute(arch), c.divisor)
+    ures = train(uni, data, dataclasses.replace(base, epochs=base.epochs + c.epochs), teacher_logits=teacher, kd=kd)
+    return {"variables": res.variables, "acc0": acc0, "teacher": teacher, "kd": kd, "config": c,
+            "pruned": small, "pruned_variables": sv, "acc_pruned": evaluate(small, sv, data.x_test, data.y_test)[0],
+            "uniform": uni, "acc_uniform": evaluate(uni, ures.variables, data.x_test, data.y_test)[0]}
+
+
+def one_seed(key: str, seed: int, args, data) -> dict:
+    """Winner, pruned and uniform arms of `key` for one seed: their test accuracies and MACs."""
+    from evaluators.cost import analytic_cost
+    from evaluators.optim import TrainConfig
     from search_spaces.catalog import load_space
 
     arch = load_space("mobile_small").decode(key)
     base = TrainConfig.from_dict({"epochs": args.epochs, "batch_size": 128, "learning_rate": 0.005, "seed": seed})
     t0 = time.perf_counter()
-    res = train(arch, data, base)
-    acc0 = evaluate(arch, res.variables, data.x_test, data.y_test)[0]
-    teacher = predict_logits(arch, res.variables, data.x_train)
-    kd = KDConfig()
-    c = CompressConfig.from_dict({"prune": args.prune, "criterion": args.criterion, "steps": args.steps,
-                                  "epochs": args.finetune})
-    small, sv, _ = compress_one(arch, res.variables, data, c, base, kd=kd, teacher_logits=teacher,
-                                printer=lambda *a, **k: None)
-    acc_p = evaluate(small, sv, data.x_test, data.y_test)[0]
-    target = c.target()
-    uni = uniform_architecture(arch, target.cost_fn(), target.absolute(arch), c.divisor)
-    ures = train(uni, data, dataclasses.replace(base, epochs=args.epochs + args.finetune), teacher_logits=teacher,
-                 kd=kd)
-    acc_u = evaluate(uni, ures.variables, data.x_test, data.y_test)[0]
+    a = prune_arms(arch, data, base, {"prune": args.prune, "criterion": args.criterion, "steps": args.steps,
+                                      "epochs": args.finetune})
+    acc0, acc_p, acc_u, small, uni = a["acc0"], a["acc_pruned"], a["acc_uniform"], a["pruned"], a["uniform"]
     return {"key": key, "seed": seed, "acc0": acc0, "acc_pruned": acc_p, "acc_uniform": acc_u,
             "pruned_key": small.key, "uniform": [l.out_channels for l in uni.layers],
             "macs": analytic_cost(arch).macs, "macs_pruned": analytic_cost(small).macs,

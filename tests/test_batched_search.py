@@ -3,11 +3,11 @@ with the outputs of a Tune search (trials.csv, winners.json with weights, Pareto
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import yaml
+from trials import trial_rows
 
 from evaluators.variables import check_variables, load_variables
 from nas.batched_search import run_supernet_search
@@ -36,7 +36,7 @@ def _experiment(tmp_path, run, algorithm="evolution", trials=24, **extra):
 def test_search_on_a_supernet_writes_trials_and_winners_with_weights(tmp_path, supernet_run, algorithm):
     cfg = load_config(_experiment(tmp_path, supernet_run, algorithm))
     run_dir = run_supernet_search(cfg, printer=lambda *a, **k: None)
-    rows = list(csv.DictReader((run_dir / "trials.csv").open()))
+    rows = trial_rows(run_dir)
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 24 and len({r["key"] for r in ok}) == 24
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in ok)

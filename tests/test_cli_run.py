@@ -5,7 +5,6 @@ run's monitor wrote, read back with TensorBoard's own reader."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trials import trial_rows
 
 import nas as nas_api
 from evaluators.datasets import load_dataset
@@ -49,7 +49,7 @@ def real_run(tmp_path_factory) -> Path:
 
 
 def test_nas_run_writes_trials_winners_distillation_a_compressed_model_and_an_export(real_run):
-    rows = list(csv.DictReader((real_run / "trials.csv").open()))
+    rows = trial_rows(real_run)
     trained = [r for r in rows if r["status"] != "infeasible"]
     assert len(trained) == NUM_TRIALS and all(r["status"] == "ok" for r in trained)
     for col in ("key", "status", "params", "macs", "accuracy", "score", "wall_s", "node_id"):
@@ -107,7 +107,7 @@ def _events(path: Path):
 def test_the_monitor_of_a_real_search_wrote_what_tensorboard_reads(real_run):
     """Per trial a validation curve at every epoch and the final result equal to trials.csv's; for the
     search the best accuracy so far, ending at the best trial's."""
-    rows = {r["key"]: r for r in csv.DictReader((real_run / "trials.csv").open()) if r["status"] == "ok"}
+    rows = {r["key"]: r for r in trial_rows(real_run, "ok")}
     trials = sorted((real_run / "tensorboard" / "trials").iterdir())
     assert {d.name.split("-", 1)[1] for d in trials} == set(rows)  # <trial_id>-<key>, one per trial
     for d in trials:

@@ -5,7 +5,6 @@ ended by the fixtures, also when a test fails."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ray_cluster import LocalCluster, free_port
+from trials import trained_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +79,6 @@ def _macro_sets(tmp_path, macro_table_path, name, n, *extra) -> list[str]:
             "search.algorithm=random", "max_concurrent=2", "resources.cpu=1", "top_k=1", *extra]
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [r for r in csv.DictReader((run_dir / "trials.csv").open()) if r["status"] != "infeasible"]
-
-
 def _finish(p: subprocess.Popen, timeout: float) -> str:
     out = p.communicate(timeout=timeout)[0]
     assert p.returncode == 0, out[-4000:]
@@ -117,7 +113,7 @@ def test_job_submit_runs_the_quickstart_with_trials_on_both_nodes(cluster, tmp_p
     out = _finish(p, timeout=720)
     assert "succeeded" in out, out[-4000:]
     run_dir = tmp_path / "quickstart"
-    rows = _rows(run_dir)
+    rows = trained_rows(run_dir, once=False)
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
     assert {r["node_id"] for r in rows} == {cluster.head_node_id, cluster.worker_node_id}
     assert (run_dir / "winners.json").exists() and (run_dir / "config.yaml").exists()
@@ -153,7 +149,7 @@ def test_search_survives_the_loss_of_the_worker_node(cluster, tmp_path, drivers)
     # result reaches the driver's result.json, and Tune restores the last checkpoint it registered
     persisted = _checkpoint_epochs(run_dir)
     out = _finish(p, timeout=900)
-    rows = _rows(run_dir)
+    rows = trained_rows(run_dir, once=False)
     assert len(rows) == n and all(r["status"] == "ok" for r in rows), out[-3000:]
     assert len({r["trial_id"] for r in rows}) == n and set(_finished_keys(out.splitlines())) == {r["key"] for r in rows}
     retried = {d.parent.name: d.parent.name.split("_")[2] for d in (run_dir / "tune").glob("*/error.txt")}
@@ -254,7 +250,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_pa
 
     t = time.time()
     out = _finish(drivers(args + ["--resume"], cluster.env), timeout=600)
-    rows = _rows(run_dir)
+    rows = trained_rows(run_dir, once=False)
     assert len(rows) == n and all(r["status"] == "ok" for r in rows), out[-3000:]
     assert len({r["trial_id"] for r in rows}) == n and len({r["key"] for r in rows}) == n
     by_key = {r["key"]: r for r in rows}  # a trial the last state snapshot missed comes back under a new id

@@ -3,12 +3,12 @@ export; and a bad folder stops the CLI with one line and exit 2 before Ray start
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
 from image_folders import write_digits_folder
+from trials import trained_rows
 from nas.cli import main
 from nas.config import load_config
 from nas.distill import run_distill
@@ -28,7 +28,7 @@ def test_folder_example_searches_distills_and_exports_real_pngs(tmp_path):
     root, _, _ = write_digits_folder(tmp_path / "pngs", size=32)  # the digits as 32x32 RGB PNG files
     cfg = load_config(EXAMPLE, _overrides(root, tmp_path / "runs"))
     run_dir = run_search(cfg, printer=lambda *a, **k: None)
-    rows = [r for r in csv.DictReader((run_dir / "trials.csv").open()) if r["status"] != "infeasible"]
+    rows = trained_rows(run_dir)
     assert len(rows) == 1 and all(r["status"] == "ok" and 0 <= float(r["accuracy"]) <= 1 for r in rows)
     saved = (run_dir / "config.yaml").read_text()
     assert str(root) in saved and "crop_padding: 4" in saved  # the resolved root and the augmentation

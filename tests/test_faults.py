@@ -5,7 +5,6 @@ every process a test starts is ended by process id."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from processes import alive, descendants
+from trials import trained_rows, trial_rows
 
 from evaluators.table import TableEvaluator, resolve_table
 from nas.rundir import FINAL_CHECKPOINT, FINISHED_LOG, read_finished
@@ -138,7 +138,7 @@ def test_a_search_killed_three_times_ends_with_each_trial_once_and_none_trained_
     assert p.wait(timeout=900) == 0, p.log.read_text()[-3000:]
     logs = "".join(f.read_text() for f in sorted(run_dir.parent.glob("driver*.log")))
 
-    rows = list(csv.DictReader((run_dir / "trials.csv").open()))
+    rows = trial_rows(run_dir)
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), logs[-3000:]
     assert len({r["key"] for r in rows}) == 3 and len({r["suggestion"] for r in rows}) == 3
     by_key = {r["key"]: r for r in rows}
@@ -148,14 +148,6 @@ def test_a_search_killed_three_times_ends_with_each_trial_once_and_none_trained_
 
 
 # ------------------------------------------------------------------ Ctrl-C, then --resume
-def _trials(run_dir: Path) -> list[dict]:
-    """The rows of the trials that were trained (not the infeasible ones, which never are)."""
-    rows = [r for r in csv.DictReader((run_dir / "trials.csv").open()) if r["status"] != "infeasible"]
-    suggestions = [int(r["suggestion"]) for r in rows]
-    assert len(set(suggestions)) == len(suggestions)  # each suggestion trained once
-    return rows
-
-
 @pytest.mark.slow
 @pytest.mark.serial  # Ctrl-C: away from the compile-heavy tests
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
@@ -184,12 +176,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert not left, f"Ray processes of the interrupted search still running: {left}"
     assert "--resume" in out
     run_dir = tmp_path / "resume"
-    first = _trials(run_dir)
+    first = trained_rows(run_dir)
     finished_before = {r["trial_id"]: (r["key"], r["wall_s"]) for r in first if r["status"] == "ok"}
     assert 6 <= len(finished_before) < 25
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    final = _trials(run_dir)
+    final = trained_rows(run_dir)
     assert len(final) == 25 and all(x["status"] == "ok" for x in final)
     assert len({x["trial_id"] for x in final}) == 25 and len({x["key"] for x in final}) == 25
     # a re-run trial keeps its id and key but measures a new wall time (to the microsecond): equal

@@ -3,11 +3,11 @@ distill -> compress -> export -> nas.load, runs once, in tests/test_cli_run.py.)
 
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
 import yaml
+from trials import trial_rows
 
 from nas.cli import main
 from nas.config import config_from_dict
@@ -47,7 +47,7 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(tmp_path
     doc["train"] = {"epochs": 1, "learning_rate": 1.0e9, "optimizer": "sgd"}
     doc["objective"] = {"cost": None}
     run_dir = run_search(config_from_dict(doc, source="test"), printer=lambda *a, **k: None)
-    rows = list(csv.DictReader((run_dir / "trials.csv").open()))
+    rows = trial_rows(run_dir)
     assert len(rows) == 2 and all(r["status"] == "failed" for r in rows)
     assert all("diverged" in r["error"].lower() or "nan" in r["error"].lower() for r in rows)
     assert len({r["key"] for r in rows}) == 2  # two trials, two networks: the search went on after the first

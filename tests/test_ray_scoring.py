@@ -4,13 +4,13 @@ one-line errors for a bad `workers` value and for a worker that dies or raises."
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import ray
 import yaml
+from trials import trial_rows
 
 from nas.batched_search import run_supernet_search
 from nas.cli import main
@@ -140,8 +140,7 @@ def test_a_search_with_two_workers_writes_the_accuracies_of_an_in_process_search
     fanned = run_search(experiment("fanned", WORKERS), printer=quiet)
 
     def accuracies(run_dir):
-        return {r["key"]: float(r["accuracy"]) for r in csv.DictReader((run_dir / "trials.csv").open())
-                if r["status"] == "ok"}
+        return {r["key"]: float(r["accuracy"]) for r in trial_rows(run_dir, "ok")}
 
     a, b = accuracies(in_process), accuracies(fanned)
     assert len(a) == 16 and a.keys() == b.keys()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
+from trials import trained_rows, trial_rows
 
 from evaluators.cost import analytic_cost
 from evaluators.table import TableEvaluator
@@ -30,11 +30,7 @@ def _cfg(tmp_path, macro_table_path, *extra):
 
 
 def _trials(run_dir):
-    rows = list(csv.DictReader((run_dir / "trials.csv").open()))
-    trained = [r for r in rows if r["status"] != "infeasible"]
-    suggestions = [int(r["suggestion"]) for r in trained]
-    assert len(set(suggestions)) == len(suggestions)  # each suggestion trained once
-    return trained, [r for r in rows if r["status"] == "infeasible"]
+    return trained_rows(run_dir), trial_rows(run_dir, "infeasible")
 
 
 def _direct_trajectory(name, n, seed, table_path, cap):

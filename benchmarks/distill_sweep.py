@@ -12,6 +12,7 @@ defaults from this table does not tune on the test split.
 
     python benchmarks/distill_sweep.py [--seeds 2] [--epochs 8,20] [--students small]
         [--recipes 'cached:none:2:0.5,online:crop=2,mixup=1:1:1']   (';' separates recipes)
+        [--teacher-seeds 3]   (the teacher trained 3 times, logits averaged, as in benchmarks/distill.py)
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default=RECIPES, help="';' list of outputs:augment:T:alpha")
     p.add_argument("--students", default="small")
     p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--teacher-seeds", type=int, default=1,
+                   help="K > 1: the teacher is the network trained K times (seeds 0..K-1), logits averaged")
     p.add_argument("--learning-rate", type=float, default=0.005)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--out", default="benchmarks/results/distill")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("mnist5k", seed=0)
     space = SPACES.get("mobile_small")
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=64, learning_rate=args.learning_rate)
-    teacher = resolve_teacher({"key": TEACHER}, space, data, teacher_cfg, out / "teacher")
+    spec = {"key": TEACHER, **({"seeds": args.teacher_seeds} if args.teacher_seeds > 1 else {})}
+    teacher = resolve_teacher(spec, space, data, teacher_cfg, out / "teacher")
     recipes = parse_recipes(args.recipes)
     logits = cached_outputs(teacher, data, out / "teacher")[0] if any(r[0] == "cached" for r in recipes) else None
     print(f"teacher {teacher.key}: val {teacher.val_accuracy:.4f} | load {os.getloadavg()[0]:.1f}", flush=True)

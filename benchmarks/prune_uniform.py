@@ -62,7 +62,7 @@ def prune_arms(arch, data, base, prune: dict, printer=None) -> dict:
     target = c.target()
     uni = uniform_architecture(arch, target.cost_fn(), target.absolute(arch), c.divisor)
     ures = train(uni, data, dataclasses.replace(base, epochs=base.epochs + c.epochs), teacher_logits=teacher, kd=kd)
-    return {"variables": res.variables, "acc0": acc0, "teacher": teacher, "kd": kd, "config": c,
+    return {"variables": res.variables, "acc0": acc0, "teacher": teacher, "kd": kd,
             "pruned": small, "pruned_variables": sv, "acc_pruned": evaluate(small, sv, data.x_test, data.y_test)[0],
             "uniform": uni, "acc_uniform": evaluate(uni, ures.variables, data.x_test, data.y_test)[0]}
 

@@ -36,8 +36,7 @@ def _experiment(tmp_path, run, algorithm="evolution", trials=24, **extra):
 def test_search_on_a_supernet_writes_trials_and_winners_with_weights(tmp_path, supernet_run, algorithm):
     cfg = load_config(_experiment(tmp_path, supernet_run, algorithm))
     run_dir = run_supernet_search(cfg, printer=lambda *a, **k: None)
-    rows = trial_rows(run_dir)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = trial_rows(run_dir, "ok")
     assert len(ok) == 24 and len({r["key"] for r in ok}) == 24
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in ok)
     assert all(float(r["latency_ms_at_pixel4"]) <= CAP for r in ok)  # infeasible ones never scored

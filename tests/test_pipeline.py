@@ -3,7 +3,6 @@ distill -> compress -> export -> nas.load, runs once, in tests/test_cli_run.py.)
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import yaml
